@@ -1,0 +1,190 @@
+"""Typed configuration tree for a training run.
+
+Plain dataclasses, no Hydra import: `train.py` registers them in Hydra's ConfigStore as the
+schema that every YAML file in `configs/` is merged into, so a misspelled key or a wrong type
+fails at composition time, before any process group starts. `validate_config` then checks the
+values that a type alone cannot (ranges, choices, divisibility) and names the offending key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder. `vocab_size=None` takes the tokenizer's size (padded to 64)."""
+
+    name: str = "llama_tiny"
+    family: str = "llama"  # llama (dense) | moe families arrive with the MoE issue
+    hidden_size: int = 64
+    intermediate_size: int = 172
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    vocab_size: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    """Inner optimizer (`optim.lr` is the inner learning rate) plus the optional SNOO wrapper."""
+
+    name: str = "adamw"
+    inner: str = "adamw"  # adamw
+    lr: float = 3e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    outer: str = "none"  # none | snoo
+    k: int = 20  # inner steps per outer step
+    outer_lr: float = 0.7  # eta
+    outer_momentum: float = 0.5  # mu
+    nesterov: bool = True
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. `source`: stdlib (embedded, no network) | hf | local."""
+
+    source: str = "stdlib"
+    path: Optional[str] = None  # hf: dataset path on the hub (or a local dataset directory)
+    name: Optional[str] = None  # hf: dataset config name
+    split: str = "train"
+    val_split: Optional[str] = None  # hf: a named held-out split; None holds out val_fraction
+    streaming: bool = False  # hf: stream instead of downloading the whole split
+    files: List[str] = field(default_factory=list)  # local: text/jsonl/parquet files or globs
+    format: Optional[str] = None  # local: text | jsonl | parquet; None infers from extension
+    text_field: str = "text"
+    tokenizer: str = "byte"  # byte | any HF tokenizer name or path
+    seq_len: int = 256
+    val_fraction: float = 0.02  # documents held out for validation (by a hash of the document)
+    max_documents: Optional[int] = None  # cap on documents read (quick runs, tests)
+    cache_dir: Optional[str] = None  # where packed token arrays are cached; None: no cache
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    batch_size: int = 16  # global, in sequences, per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    log_interval: int = 10
+    eval_interval: int = 50  # 0 disables periodic evaluation (a final one still runs)
+    eval_batches: int = 8  # global validation batches of `batch_size` sequences
+    seed: int = 0
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optim.lr
+    decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying
+    device: str = "auto"  # auto | cpu | cuda
+    mixed_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    activation_checkpointing: bool = False
+    compile: bool = False
+    peak_flops: Optional[float] = None  # per device, for MFU; None: looked up from the GPU name
+    progress: bool = True  # progress bar on rank 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "snoo-train"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    metrics_file: str = "metrics.jsonl"  # relative to the run directory
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_dir: Optional[str] = None  # filled from hydra.run.dir / the sweep dir at start-up
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value: float, *, strict: bool = True) -> None:
+    if value is None or (value <= 0 if strict else value < 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ConfigError(f"{key}={value!r} must be {bound}")
+
+
+def validate_config(cfg: Any, world_size: int = 1) -> None:
+    """Check values a type cannot; raise ConfigError naming the key. `cfg` is a Config or DictConfig."""
+    m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
+    _choice("model.family", m.family, ("llama",))
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
+
+    _choice("optim.inner", o.inner, ("adamw",))
+    _choice("optim.outer", o.outer, ("none", "snoo"))
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    if o.outer == "snoo":
+        if o.k < 1:
+            raise ConfigError(f"optim.k={o.k} must be >= 1")
+        _positive("optim.outer_lr", o.outer_lr)
+        if not 0.0 <= o.outer_momentum < 1.0:
+            raise ConfigError(f"optim.outer_momentum={o.outer_momentum} must be in [0, 1)")
+
+    _choice("data.source", d.source, ("stdlib", "hf", "local"))
+    if d.source == "hf" and not d.path:
+        raise ConfigError("data.path must name a dataset when data.source=hf (e.g. data.path=roneneldan/TinyStories)")
+    if d.source == "local" and not d.files:
+        raise ConfigError("data.files must list at least one file when data.source=local")
+    if d.format is not None:
+        _choice("data.format", d.format, ("text", "jsonl", "parquet"))
+    _positive("data.seq_len", d.seq_len)
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+
+    for key in ("max_steps", "batch_size", "grad_accum", "log_interval"):
+        _positive(f"trainer.{key}", getattr(t, key))
+    _positive("trainer.eval_interval", t.eval_interval, strict=False)
+    _positive("trainer.eval_batches", t.eval_batches, strict=False)
+    _positive("trainer.grad_clip", t.grad_clip, strict=False)
+    _positive("trainer.warmup_steps", t.warmup_steps, strict=False)
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 < t.decay_fraction <= 1.0:
+        raise ConfigError(f"trainer.decay_fraction={t.decay_fraction} must be in (0, 1]")
+    _choice("trainer.lr_schedule", t.lr_schedule, ("cosine", "wsd", "constant"))
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
+    per_step = world_size * t.grad_accum
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} must be divisible by world_size x trainer.grad_accum "
+            f"= {world_size} x {t.grad_accum} = {per_step}"
+        )
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
