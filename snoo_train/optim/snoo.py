@@ -1,0 +1,284 @@
+"""SNOO: Step-K Nesterov Outer Optimizer (arXiv 2510.15830).
+
+SNOO wraps any inner optimizer. Every step it lets the inner optimizer move the parameters
+(the *fast* weights); every K steps it treats `slow - fast` as a gradient, applies Nesterov
+momentum to it, moves the slow weights, and restarts the fast weights from them:
+
+    s = w - p;  b = mu * b + s;  w = w - eta * (s + mu * b)   (w - eta * b without Nesterov);  p <- w
+
+That is `torch.optim.SGD(lr=eta, momentum=mu, nesterov=True)` applied to `w` with gradient `s`
+(the tests check it against torch's SGD). The math is written with `torch._foreach_*` on each
+parameter's *local* tensor: under FSDP2 the slow weights and momentum are DTensors with exactly
+the parameter's mesh and placements, so the outer step is purely element-wise on the local
+shard and issues no collective.
+
+Where things live, so that schedulers, `state_dict()` and distributed checkpointing work
+without special code (the pattern of timm's Lookahead):
+  * hyper-parameters (`snoo_k`, `snoo_lr`, `snoo_momentum`, `snoo_nesterov`) and the inner-step
+    counter (`snoo_step`) in the inner optimizer's param groups;
+  * per-parameter tensors (`snoo_slow`, `snoo_momentum`) in the inner optimizer's `state[p]`.
+`param_groups`, `state` and `defaults` are properties that always read the inner optimizer, so a
+wrapper cannot go stale when `load_state_dict` replaces the inner optimizer's group dicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - very old torch
+    DTensor = None  # type: ignore[assignment,misc]
+    Replicate = None  # type: ignore[assignment,misc]
+
+SLOW = "snoo_slow"
+MOMENTUM = "snoo_momentum"
+_GROUP_DEFAULTS = ("snoo_k", "snoo_lr", "snoo_momentum", "snoo_nesterov")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _replication_factor(t: torch.Tensor) -> int:
+    """How many ranks hold an identical copy of this rank's piece, so that summing every rank's
+    squared norm counts each element once. Plain tensors in a process group are replicas."""
+    if DTensor is not None and isinstance(t, DTensor):
+        factor = 1
+        for dim, placement in enumerate(t.placements):
+            if isinstance(placement, Replicate):
+                factor *= t.device_mesh.size(dim)
+        return factor * (_world_size() // t.device_mesh.size())
+    return _world_size()
+
+
+def _forward_to_inner(name: str) -> property:
+    """A property that reads and writes the inner optimizer's attribute `name`.
+
+    `Optimizer.__init__` assigns `defaults`, `state` and `param_groups` before the inner
+    optimizer is attached; those assignments land in a scratch slot that is dropped afterwards.
+    """
+    scratch = f"_scratch_{name}"
+
+    def get(self: SNOO) -> Any:
+        inner = self.__dict__.get("_inner")
+        return getattr(inner, name) if inner is not None else self.__dict__[scratch]
+
+    def set(self: SNOO, value: Any) -> None:
+        inner = self.__dict__.get("_inner")
+        if inner is not None:
+            setattr(inner, name, value)
+        else:
+            self.__dict__[scratch] = value
+
+    return property(get, set, doc=f"The inner optimizer's `{name}`.")
+
+
+class SNOO(Optimizer):
+    """Step-K Nesterov Outer Optimizer around any `torch.optim.Optimizer`.
+
+    Args:
+        inner: the optimizer that takes every step (AdamW, Muon, ...). Its learning rate is the
+            one LR schedulers act on.
+        k: inner steps per outer step.
+        lr: outer learning rate eta.
+        momentum: outer momentum mu, in [0, 1). `momentum=0` gives Lookahead.
+        nesterov: Nesterov momentum on the pseudo-gradient (the paper's choice).
+
+    Example::
+
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        opt = SNOO(inner, k=20, lr=0.7, momentum=0.5)
+        loss.backward(); opt.step(); opt.zero_grad()
+    """
+
+    param_groups = _forward_to_inner("param_groups")
+    state = _forward_to_inner("state")
+    defaults = _forward_to_inner("defaults")
+
+    def __init__(
+        self,
+        inner: Optimizer,
+        k: int = 20,
+        lr: float = 0.7,
+        momentum: float = 0.5,
+        nesterov: bool = True,
+    ) -> None:
+        if not isinstance(inner, Optimizer):
+            raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
+        if not any(group["params"] for group in inner.param_groups):
+            raise ValueError("inner: the inner optimizer has no parameters")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        if not lr > 0.0:
+            raise ValueError(f"lr (the outer learning rate) must be > 0, got {lr!r}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum (the outer momentum) must be in [0, 1), got {momentum!r}")
+
+        # Let torch set up its hook registries and step profiling for this class, whatever the
+        # torch version names them; its param group is a placeholder that is dropped below.
+        super().__init__([torch.zeros(1)], {})
+        for name in ("param_groups", "state", "defaults"):
+            del self.__dict__[f"_scratch_{name}"]
+        self._inner = inner
+
+        self._outer_defaults = {
+            "snoo_k": k,
+            "snoo_lr": float(lr),
+            "snoo_momentum": float(momentum),
+            "snoo_nesterov": bool(nesterov),
+        }
+        self.defaults.update(self._outer_defaults)
+        for group in self.param_groups:
+            self._init_group(group)
+        self.outer_step_taken = False
+        self._last_outer_sq_norms: dict[str, list[torch.Tensor]] | None = None
+
+    # -- torch.optim.Optimizer API ---------------------------------------------------------
+
+    @property
+    def inner(self) -> Optimizer:
+        return self._inner
+
+    def _init_group(self, group: dict[str, Any]) -> None:
+        for key in _GROUP_DEFAULTS:
+            group.setdefault(key, self._outer_defaults[key])
+        group.setdefault("snoo_step", 0)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "_inner" not in self.__dict__:  # the placeholder group of Optimizer.__init__
+            super().add_param_group(param_group)
+            return
+        self._inner.add_param_group(param_group)
+        self._init_group(self.param_groups[-1])
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._inner.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The outer state is part of the inner optimizer's state and groups: one format, which
+        # torch.distributed.checkpoint saves, loads and reshards like any optimizer's.
+        return self._inner.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._inner.load_state_dict(state_dict)
+        # A state dict of a bare inner optimizer carries no outer settings: use the constructor's.
+        for group in self.param_groups:
+            self._init_group(group)
+
+    def __repr__(self) -> str:
+        outer = ", ".join(f"{k.removeprefix('snoo_')}={v}" for k, v in self._outer_defaults.items())
+        return f"SNOO({outer},\ninner={self._inner!r})"
+
+    # -- the update --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        # The slow weights start at the parameters before the first inner step. They are written
+        # into state[p] only after that step: AdamW (and others) initialise a parameter's state
+        # only while state[p] is empty. A parameter joins when it first has a gradient (until
+        # then the inner optimizer has not moved it, so w = p still holds).
+        first_seen = {
+            p: p.detach().clone()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None and SLOW not in self.state[p]
+        }
+
+        with torch.enable_grad():
+            loss = self._inner.step(closure) if closure is not None else self._inner.step()
+
+        for p, slow in first_seen.items():
+            self.state[p][SLOW] = slow
+            self.state[p][MOMENTUM] = torch.zeros_like(slow)
+
+        self.outer_step_taken = False
+        for group in self.param_groups:
+            group["snoo_step"] += 1
+            if group["snoo_step"] % group["snoo_k"] == 0:
+                self._outer_step(group)
+                self.outer_step_taken = True
+        return loss
+
+    def _outer_step(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if SLOW in self.state[p]]
+        if not params:
+            return
+        fast = [_local(p) for p in params]
+        slow = [_local(self.state[p][SLOW]) for p in params]
+        buf = [_local(self.state[p][MOMENTUM]) for p in params]
+        eta, mu = group["snoo_lr"], group["snoo_momentum"]
+
+        pseudo_grad = torch._foreach_sub(slow, fast)  # s = w - p
+        torch._foreach_mul_(buf, mu)
+        torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
+        if group["snoo_nesterov"]:
+            update = torch._foreach_add(pseudo_grad, buf, alpha=mu)  # s + mu * b
+        else:
+            update = buf
+        torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
+        torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
+
+        # Local squared norms only: turning them into global norms needs a collective, which
+        # outer_metrics() makes when the training loop asks, never the step itself.
+        factors = [float(_replication_factor(p)) for p in params]
+        self._last_outer_sq_norms = {
+            "pseudo_grad": [n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)],
+            "slow_weight": [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)],
+        }
+
+    # -- observing the outer loop ------------------------------------------------------------
+
+    def outer_metrics(self) -> dict[str, float]:
+        """Global norms of the last outer step's pseudo-gradient and slow weights.
+
+        In a process group this sums every rank's share (one all-reduce): call it on all ranks
+        together, at log steps. Empty before the first outer step.
+        """
+        if self._last_outer_sq_norms is None:
+            return {}
+        sq = torch.stack(
+            [torch.stack(self._last_outer_sq_norms[key]).sum() for key in ("pseudo_grad", "slow_weight")]
+        ).double()
+        if _world_size() > 1:
+            dist.all_reduce(sq)
+        pseudo_grad, slow_weight = sq.sqrt().tolist()
+        return {"snoo/pseudo_grad_norm": pseudo_grad, "snoo/slow_weight_norm": slow_weight}
+
+    def slow_parameters(self) -> contextlib.AbstractContextManager[None]:
+        """Context manager: the parameters hold the slow weights inside, the fast ones after.
+
+        Evaluation and export should see the slow weights (the paper's reported model). Right
+        after an outer step fast == slow, and no copy is made.
+        """
+        return self._swap_in_slow()
+
+    @contextlib.contextmanager
+    def _swap_in_slow(self) -> Iterator[None]:
+        fast_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for group in self.param_groups:
+                if group["snoo_step"] % group["snoo_k"] == 0:
+                    continue
+                for p in group["params"]:
+                    if SLOW in self.state[p]:
+                        local = _local(p)
+                        fast_backup.append((local, local.clone()))
+                        local.copy_(_local(self.state[p][SLOW]))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for local, saved in fast_backup:
+                    local.copy_(saved)

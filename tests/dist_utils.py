@@ -1,0 +1,52 @@
+"""Run a test body in real gloo process groups on CPU (world sizes 2 and 4)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, errors: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)  # N processes share 2 cores: oversubscription makes tests crawl
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        fn(rank, world_size, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., None], world_size: int, *args: Any) -> None:
+    """Spawn `world_size` processes running fn(rank, world_size, *args); re-raise any failure
+    with the failing rank's traceback. `fn` must be a module-level function (it is pickled)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    try:
+        mp.start_processes(
+            _worker, args=(world_size, free_port(), fn, args, errors), nprocs=world_size,
+            join=True, start_method="spawn",
+        )
+    except Exception as exc:
+        details = []
+        while not errors.empty():
+            rank, tb = errors.get()
+            details.append(f"--- rank {rank} ---\n{tb}")
+        raise AssertionError("distributed test failed:\n" + "\n".join(details)) from exc
