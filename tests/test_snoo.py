@@ -254,7 +254,11 @@ def test_closure_is_passed_to_the_inner_optimizer():
         loss.backward()
         return loss
 
+    start = [p.detach().clone() for p in model.parameters()]
     assert isinstance(opt.step(closure), torch.Tensor)
+    # the gradients only appeared inside the inner step, yet every parameter joined at its start
+    for p, w0 in zip(model.parameters(), start):
+        assert torch.equal(opt.state[p]["snoo_slow"], w0)
 
 
 def test_step_hooks_registered_on_snoo_fire():

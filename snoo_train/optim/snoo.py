@@ -188,20 +188,24 @@ class SNOO(Optimizer):
         # The slow weights start at the parameters before the first inner step. They are written
         # into state[p] only after that step: AdamW (and others) initialise a parameter's state
         # only while state[p] is empty. A parameter joins when it first has a gradient (until
-        # then the inner optimizer has not moved it, so w = p still holds).
+        # then the inner optimizer has not moved it, so w = p still holds). With a closure the
+        # gradients only appear inside the inner step (Lightning works this way), so every
+        # trainable newcomer is snapshotted and kept if it came out with a gradient.
         first_seen = {
             p: p.detach().clone()
             for group in self.param_groups
             for p in group["params"]
-            if p.grad is not None and SLOW not in self.state[p]
+            if SLOW not in self.state[p]
+            and (p.grad is not None if closure is None else p.requires_grad)
         }
 
         with torch.enable_grad():
             loss = self._inner.step(closure) if closure is not None else self._inner.step()
 
         for p, slow in first_seen.items():
-            self.state[p][SLOW] = slow
-            self.state[p][MOMENTUM] = torch.zeros_like(slow)
+            if p.grad is not None:
+                self.state[p][SLOW] = slow
+                self.state[p][MOMENTUM] = torch.zeros_like(slow)
 
         self.outer_step_taken = False
         for group in self.param_groups:
