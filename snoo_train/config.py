@@ -65,11 +65,13 @@ class DataConfig:
     files: List[str] = field(default_factory=list)  # local: text/jsonl/parquet files or globs
     format: Optional[str] = None  # local: text | jsonl | parquet; None infers from extension
     text_field: str = "text"
+    sample_by: str = "document"  # local text files: document (one per file) | paragraph | line
     tokenizer: str = "byte"  # byte | any HF tokenizer name or path
     seq_len: int = 256
     val_fraction: float = 0.02  # documents held out for validation (by a hash of the document)
     max_documents: Optional[int] = None  # cap on documents read (quick runs, tests)
     cache_dir: Optional[str] = None  # where packed token arrays are cached; None: no cache
+    shuffle_buffer: int = 10000  # hf streaming: windows mixed by the seeded shuffle buffer
 
 
 @dataclass
@@ -162,6 +164,8 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
         raise ConfigError("data.files must list at least one file when data.source=local")
     if d.format is not None:
         _choice("data.format", d.format, ("text", "jsonl", "parquet"))
+    _choice("data.sample_by", d.sample_by, ("document", "paragraph", "line"))
+    _positive("data.shuffle_buffer", d.shuffle_buffer)
     _positive("data.seq_len", d.seq_len)
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
