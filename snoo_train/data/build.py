@@ -1,0 +1,116 @@
+"""`build_datasets`: from a DataConfig to packed train and validation token sources."""
+
+from __future__ import annotations
+
+from typing import Union
+
+from . import cache
+from .packing import PackedDataset, StreamingPackedDataset, pack_documents, pack_split
+from .sources import Source, list_stdlib, load_hf, load_local, read_stdlib
+from .tokenizer import Tokenizer
+
+Packed = Union[PackedDataset, StreamingPackedDataset]
+
+# Documents mixed by a streamed hub dataset's own shuffle, before packing; the loader then
+# mixes windows in its own buffer (data.shuffle_buffer).
+_STREAM_DOCUMENT_BUFFER = 1000
+
+
+def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Packed]:
+    """(train, val) packed to windows of `cfg.seq_len + 1` tokens.
+
+    Map-style `PackedDataset`s for stdlib, local files and non-streaming hub datasets;
+    `StreamingPackedDataset`s for `data.streaming=true`, where `seed` shuffles the order of
+    the stream's shards and documents. The validation documents are a named split
+    (`data.val_split`) or the documents whose text hash falls below `data.val_fraction`;
+    they never appear in train.
+    """
+    if cfg.source == "hf" and cfg.streaming:
+        return _build_streaming(cfg, tokenizer, seed)
+
+    train_source = val_source = None
+    if cfg.source == "stdlib":
+        # Reading is the costly part: only list and stat the files until the cache misses.
+        listing = list_stdlib(cfg.max_documents)
+        fingerprints = [listing.fingerprint, None]
+    elif cfg.source == "local":
+        train_source = load_local(
+            cfg.files, cfg.format, cfg.text_field, cfg.sample_by, cfg.max_documents
+        )
+        fingerprints = [train_source.fingerprint, None]
+    elif cfg.source == "hf":
+        train_source = _hf(cfg, cfg.split, streaming=False)
+        val_source = _hf(cfg, cfg.val_split, streaming=False) if cfg.val_split else None
+        fingerprints = [train_source.fingerprint, val_source.fingerprint if val_source else None]
+    else:
+        raise ValueError(
+            f"data.source={cfg.source!r} is not allowed; choose one of stdlib, hf, local"
+        )
+
+    named_val = cfg.source == "hf" and bool(cfg.val_split)
+    key = None
+    if cfg.cache_dir and fingerprints[0] is not None:
+        key = cache.cache_key(
+            inputs=fingerprints,
+            tokenizer=tokenizer.fingerprint,
+            val_fraction=None if named_val else cfg.val_fraction,
+        )
+        hit = cache.load(cfg.cache_dir, key)
+        if hit is not None:
+            train_tokens, val_tokens, meta = hit
+            return (
+                PackedDataset(train_tokens, cfg.seq_len, num_documents=meta["train_documents"]),
+                PackedDataset(val_tokens, cfg.seq_len, num_documents=meta["val_documents"]),
+            )
+
+    if train_source is None:
+        train_source = read_stdlib(listing)
+    if val_source is None:
+        train_tokens, val_tokens, n_train, n_val = pack_split(
+            train_source, tokenizer, cfg.val_fraction
+        )
+    else:
+        train_tokens, n_train = pack_documents(train_source, tokenizer)
+        val_tokens, n_val = pack_documents(val_source, tokenizer)
+        if n_train == 0:
+            raise ValueError(f"{train_source.describe} produced no non-empty documents")
+    if key is not None:
+        meta = {"train_documents": n_train, "val_documents": n_val, "source": train_source.describe}
+        cache.save(cfg.cache_dir, key, train_tokens, val_tokens, meta)
+    return (
+        PackedDataset(train_tokens, cfg.seq_len, num_documents=n_train),
+        PackedDataset(val_tokens, cfg.seq_len, num_documents=n_val),
+    )
+
+
+def _hf(cfg, split: str, *, streaming: bool) -> Source:
+    return load_hf(
+        cfg.path,
+        cfg.name,
+        split,
+        cfg.text_field,
+        streaming=streaming,
+        max_documents=cfg.max_documents,
+    )
+
+
+def _build_streaming(cfg, tokenizer: Tokenizer, seed: int):
+    stream = _hf(cfg, cfg.split, streaming=True)
+    shuffled = Source(
+        stream.documents.shuffle(seed=seed, buffer_size=_STREAM_DOCUMENT_BUFFER),
+        stream.text_field,
+        None,
+        stream.describe,
+    )
+    common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
+    if cfg.val_split:
+        train = StreamingPackedDataset(shuffled, **common)
+        val = StreamingPackedDataset(_hf(cfg, cfg.val_split, streaming=True), **common)
+    else:
+        train = StreamingPackedDataset(
+            shuffled, keep_validation=False, val_fraction=cfg.val_fraction, **common
+        )
+        val = StreamingPackedDataset(
+            stream, keep_validation=True, val_fraction=cfg.val_fraction, **common
+        )
+    return train, val

@@ -1,0 +1,212 @@
+"""Per-rank training batches and fixed evaluation batches.
+
+The global sample order is a function of the seed alone: global step `s` consumes global
+samples `[s*B, (s+1)*B)`, and rank `r` of `W` keeps the contiguous slice
+`[r*B/W, (r+1)*B/W)` of them, split into `grad_accum` micro-batches. So the ranks are
+disjoint, their union is the single-process batch, and a run can resume on another world
+size. Only the step counter is state: a resumed loader recomputes where it was.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from collections.abc import Iterator
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .packing import PackedDataset, StreamingPackedDataset
+
+# Validation windows are visited in a fixed shuffled order (not file order, which would
+# evaluate on the alphabetically first few documents only), the same for every training seed.
+_EVAL_SEED = 0x5EED
+
+
+def _to_batch(windows: np.ndarray) -> dict[str, torch.Tensor]:
+    t = torch.from_numpy(np.asarray(windows, dtype=np.int64))
+    # Labels are already shifted: position i of `labels` is the token after input i.
+    return {"input_ids": t[:, :-1].contiguous(), "labels": t[:, 1:].contiguous()}
+
+
+def _check_layout(batch_size: int, rank: int, world_size: int, grad_accum: int = 1) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+    if grad_accum < 1:
+        raise ValueError(f"trainer.grad_accum={grad_accum} must be >= 1")
+    if batch_size < 1 or batch_size % (world_size * grad_accum):
+        raise ValueError(
+            f"trainer.batch_size={batch_size} must be a positive multiple of world_size x "
+            f"trainer.grad_accum = {world_size} x {grad_accum}"
+        )
+
+
+class BatchLoader:
+    """Training batches for one rank: `next_step()` gives `grad_accum` micro-batches of
+    `global_batch_size // (world_size * grad_accum)` windows each.
+
+    Map-style data: epoch `e` visits a permutation of all windows seeded by (seed, e); the
+    last `len % B` windows of each permutation are skipped so a step never spans epochs.
+    Streaming data: epoch `e` of the stream goes through a shuffle buffer seeded by
+    (seed, e); every rank reads the whole stream and keeps its slice.
+    """
+
+    def __init__(
+        self,
+        train,
+        *,
+        global_batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
+        _check_layout(global_batch_size, rank, world_size, grad_accum)
+        self.train = train
+        self.global_batch_size = global_batch_size
+        self.grad_accum = grad_accum
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.micro_batch_size = global_batch_size // (world_size * grad_accum)
+        self.tokens_per_step = global_batch_size * train.seq_len
+        self.streaming = isinstance(train, StreamingPackedDataset)
+        self.step = 0
+        if self.streaming:
+            self.num_samples = -1
+            self._stream: Optional[Iterator[np.ndarray]] = None
+            self._stream_pos = 0
+        else:
+            self.num_samples = len(train)
+            if self.num_samples < global_batch_size:
+                raise ValueError(
+                    f"the training set has {self.num_samples} windows of data.seq_len+1="
+                    f"{train.seq_len + 1} tokens, fewer than one global batch "
+                    f"(trainer.batch_size={global_batch_size}); lower trainer.batch_size or "
+                    "data.seq_len, or use more data"
+                )
+            self.steps_per_epoch = self.num_samples // global_batch_size
+            self._perm_epoch = -1
+            self._perm = np.empty(0, dtype=np.int64)
+
+    # ---- global order -------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._perm = rng.permutation(self.num_samples)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _global_indices(self, step: int) -> np.ndarray:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        B = self.global_batch_size
+        return self._permutation(epoch)[within * B : (within + 1) * B]
+
+    def _global_stream(self) -> Iterator[np.ndarray]:
+        for epoch in itertools.count():
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            produced = 0
+            for window in _shuffle_buffer(
+                self.train.windows(epoch), self.train.shuffle_buffer, rng
+            ):
+                produced += 1
+                yield window
+            if produced == 0:
+                raise ValueError(f"{self.train.source.describe} yielded no training windows")
+
+    def _next_stream_batch(self) -> np.ndarray:
+        B = self.global_batch_size
+        if self._stream is None:
+            self._stream = self._global_stream()
+            self._stream_pos = 0
+        # After load_state_dict the stream is replayed from its start up to the resume point:
+        # exact, at the price of re-reading what was already consumed.
+        skip = self.step * B - self._stream_pos
+        if skip:
+            collections.deque(itertools.islice(self._stream, skip), maxlen=0)
+            self._stream_pos += skip
+        batch = np.stack(list(itertools.islice(self._stream, B)))
+        self._stream_pos += B
+        return batch
+
+    # ---- public -------------------------------------------------------------------------
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        per_rank = self.global_batch_size // self.world_size
+        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        if self.streaming:
+            mine = self._next_stream_batch()[lo:hi]
+        else:
+            mine = self.train.take(self._global_indices(self.step)[lo:hi])
+        self.step += 1
+        b = self.micro_batch_size
+        return [_to_batch(mine[i * b : (i + 1) * b]) for i in range(self.grad_accum)]
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "step": self.step,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "global_batch_size", "num_samples"):
+            if int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"cannot resume the data loader: the checkpoint has {key}={int(state[key])}, "
+                    f"this run has {getattr(self, key)} (the data order would not continue)"
+                )
+        self.step = int(state["step"])
+        if self.streaming and self._stream_pos > self.step * self.global_batch_size:
+            self._stream = None  # behind the current position: replay from the start
+
+
+def _shuffle_buffer(
+    items: Iterator[np.ndarray], size: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
+    """A reservoir of `size` items: each incoming item replaces a uniformly drawn one,
+    which is emitted. Deterministic for a given rng state and input order."""
+    buffer: list[np.ndarray] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        out, buffer[j] = buffer[j], item
+        yield out
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]
+
+
+def eval_batches(
+    val, *, batch_size: int, num_batches: int, rank: int, world_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's share of the first `num_batches` global validation batches, identical on
+    every call. A validation set smaller than `num_batches * batch_size` windows is cycled;
+    an empty one yields nothing (val_fraction=0), on every rank alike."""
+    _check_layout(batch_size, rank, world_size)
+    per_rank = batch_size // world_size
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    wanted = batch_size * num_batches
+
+    if isinstance(val, StreamingPackedDataset):
+        windows = val.head(wanted)
+        order = np.arange(len(windows))
+    else:
+        windows = val
+        order = np.random.Generator(np.random.PCG64(_EVAL_SEED)).permutation(len(val))
+
+    def generate() -> Iterator[dict[str, torch.Tensor]]:
+        if len(order) == 0:
+            return
+        for g in range(num_batches):
+            idx = order[(np.arange(g * batch_size + lo, g * batch_size + hi)) % len(order)]
+            if isinstance(windows, PackedDataset):
+                yield _to_batch(windows.take(idx))
+            else:
+                yield _to_batch(np.stack([windows[i] for i in idx]))
+
+    return generate()
