@@ -1,0 +1,32 @@
+"""Dense Llama models built from config, and their parallelization (FSDP2, AC, compile)."""
+
+from snoo_train.models.flops import count_parameters, flops_per_token
+from snoo_train.models.llama import (
+    build_model,
+    init_weights,
+    llama_config,
+    materialize,
+    padded_vocab_size,
+)
+from snoo_train.models.parallelize import (
+    apply_activation_checkpointing,
+    apply_compile,
+    apply_fsdp,
+    parallelize,
+)
+from snoo_train.models.presets import PRESETS
+
+__all__ = [
+    "PRESETS",
+    "apply_activation_checkpointing",
+    "apply_compile",
+    "apply_fsdp",
+    "build_model",
+    "count_parameters",
+    "flops_per_token",
+    "init_weights",
+    "llama_config",
+    "materialize",
+    "padded_vocab_size",
+    "parallelize",
+]

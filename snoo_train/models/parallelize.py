@@ -1,0 +1,98 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to a LlamaForCausalLM, in that order.
+
+The order matters: checkpointing wraps a decoder layer, compile then traces the wrapped layer
+(recompute included), and `fully_shard` goes outermost so its all-gather / reduce-scatter hooks
+run once per layer and stay outside both the checkpointed region and the compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks: the unit of checkpointing, compilation and sharding."""
+    return model.model.layers
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward instead of storing them.
+
+    Activation memory drops from every intermediate of every layer to one hidden state per
+    layer, for about one extra forward pass of compute. Per layer (not per op, not the whole
+    model) because the layer is also the FSDP unit, so a recompute finds its parameters already
+    gathered for that layer's backward. The RNG state is not replayed: Llama has no dropout.
+    Note: parameter names gain a `_checkpoint_wrapped_module.` segment (`state_dict()` and DCP
+    strip it).
+    """
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
+    """Compile each decoder layer separately, as one graph (`fullgraph=True`).
+
+    All layers share one shape, so dynamo traces one graph and reuses it; compiling the whole
+    model would instead trace through FSDP's hooks and the HF output plumbing. `fullgraph`
+    turns a silent graph break (a slow layer) into an error. `Module.compile` compiles in
+    place, so parameter names do not change. `backend` exists for tests ("aot_eager" needs no
+    C++ compiler).
+    """
+    for layer in decoder_layers(model):
+        layer.compile(fullgraph=True, backend=backend)
+
+
+def apply_fsdp(
+    model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None
+) -> None:
+    """Shard parameters, gradients and optimizer state over `mesh` with FSDP2 (`fully_shard`).
+
+    One group per decoder layer so that only one layer's full parameters exist at a time and the
+    next layer's all-gather overlaps this layer's compute; then the root, which takes what is
+    left: the embedding, the final norm and the head. Tied embedding and head are one parameter,
+    so they must be in one group, and the root is the only group containing both. The last layer
+    keeps its parameters gathered after forward because backward needs them immediately.
+    With `param_dtype=torch.bfloat16` the gathered parameters are bf16 for compute while the
+    sharded master weights, the optimizer and the gradient reduction stay fp32.
+    """
+    mp_policy = MixedPrecisionPolicy()
+    if param_dtype is not None and param_dtype != torch.float32:
+        mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
+        fully_shard(
+            layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=i < len(layers) - 1
+        )
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+
+
+def parallelize(
+    model: nn.Module,
+    *,
+    mesh: DeviceMesh | None,
+    param_dtype: torch.dtype | None = None,
+    activation_checkpointing: bool = False,
+    compile: bool = False,
+) -> nn.Module:
+    """Checkpointing -> compile -> FSDP, each optional; `mesh=None` means one process, no FSDP.
+
+    Mixed precision is applied by FSDP, so a bf16 `param_dtype` needs a mesh (a one-rank mesh
+    is fine); without one, use `torch.autocast` in the training loop instead.
+    """
+    if mesh is None and param_dtype not in (None, torch.float32):
+        raise ValueError(
+            f"param_dtype={param_dtype} needs FSDP: pass a device mesh (a 1-rank mesh works) "
+            "or keep fp32 parameters and use torch.autocast"
+        )
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if mesh is not None:
+        apply_fsdp(model, mesh, param_dtype=param_dtype)
+    return model
