@@ -28,6 +28,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, er
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         fn(rank, world_size, *args)
+        # gloo can abort a rank whose peer tears down the group while it is still inside a
+        # collective: leave together.
+        dist.barrier()
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise

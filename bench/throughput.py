@@ -1,0 +1,230 @@
+"""What SNOO costs per step: tokens/s, memory and validation loss of adamw vs snoo_adamw.
+
+Both optimizers train the same model (same seed, same data) through the real training code
+(`snoo_train.train.Trainer`), in ONE process, in alternating blocks of steps (ABBA order), so
+machine noise hits both sides alike and the ratio is measured in one run.
+
+    python bench/throughput.py                                  # llama_small, CPU, world size 1
+    torchrun --nproc_per_node=2 bench/throughput.py             # FSDP2 over 2 ranks (gloo/NCCL)
+    python bench/throughput.py --model llama_125m --steps 100 trainer.batch_size=8 data.seq_len=1024
+
+Extra arguments are Hydra overrides applied to both runs. Prints a table and writes JSON
+(bench/results/throughput_ws{N}_{device}.json by default).
+
+Memory: SNOO's extra bytes are counted exactly from the optimizer state (this rank's local
+shards) against the floor of 2 x parameter bytes / ranks. Peak memory is the CUDA allocator's
+peak per side on GPU; on CPU each side's peak RSS is taken from a separate short training
+process (`python -m snoo_train.train`), since one process cannot attribute RSS to one of two
+models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from snoo_train.config import Config, validate_config
+from snoo_train.dist import destroy_distributed, init_distributed
+from snoo_train.optim import SNOO
+from snoo_train.train import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+OPTIMIZERS = ("adamw", "snoo_adamw")
+
+
+def make_config(optim: str, args: argparse.Namespace, run_dir: str) -> Config:
+    overrides = [
+        f"model={args.model}",
+        f"optim={optim}",
+        f"trainer.max_steps={args.steps}",
+        "trainer.progress=false",
+        "trainer.eval_interval=0",
+        "logging.wandb.mode=disabled",
+        *args.overrides,
+    ]
+    if optim.startswith("snoo"):
+        overrides.append(f"optim.k={args.k}")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        dcfg = compose(config_name="config", overrides=overrides)
+    cfg: Config = OmegaConf.to_object(dcfg)
+    cfg.run_dir = run_dir
+    return cfg
+
+
+def local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if hasattr(t, "to_local") else t
+    return local.numel() * local.element_size()
+
+
+def state_bytes(trainer: Trainer) -> dict[str, int]:
+    """This rank's bytes of parameters, inner optimizer state and SNOO's outer state."""
+    params = sum(local_bytes(p) for p in trainer.model.parameters())
+    inner = outer = 0
+    for state in trainer.optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                if key.startswith("snoo_"):
+                    outer += local_bytes(value)
+                else:
+                    inner += local_bytes(value)
+    return {"param_bytes": params, "inner_state_bytes": inner, "snoo_state_bytes": outer}
+
+
+def peak_rss_of_training_run(optim: str, args: argparse.Namespace) -> int | None:
+    """Peak RSS of a separate `python -m snoo_train.train` process (CPU only)."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        cmd = [
+            sys.executable, "-m", "snoo_train.train", f"model={args.model}", f"optim={optim}",
+            f"trainer.max_steps={args.rss_steps}", "trainer.progress=false", "trainer.eval_interval=0",
+            f"hydra.run.dir={run_dir}", *args.overrides,
+        ]
+        if optim.startswith("snoo"):
+            cmd.append(f"optim.k={args.k}")
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(done.stderr[-2000:], file=sys.stderr)
+            return None
+        return json.loads((Path(run_dir) / "summary.json").read_text())["peak_mem_bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama_small")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per optimizer")
+    parser.add_argument("--k", type=int, default=20, help="SNOO's k")
+    parser.add_argument("--block", type=int, default=20, help="steps per timed block (a multiple of k)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per optimizer first")
+    parser.add_argument("--rss-steps", type=int, default=20, help="steps of each peak-RSS process (CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tmp = tempfile.mkdtemp(prefix="snoo_bench_")
+    cfgs = {name: make_config(name, args, os.path.join(tmp, name)) for name in OPTIMIZERS}
+    for cfg in cfgs.values():
+        validate_config(cfg, world_size=world_size)
+        cfg.trainer.max_steps = args.warmup + args.steps
+    info = init_distributed(cfgs["adamw"].trainer.device)
+    device = info.device
+    trainers = {name: Trainer(cfg, info) for name, cfg in cfgs.items()}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step = {name: 0 for name in OPTIMIZERS}
+    elapsed = {name: 0.0 for name in OPTIMIZERS}
+    peak_cuda = {name: 0 for name in OPTIMIZERS}
+
+    def run_block(name: str, n: int, timed: bool) -> None:
+        trainer = trainers[name]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step[name] += 1
+            trainer.train_step(step[name])
+        sync()
+        if timed:
+            elapsed[name] += time.perf_counter() - t0
+        if device.type == "cuda":
+            peak_cuda[name] = max(peak_cuda[name], torch.cuda.max_memory_allocated(device))
+
+    for name in OPTIMIZERS:
+        run_block(name, args.warmup, timed=False)
+    rounds = max(1, args.steps // args.block)
+    for r in range(rounds):
+        for name in OPTIMIZERS if r % 2 == 0 else reversed(OPTIMIZERS):
+            run_block(name, args.block, timed=True)
+
+    timed_steps = rounds * args.block
+    tokens_per_step = trainers["adamw"].loader.tokens_per_step
+    results: dict[str, dict] = {}
+    for name, trainer in trainers.items():
+        results[name] = {
+            "tokens_per_s": timed_steps * tokens_per_step / elapsed[name],
+            "step_time_s": elapsed[name] / timed_steps,
+            "val_loss": trainer.evaluate(),
+            "steps_trained": step[name],
+            **state_bytes(trainer),
+        }
+        if isinstance(trainer.optimizer, SNOO):
+            results[name]["outer_steps"] = sum(
+                g["snoo_step"] // g["snoo_k"] for g in trainer.optimizer.param_groups[:1]
+            )
+        if device.type == "cuda":
+            results[name]["peak_mem_bytes"] = peak_cuda[name]
+    for trainer in trainers.values():
+        trainer.metrics.close()
+    destroy_distributed()
+    if info.rank != 0:
+        return
+
+    if device.type == "cpu" and world_size == 1:
+        for name in OPTIMIZERS:
+            results[name]["peak_mem_bytes"] = peak_rss_of_training_run(name, args)
+
+    snoo, base = results["snoo_adamw"], results["adamw"]
+    full_param_bytes = trainers["adamw"].num_params * 4
+    report = {
+        "benchmark": "throughput",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "world_size": world_size,
+        },
+        "model": args.model,
+        "params": trainers["adamw"].num_params,
+        "k": args.k,
+        "tokens_per_step": tokens_per_step,
+        "timed_steps": timed_steps,
+        "results": results,
+        "tokens_per_s_ratio_snoo_over_adamw": snoo["tokens_per_s"] / base["tokens_per_s"],
+        "snoo_overhead_pct": 100.0 * (1.0 - snoo["tokens_per_s"] / base["tokens_per_s"]),
+        "snoo_extra_bytes_per_rank": snoo["snoo_state_bytes"],
+        "snoo_extra_bytes_floor_2x_params_over_ranks": 2 * full_param_bytes / world_size,
+    }
+    if all(results[n].get("peak_mem_bytes") for n in OPTIMIZERS):
+        report["peak_mem_ratio_snoo_over_adamw"] = snoo["peak_mem_bytes"] / base["peak_mem_bytes"]
+
+    print(f"\n{args.model} ({report['params'] / 1e6:.2f}M params), world size {world_size}, "
+          f"{device.type}, {timed_steps} timed steps per side, k={args.k}")
+    print(f"{'optimizer':<12}{'tokens/s':>12}{'step ms':>10}{'val_loss':>10}{'peak MiB':>10}{'outer MiB':>11}")
+    for name in OPTIMIZERS:
+        r = results[name]
+        peak = r.get("peak_mem_bytes")
+        print(f"{name:<12}{r['tokens_per_s']:>12.0f}{1e3 * r['step_time_s']:>10.1f}{r['val_loss']:>10.4f}"
+              f"{(peak or 0) / 2**20:>10.1f}{r['snoo_state_bytes'] / 2**20:>11.2f}")
+    print(f"tokens/s ratio snoo/adamw: {report['tokens_per_s_ratio_snoo_over_adamw']:.4f} "
+          f"(overhead {report['snoo_overhead_pct']:.2f}%)")
+    print(f"SNOO extra bytes per rank: {report['snoo_extra_bytes_per_rank']:,} "
+          f"(floor 2 x params / ranks = {report['snoo_extra_bytes_floor_2x_params_over_ranks']:,.0f})")
+
+    out = Path(args.out or REPO / "bench" / "results" / f"throughput_ws{world_size}_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Process group and device set-up from the torchrun environment.
+
+`python -m snoo_train.train` (no RANK/WORLD_SIZE in the environment) is world size 1 and starts
+no process group: the model stays a plain module and every collective helper below is a no-op.
+Under `torchrun` each rank joins a NCCL group on its own GPU (LOCAL_RANK) or a gloo group on
+CPU, and gets a 1-D DeviceMesh for fully_shard. The mesh exists only when world_size > 1,
+because a world-size-1 mesh would need a process group for nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from snoo_train.config import ConfigError
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_world_size() -> int:
+    """World size torchrun announced, readable before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is visible")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible: "
+                "start at most that many processes per node (torchrun --nproc_per_node)"
+            )
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group (if any) and pick this rank's device."""
+    rank, world_size = env_rank(), env_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    mesh = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            backend = "nccl" if dev.type == "cuda" else "gloo"
+            # device_id binds NCCL's communicator to this GPU eagerly (no guessing on first use).
+            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend=backend, **kwargs)
+        mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+
+
+def destroy_distributed(*, clean: bool = True) -> None:
+    """Leave the process group. `clean=True` (every rank got here normally) first waits for all
+    ranks: gloo can abort a rank whose peer tears down while its last send is in flight. After
+    an error, no barrier: the other ranks may never arrive."""
+    if dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum python floats over all ranks (one collective for the whole list)."""
+    if not _active():
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not _active():
+        return float(value)
+    return all_reduce_sum([value], device)[0] / dist.get_world_size()
+
+
+def all_reduce_max(value: float, device: torch.device) -> float:
+    if not _active():
+        return float(value)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Every rank returns rank `src`'s `obj` (e.g. the run directory it resolved)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

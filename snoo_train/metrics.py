@@ -1,0 +1,204 @@
+"""Run metrics: a JSONL file, an optional wandb run and a progress bar, all on rank 0 only.
+
+`metrics.jsonl` (in the run directory) holds one JSON object per logged step; `bench/` and
+plots read it. Fields:
+
+    step            optimizer steps taken (1-based)
+    loss            mean training loss over the steps since the previous record (all ranks)
+    lr              inner learning rate used for this step
+    grad_norm       global gradient norm before clipping (this step)
+    tokens          global training tokens consumed so far
+    tokens_per_s    global training throughput since the previous record (evaluation excluded)
+    elapsed_s       wall time since the first step started (evaluation included)
+    peak_mem_bytes  this rank's peak: CUDA allocator peak on GPU, process max RSS on CPU
+    mfu             model FLOPs utilisation, only where a peak FLOP/s is known
+    val_loss        held-out loss (token mean over all ranks) at the slow weights, on eval steps
+    snoo/pseudo_grad_norm, snoo/slow_weight_norm   SNOO only, from the last outer step
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+log = logging.getLogger(__name__)
+
+# bf16 dense peak FLOP/s per device (vendor datasheets, no sparsity), matched by device name.
+# Order matters: the first substring found in the name wins.
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("A100", 312e12),
+)
+
+
+def peak_flops_by_name(name: str) -> float | None:
+    for key, value in PEAK_BF16_FLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def peak_flops(device: torch.device, override: float | None = None) -> float | None:
+    """Peak FLOP/s of one device: `override` (trainer.peak_flops) or the table; None if unknown."""
+    if override:
+        return float(override)
+    if device.type != "cuda":
+        return None
+    return peak_flops_by_name(torch.cuda.get_device_name(device))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class MetricsLogger:
+    """Writes records on rank 0; on other ranks every method is a no-op."""
+
+    def __init__(
+        self,
+        run_dir: str,
+        cfg: Any,
+        rank: int,
+        *,
+        total_steps: int | None = None,
+        resolved_config: dict | None = None,
+    ):
+        self.enabled = rank == 0
+        self.run_dir = run_dir
+        self._file = None
+        self._wandb = None
+        self._bar = None
+        self._redirect = None
+        self._want_bar = False
+        self._total_steps = total_steps
+        if not self.enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, cfg.logging.metrics_file)
+        self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while running
+        wb = cfg.logging.wandb
+        if wb.mode != "disabled":
+            import wandb  # only here: disabled runs never import it
+
+            self._wandb = wandb.init(
+                project=wb.project,
+                entity=wb.entity,
+                name=wb.name,
+                group=wb.group,
+                tags=list(wb.tags),
+                dir=run_dir,
+                mode=wb.mode,
+                config=resolved_config,
+            )
+        self._want_bar = bool(cfg.trainer.progress)
+
+    def _start_bar(self) -> None:
+        self._want_bar = False
+        # disable=None: no bar when stderr is not a terminal (SLURM logs, pipes, CI).
+        bar = tqdm(
+            total=self._total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None
+        )
+        if bar.disable:
+            return
+        self._bar = bar
+        # Console log lines go through tqdm.write so they print above the bar, not through it.
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+
+    def advance(self, step: int) -> None:
+        """Move the progress bar to `step` (called every optimizer step)."""
+        if self._want_bar:
+            self._start_bar()
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: _plain(v) for k, v in record.items()}
+        self._file.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if self._bar is not None:
+            postfix = {"loss": f"{record['loss']:.4f}"} if "loss" in record else {}
+            if "tokens_per_s" in record:
+                postfix["tok/s"] = f"{record['tokens_per_s']:.3g}"
+            if "val_loss" in record:
+                postfix["val"] = f"{record['val_loss']:.4f}"
+            self._bar.set_postfix(postfix, refresh=False)
+        log.info(_format(record))
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            log.info(text)
+
+    def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    return v
+
+
+def _format(record: dict[str, Any]) -> str:
+    parts = []
+    for k, v in record.items():
+        if isinstance(v, float):
+            v = f"{v:.4g}" if math.isfinite(v) and abs(v) >= 1e-3 else f"{v:.3e}"
+        parts.append(f"{k}={v}")
+    return " ".join(parts)
+
+
+class Throughput:
+    """Tokens/s over the window since the last `tick`, with paused intervals (evaluation) removed."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self._mark = self.start
+        self._paused = 0.0
+        self._tokens = 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def pause(self, seconds: float) -> None:
+        self._paused += seconds
+
+    def tick(self) -> float:
+        now = time.perf_counter()
+        dt = max(now - self._mark - self._paused, 1e-9)
+        rate = self._tokens / dt
+        self._mark, self._paused, self._tokens = now, 0.0, 0
+        return rate
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start

@@ -1,0 +1,191 @@
+"""Every YAML in configs/ composes against the typed schema; bad keys, types and values fail fast."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from snoo_train.config import Config, ConfigError, validate_config
+from snoo_train.train import reject_unknown_keys  # importing it registers the `base_config` schema
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+GROUPS = ("model", "optim", "data", "trainer", "logging")
+
+
+def group_options() -> list[tuple[str, str]]:
+    return [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
+
+
+def compose_config(overrides: list[str] = (), *, hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def typed(overrides: list[str] = ()) -> Config:
+    return OmegaConf.to_object(compose_config(overrides))
+
+
+def run_entry(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(
+        [sys.executable, "-m", "snoo_train.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_every_group_has_options():
+    options = group_options()
+    for group in GROUPS:
+        assert any(g == group for g, _ in options), f"configs/{group}/ has no YAML"
+    assert ("optim", "adamw") in options and ("optim", "snoo_adamw") in options
+
+
+@pytest.mark.parametrize("group,option", group_options())
+def test_every_option_composes_into_the_schema(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "local"):
+        overrides.append("data.files=[corpus.txt]")  # local has no files on purpose
+    cfg = typed(overrides)
+    assert isinstance(cfg, Config)
+    validate_config(cfg)
+
+
+def test_defaults_validate_and_pick_the_make_train_setup():
+    cfg = typed()
+    validate_config(cfg)
+    assert cfg.model.name == "llama_small"
+    assert cfg.data.source == "stdlib"
+    assert cfg.optim.name == "snoo_adamw" and cfg.optim.outer == "snoo"
+    assert cfg.logging.wandb.mode == "disabled"
+
+
+def test_model_yaml_names_match_file_names():
+    for path in (CONFIGS / "model").glob("*.yaml"):
+        assert typed([f"model={path.stem}"]).model.name == path.stem
+
+
+def test_hydra_run_dir_defaults():
+    hydra_cfg = compose_config(hydra=True).hydra
+    assert hydra_cfg.run.dir.startswith("runs/")
+    assert hydra_cfg.sweep.dir.startswith("multirun/")
+    assert hydra_cfg.job.chdir is False
+
+
+def test_adamw_has_no_outer_step_and_snoo_does():
+    assert typed(["optim=adamw"]).optim.outer == "none"
+    snoo = typed(["optim=snoo_adamw", "optim.k=7"]).optim
+    assert (snoo.outer, snoo.k) == ("snoo", 7)
+    # SNOO amplifies the pseudo-gradient, so its inner lr starts below the AdamW baseline.
+    assert snoo.lr < typed(["optim=adamw"]).optim.lr
+
+
+def test_user_facing_keys_override():
+    cfg = typed(
+        [
+            "trainer.max_steps=7",
+            "trainer.batch_size=32",
+            "trainer.grad_accum=2",
+            "trainer.log_interval=3",
+            "trainer.eval_interval=5",
+            "trainer.seed=4",
+            "data.seq_len=128",
+            "optim.lr=1e-3",
+            "optim.k=10",
+            "optim.outer_lr=0.5",
+            "optim.outer_momentum=0.9",
+            "optim.nesterov=false",
+        ]
+    )
+    t, o = cfg.trainer, cfg.optim
+    assert (t.max_steps, t.batch_size, t.grad_accum, t.log_interval, t.eval_interval, t.seed) == (
+        7,
+        32,
+        2,
+        3,
+        5,
+        4,
+    )
+    assert cfg.data.seq_len == 128
+    assert (o.lr, o.k, o.outer_lr, o.outer_momentum, o.nesterov) == (1e-3, 10, 0.5, 0.9, False)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.max_step=5", "trainer.max_step"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("optim.nesterov=maybe", "optim.nesterov"),
+        ("data.max_documents=many", "data.max_documents"),
+    ],
+)
+def test_bad_key_or_type_fails_at_composition(override, key):
+    with pytest.raises(Exception) as info:
+        typed([override])
+    assert key in str(info.value)
+
+
+def test_added_keys_are_rejected():
+    # `+key=value` gets past Hydra's struct check; the entry point refuses it.
+    with pytest.raises(ConfigError, match=r"trainer\.max_step\b"):
+        reject_unknown_keys(compose_config(["+trainer.max_step=5"]))
+    reject_unknown_keys(compose_config())
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["optim.lr=-1"], "optim.lr"),
+        (["optim.outer_momentum=1.0"], "optim.outer_momentum"),
+        (["optim.k=0"], "optim.k"),
+        (["optim.outer=lookahead"], "optim.outer"),
+        (["trainer.lr_schedule=linear"], "trainer.lr_schedule"),
+        (["trainer.max_steps=0"], "trainer.max_steps"),
+        (["data.seq_len=4096"], "data.seq_len"),
+        (["data.source=s3"], "data.source"),
+        (["data=hf", "data.path=null"], "data.path"),
+        (["data=local"], "data.files"),
+        (["logging.wandb.mode=cloud"], "logging.wandb.mode"),
+    ],
+)
+def test_validate_config_names_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_config(typed(overrides))
+
+
+def test_batch_size_must_divide_over_ranks_and_micro_batches():
+    cfg = typed(["trainer.batch_size=12", "trainer.grad_accum=2"])
+    validate_config(cfg, world_size=2)
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size"):
+        validate_config(cfg, world_size=4)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.max_step=5", "trainer.max_step"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("optim.lr=-1", "optim.lr"),
+    ],
+)
+def test_entry_point_fails_fast_naming_the_key(tmp_path, override, key):
+    start = time.perf_counter()
+    proc = run_entry([override], cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode != 0
+    assert key in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # No data, model or run directory was built: only start-up cost.
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.jsonl"))
+    assert elapsed < 30, f"took {elapsed:.1f} s to reject a bad override"
