@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
