@@ -37,7 +37,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from snoo_train.config import Config, ConfigError, validate_config
-from snoo_train.data import BatchLoader, build_datasets, build_tokenizer, eval_batches
+from snoo_train.data import BatchLoader, DataError, build_datasets, build_tokenizer, eval_batches
 from snoo_train.dist import (
     DistInfo,
     all_reduce_mean,
@@ -300,6 +300,8 @@ class Trainer:
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens": step * tokens_per_step,
+                    # Model FLOPs so far (the MFU numerator), for plots against compute.
+                    "flops": step * tokens_per_step * self.flops_per_token,
                     "tokens_per_s": tokens_per_s,
                     "elapsed_s": meter.elapsed(),
                     "peak_mem_bytes": peak_memory_bytes(self.dist.device),
@@ -329,6 +331,7 @@ class Trainer:
             "final_loss": loss,
             "final_val_loss": val_loss,
             "tokens": t.max_steps * tokens_per_step,
+            "flops_per_token": self.flops_per_token,
             "tokens_per_s": t.max_steps * tokens_per_step / max(train_time, 1e-9),
             "train_time_s": train_time,
             "eval_time_s": eval_time,
@@ -406,7 +409,7 @@ def _hydra_main(dcfg: DictConfig) -> None:
         reject_unknown_keys(dcfg)
         cfg: Config = OmegaConf.to_object(dcfg)
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, TrainingDiverged, FileNotFoundError) as e:
+    except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr)

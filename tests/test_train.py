@@ -363,11 +363,20 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_local_file_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("problem", ["missing_file", "wrong_text_field"])
+def test_bad_data_input_is_one_clear_error(tmp_path, problem):
+    if problem == "missing_file":
+        files, expected = tmp_path / "nope.txt", "nope.txt"
+        extra = []
+    else:
+        files, expected = tmp_path / "docs.jsonl", "data.text_field"
+        files.write_text('{"body": "def f():\\n    return 1"}\n' * 50)
+        extra = ["data.text_field=content"]
     args = QUICK + [
         "data=local",
-        f"data.files=[{tmp_path / 'nope.txt'}]",
+        f"data.files=[{files}]",
         f"hydra.run.dir={tmp_path / 'run'}",
+        *extra,
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "snoo_train.train", *args],
@@ -378,4 +387,4 @@ def test_missing_local_file_is_one_clear_error(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0
-    assert "nope.txt" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

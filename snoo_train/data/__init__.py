@@ -2,6 +2,7 @@
 packing into fixed windows, held-out validation, and per-rank resumable batches."""
 
 from .build import build_datasets
+from .errors import DataError
 from .loader import BatchLoader, eval_batches
 from .packing import PackedDataset, StreamingPackedDataset
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
@@ -9,6 +10,7 @@ from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 __all__ = [
     "BatchLoader",
     "ByteTokenizer",
+    "DataError",
     "HFTokenizer",
     "PackedDataset",
     "StreamingPackedDataset",

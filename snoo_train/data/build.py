@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Union
 
 from . import cache
+from .errors import DataError
 from .packing import PackedDataset, StreamingPackedDataset, pack_documents, pack_split
 from .sources import Source, list_stdlib, load_hf, load_local, read_stdlib
 from .tokenizer import Tokenizer
@@ -43,7 +44,7 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
         val_source = _hf(cfg, cfg.val_split, streaming=False) if cfg.val_split else None
         fingerprints = [train_source.fingerprint, val_source.fingerprint if val_source else None]
     else:
-        raise ValueError(
+        raise DataError(
             f"data.source={cfg.source!r} is not allowed; choose one of stdlib, hf, local"
         )
 
@@ -73,7 +74,7 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
         train_tokens, n_train = pack_documents(train_source, tokenizer)
         val_tokens, n_val = pack_documents(val_source, tokenizer)
         if n_train == 0:
-            raise ValueError(f"{train_source.describe} produced no non-empty documents")
+            raise DataError(f"{train_source.describe} produced no non-empty documents")
     if key is not None:
         meta = {"train_documents": n_train, "val_documents": n_val, "source": train_source.describe}
         cache.save(cfg.cache_dir, key, train_tokens, val_tokens, meta)

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .errors import DataError
 from .packing import PackedDataset, StreamingPackedDataset
 
 # Validation windows are visited in a fixed shuffled order (not file order, which would
@@ -32,11 +33,11 @@ def _to_batch(windows: np.ndarray) -> dict[str, torch.Tensor]:
 
 def _check_layout(batch_size: int, rank: int, world_size: int, grad_accum: int = 1) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
+        raise DataError(f"rank={rank} must be in [0, world_size={world_size})")
     if grad_accum < 1:
-        raise ValueError(f"trainer.grad_accum={grad_accum} must be >= 1")
+        raise DataError(f"trainer.grad_accum={grad_accum} must be >= 1")
     if batch_size < 1 or batch_size % (world_size * grad_accum):
-        raise ValueError(
+        raise DataError(
             f"trainer.batch_size={batch_size} must be a positive multiple of world_size x "
             f"trainer.grad_accum = {world_size} x {grad_accum}"
         )
@@ -80,7 +81,7 @@ class BatchLoader:
         else:
             self.num_samples = len(train)
             if self.num_samples < global_batch_size:
-                raise ValueError(
+                raise DataError(
                     f"the training set has {self.num_samples} windows of data.seq_len+1="
                     f"{train.seq_len + 1} tokens, fewer than one global batch "
                     f"(trainer.batch_size={global_batch_size}); lower trainer.batch_size or "
@@ -114,7 +115,7 @@ class BatchLoader:
                 produced += 1
                 yield window
             if produced == 0:
-                raise ValueError(f"{self.train.source.describe} yielded no training windows")
+                raise DataError(f"{self.train.source.describe} yielded no training windows")
 
     def _next_stream_batch(self) -> np.ndarray:
         B = self.global_batch_size
@@ -155,7 +156,7 @@ class BatchLoader:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "global_batch_size", "num_samples"):
             if int(state[key]) != getattr(self, key):
-                raise ValueError(
+                raise DataError(
                     f"cannot resume the data loader: the checkpoint has {key}={int(state[key])}, "
                     f"this run has {getattr(self, key)} (the data order would not continue)"
                 )

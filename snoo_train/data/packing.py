@@ -15,6 +15,7 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import DataError
 from .sources import Source, iter_texts
 from .split import document_hash
 from .tokenizer import Tokenizer
@@ -83,11 +84,11 @@ def pack_split(
                     lowest = (h, len(train))
                 train.append(_with_eos(ids, eos, dtype))
     if not train and not val:
-        raise ValueError(f"{source.describe} produced no non-empty documents")
+        raise DataError(f"{source.describe} produced no non-empty documents")
     if val_fraction > 0 and not val and len(train) > 1:
         val.append(train.pop(lowest[1]))
     if not train:
-        raise ValueError(
+        raise DataError(
             f"{source.describe}: all {len(val)} documents were held out for validation "
             f"(data.val_fraction={val_fraction}); add documents, lower data.val_fraction, or for a "
             "single text file use data.sample_by=paragraph or line"

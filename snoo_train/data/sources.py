@@ -21,6 +21,8 @@ from typing import Optional, Union
 
 import datasets
 
+from .errors import DataError
+
 Documents = Union[datasets.Dataset, datasets.IterableDataset]
 
 # Extensions we can infer a format from; compression suffixes are looked through.
@@ -92,7 +94,7 @@ def read_stdlib(listing: StdlibListing) -> Source:
 def resolve_files(patterns: list[str]) -> list[str]:
     """Expand globs and directories in order; every entry must name at least one readable file."""
     if not patterns:
-        raise ValueError("data.files is empty: list text/jsonl/parquet files or globs")
+        raise DataError("data.files is empty: list text/jsonl/parquet files or globs")
     out: list[str] = []
     for pattern in patterns:
         expanded = os.path.expanduser(str(pattern))
@@ -120,9 +122,7 @@ def resolve_files(patterns: list[str]) -> list[str]:
                 with open(path, "rb"):
                     pass
             except OSError as err:
-                raise ValueError(
-                    f"data.files: cannot read {path!r}: {err.strerror or err}"
-                ) from err
+                raise DataError(f"data.files: cannot read {path!r}: {err.strerror or err}") from err
             path = os.path.abspath(path)
             if path not in out:
                 out.append(path)
@@ -144,13 +144,13 @@ def infer_format(files: list[str], fmt: Optional[str]) -> str:
     for path in files:
         found = _infer_one(path)
         if found is None:
-            raise ValueError(
+            raise DataError(
                 f"data.format: cannot infer the format of {path!r} from its extension; "
                 "set data.format=text|jsonl|parquet"
             )
         formats.setdefault(found, path)
     if len(formats) > 1:
-        raise ValueError(
+        raise DataError(
             f"data.files mixes formats ({', '.join(f'{k}: {v}' for k, v in formats.items())}); "
             "list one format per run or set data.format"
         )
@@ -198,7 +198,7 @@ def load_hf(
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: dataset not found ({err})") from err
     except ValueError as err:  # e.g. an unknown split or config name
-        raise ValueError(f"{where}: {err}") from err
+        raise DataError(f"{where}: {err}") from err
     fingerprint = None
     if isinstance(docs, datasets.Dataset):
         if max_documents is not None:
@@ -215,7 +215,7 @@ def iter_texts(source: Source, batch_size: int = 256) -> Iterator[list[str]]:
     docs = source.documents
     columns = docs.column_names
     if columns is not None and source.text_field not in columns:
-        raise ValueError(
+        raise DataError(
             f"data.text_field={source.text_field!r} is not a column of {source.describe}; "
             f"columns: {', '.join(columns)}"
         )
@@ -225,8 +225,8 @@ def iter_texts(source: Source, batch_size: int = 256) -> Iterator[list[str]]:
             if texts:
                 yield texts
     except KeyError as err:
-        raise ValueError(
+        raise DataError(
             f"data.text_field={source.text_field!r} is missing from documents of {source.describe}"
         ) from err
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        raise ValueError(f"could not read {source.describe}: {err}") from err
+        raise DataError(f"could not read {source.describe}: {err}") from err

@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import DataError
+
 
 class Tokenizer(Protocol):
     name: str
@@ -63,7 +65,7 @@ class HFTokenizer:
         tok = AutoTokenizer.from_pretrained(path if looks_like_path else name_or_path)
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos is None:
-            raise ValueError(
+            raise DataError(
                 f"data.tokenizer={name_or_path!r} defines neither an eos_token nor a sep_token, "
                 "so documents could not be separated when packed; choose a tokenizer with an EOS"
             )
