@@ -12,10 +12,10 @@ Extra arguments are Hydra overrides applied to both runs. Prints a table and wri
 (bench/results/throughput_ws{N}_{device}.json by default).
 
 Memory: SNOO's extra bytes are counted exactly from the optimizer state (this rank's local
-shards) against the floor of 2 x parameter bytes / ranks. Peak memory is the CUDA allocator's
-peak per side on GPU; on CPU each side's peak RSS is taken from a separate short training
-process (`python -m snoo_train.train`), since one process cannot attribute RSS to one of two
-models.
+shards) against the floor of 2 x parameter bytes / ranks. Peak memory cannot be attributed to
+one of two models living in one process, so each side's peak comes from a separate short
+training process (`python -m snoo_train.train`, world size 1): the CUDA allocator's peak on
+GPU, the process's peak RSS on CPU (where loading the corpus, not training, sets the peak).
 """
 
 from __future__ import annotations
@@ -81,12 +81,12 @@ def state_bytes(trainer: Trainer) -> dict[str, int]:
     return {"param_bytes": params, "inner_state_bytes": inner, "snoo_state_bytes": outer}
 
 
-def peak_rss_of_training_run(optim: str, args: argparse.Namespace) -> int | None:
-    """Peak RSS of a separate `python -m snoo_train.train` process (CPU only)."""
+def peak_memory_of_training_run(optim: str, args: argparse.Namespace) -> int | None:
+    """Peak memory (CUDA allocator, or RSS on CPU) of a separate `python -m snoo_train.train`."""
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = [
             sys.executable, "-m", "snoo_train.train", f"model={args.model}", f"optim={optim}",
-            f"trainer.max_steps={args.rss_steps}", "trainer.progress=false", "trainer.eval_interval=0",
+            f"trainer.max_steps={args.mem_steps}", "trainer.progress=false", "trainer.eval_interval=0",
             f"hydra.run.dir={run_dir}", *args.overrides,
         ]
         if optim.startswith("snoo"):
@@ -105,7 +105,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=20, help="SNOO's k")
     parser.add_argument("--block", type=int, default=20, help="steps per timed block (a multiple of k)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per optimizer first")
-    parser.add_argument("--rss-steps", type=int, default=20, help="steps of each peak-RSS process (CPU)")
+    parser.add_argument("--mem-steps", type=int, default=2 * 20, help="steps of each peak-memory process")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per rank (CPU)")
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
@@ -129,12 +129,9 @@ def main() -> None:
 
     step = {name: 0 for name in OPTIMIZERS}
     elapsed = {name: 0.0 for name in OPTIMIZERS}
-    peak_cuda = {name: 0 for name in OPTIMIZERS}
 
     def run_block(name: str, n: int, timed: bool) -> None:
         trainer = trainers[name]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         sync()
         t0 = time.perf_counter()
         for _ in range(n):
@@ -143,8 +140,6 @@ def main() -> None:
         sync()
         if timed:
             elapsed[name] += time.perf_counter() - t0
-        if device.type == "cuda":
-            peak_cuda[name] = max(peak_cuda[name], torch.cuda.max_memory_allocated(device))
 
     for name in OPTIMIZERS:
         run_block(name, args.warmup, timed=False)
@@ -168,17 +163,15 @@ def main() -> None:
             results[name]["outer_steps"] = sum(
                 g["snoo_step"] // g["snoo_k"] for g in trainer.optimizer.param_groups[:1]
             )
-        if device.type == "cuda":
-            results[name]["peak_mem_bytes"] = peak_cuda[name]
     for trainer in trainers.values():
         trainer.metrics.close()
     destroy_distributed()
     if info.rank != 0:
         return
 
-    if device.type == "cpu" and world_size == 1:
+    if world_size == 1:
         for name in OPTIMIZERS:
-            results[name]["peak_mem_bytes"] = peak_rss_of_training_run(name, args)
+            results[name]["peak_mem_bytes"] = peak_memory_of_training_run(name, args)
 
     snoo, base = results["snoo_adamw"], results["adamw"]
     full_param_bytes = trainers["adamw"].num_params * 4

@@ -225,20 +225,24 @@ class SNOO(Optimizer):
         eta, mu = group["snoo_lr"], group["snoo_momentum"]
 
         pseudo_grad = torch._foreach_sub(slow, fast)  # s = w - p
+        # Local squared norms only: turning them into global norms needs a collective, which
+        # outer_metrics() makes when the training loop asks, never the step itself.
+        factors = [float(_replication_factor(p)) for p in params]
+        pseudo_grad_sq = [n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)]
+
         torch._foreach_mul_(buf, mu)
         torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
         if group["snoo_nesterov"]:
-            update = torch._foreach_add(pseudo_grad, buf, alpha=mu)  # s + mu * b
+            # s + mu * b, in place: one temporary copy of the parameters, not two
+            update = pseudo_grad
+            torch._foreach_add_(update, buf, alpha=mu)
         else:
             update = buf
         torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
         torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
 
-        # Local squared norms only: turning them into global norms needs a collective, which
-        # outer_metrics() makes when the training loop asks, never the step itself.
-        factors = [float(_replication_factor(p)) for p in params]
         self._last_outer_sq_norms = {
-            "pseudo_grad": [n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)],
+            "pseudo_grad": pseudo_grad_sq,
             "slow_weight": [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)],
         }
 
@@ -265,6 +269,10 @@ class SNOO(Optimizer):
 
         Evaluation and export should see the slow weights (the paper's reported model). Right
         after an outer step fast == slow, and no copy is made.
+
+        Under FSDP2 the swap happens in the sharded parameters: reshard the FSDP modules
+        (`module.reshard()`) before entering and after leaving, since a forward without backward
+        can leave unsharded copies that a later forward would reuse.
         """
         return self._swap_in_slow()
 
