@@ -9,7 +9,7 @@ values that a type alone cannot (ranges, choices, divisibility) and names the of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 
 class ConfigError(ValueError):
@@ -21,7 +21,7 @@ class ModelConfig:
     """A Llama-style decoder. `vocab_size=None` takes the tokenizer's size (padded to 64)."""
 
     name: str = "llama_tiny"
-    family: str = "llama"  # llama (dense) | moe families arrive with the MoE issue
+    family: str = "llama"  # llama (dense LlamaForCausalLM) | moe (Mixtral: Llama + MoE feed-forward)
     hidden_size: int = 64
     intermediate_size: int = 172
     num_layers: int = 2
@@ -33,6 +33,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     vocab_size: Optional[int] = None
+    # family=moe only (snoo_train/models/moe.py):
+    num_experts: int = 0
+    num_experts_per_tok: int = 2  # top-k experts per token
+    moe_intermediate_size: Optional[int] = None  # one expert's width; None: intermediate_size
+    router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in the training loss
+    experts_implementation: str = "auto"  # auto (grouped_mm) | grouped_mm | batched_mm | eager
 
 
 @dataclass
@@ -40,9 +46,9 @@ class OptimConfig:
     """Inner optimizer (`optim.lr` is the inner learning rate) plus the optional SNOO wrapper."""
 
     name: str = "adamw"
-    inner: str = "adamw"  # adamw
-    lr: float = 3e-3
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    inner: str = "adamw"  # adamw | muon
+    lr: float = 3e-3  # AdamW's lr (with inner=muon: for the parameters Muon does not take)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
     outer: str = "none"  # none | snoo
@@ -50,6 +56,14 @@ class OptimConfig:
     outer_lr: float = 0.7  # eta
     outer_momentum: float = 0.5  # mu
     nesterov: bool = True
+    # inner=muon only (snoo_train/optim/muon.py):
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    ns_steps: int = 5  # Newton-Schulz iterations
+    muon_period: int = 1  # MuonBP: full-matrix orthogonalisation every `period` steps; 1 = Muon
+    # Parameter categories (snoo_train.optim.muon.categorize_parameters) that Muon updates; the
+    # rest (embedding, head, vector = norms and biases, router) get AdamW.
+    muon_categories: list[str] = field(default_factory=lambda: ["matrix", "expert"])
 
 
 @dataclass
@@ -62,7 +76,7 @@ class DataConfig:
     split: str = "train"
     val_split: Optional[str] = None  # hf: a named held-out split; None holds out val_fraction
     streaming: bool = False  # hf: stream instead of downloading the whole split
-    files: List[str] = field(default_factory=list)  # local: text/jsonl/parquet files or globs
+    files: list[str] = field(default_factory=list)  # local: text/jsonl/parquet files or globs
     format: Optional[str] = None  # local: text | jsonl | parquet; None infers from extension
     text_field: str = "text"
     sample_by: str = "document"  # local text files: document (one per file) | paragraph | line
@@ -103,7 +117,7 @@ class WandbConfig:
     entity: Optional[str] = None
     name: Optional[str] = None
     group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
+    tags: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -136,7 +150,7 @@ def _positive(key: str, value: float, *, strict: bool = True) -> None:
 def validate_config(cfg: Any, world_size: int = 1) -> None:
     """Check values a type cannot; raise ConfigError naming the key. `cfg` is a Config or DictConfig."""
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
-    _choice("model.family", m.family, ("llama",))
+    _choice("model.family", m.family, ("llama", "moe"))
     for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
     if m.hidden_size % m.num_heads:
@@ -144,7 +158,28 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
 
-    _choice("optim.inner", o.inner, ("adamw",))
+    if m.family == "moe":
+        if m.num_experts < 2:
+            raise ConfigError(f"model.num_experts={m.num_experts} must be >= 2 when model.family=moe")
+        if not 1 <= m.num_experts_per_tok <= m.num_experts:
+            raise ConfigError(
+                f"model.num_experts_per_tok={m.num_experts_per_tok} must be in [1, model.num_experts={m.num_experts}]"
+            )
+        if m.moe_intermediate_size is not None:
+            _positive("model.moe_intermediate_size", m.moe_intermediate_size)
+        _positive("model.router_aux_loss_coef", m.router_aux_loss_coef, strict=False)
+        _choice("model.experts_implementation", m.experts_implementation, ("auto", "grouped_mm", "batched_mm", "eager"))
+
+    _choice("optim.inner", o.inner, ("adamw", "muon"))
+    if o.inner == "muon":
+        _positive("optim.muon_lr", o.muon_lr)
+        if not 0.0 <= o.muon_momentum < 1.0:
+            raise ConfigError(f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
+        _positive("optim.ns_steps", o.ns_steps)
+        _positive("optim.muon_period", o.muon_period)
+        allowed = ("matrix", "expert", "embedding", "head", "router")  # vectors cannot be orthogonalised
+        for c in o.muon_categories:
+            _choice("optim.muon_categories", c, allowed)
     _choice("optim.outer", o.outer, ("none", "snoo"))
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, strict=False)

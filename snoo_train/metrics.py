@@ -14,6 +14,11 @@ plots read it. Fields:
     mfu             model FLOPs utilisation, only where a peak FLOP/s is known
     val_loss        held-out loss (token mean over all ranks) at the slow weights, on eval steps
     snoo/pseudo_grad_norm, snoo/slow_weight_norm   SNOO only, from the last outer step
+    moe/aux_loss    MoE only: router load-balancing loss (unscaled; the training loss includes
+                    model.router_aux_loss_coef x it), mean over the steps since the last record
+    moe/layer{i}/load, moe/layer{i}/max_over_mean, moe/max_over_mean   MoE only: fraction of
+                    routed tokens per expert in layer i since the last record, its max/mean
+                    (1.0 = balanced), and the mean of that ratio over layers
 """
 
 from __future__ import annotations

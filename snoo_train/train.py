@@ -6,9 +6,10 @@
 One optimizer step, top to bottom:
     Trainer.train_step
       BatchLoader.next_step()            grad_accum micro-batches of this rank's slice
-      causal_lm_loss(...) / grad_accum   forward + backward per micro-batch (FSDP2 reduces grads)
+      causal_lm_loss(...) / grad_accum   forward + backward per micro-batch (FSDP2 reduces grads);
+                                         MoE adds coef x the router's load-balancing loss
       clip_grad_norm(...)                global norm over DTensor shards, then clip
-      optimizer.step()                   AdamW on the fast weights; every k-th step SNOO's
+      optimizer.step()                   AdamW or Muon on the fast weights; every k-th step SNOO's
                                          outer Nesterov step on the slow weights (optim/snoo.py)
       scheduler.step()                   next inner learning rate
 """
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
@@ -50,13 +52,14 @@ from snoo_train.dist import (
 )
 from snoo_train.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
+    RouterStats,
     build_model,
     count_parameters,
     flops_per_token,
     materialize,
     parallelize,
 )
-from snoo_train.optim import SNOO
+from snoo_train.optim import SNOO, Muon, muon_param_groups
 from snoo_train.schedule import build_scheduler
 
 # The schema every YAML in configs/ is merged into (configs/config.yaml lists it first).
@@ -89,13 +92,32 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW on the fast weights, wrapped by SNOO when optim.outer=snoo."""
-    inner = torch.optim.AdamW(
-        weight_decay_groups(model, cfg.weight_decay),
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-    )
+    """AdamW (or Muon, optim.inner=muon) on the fast weights, wrapped by SNOO when optim.outer=snoo.
+
+    Muon takes the parameter categories in optim.muon_categories at optim.muon_lr; the rest
+    (embedding, head, norms, router) get its AdamW rule at optim.lr."""
+    if cfg.inner == "muon":
+        inner = Muon(
+            muon_param_groups(
+                model,
+                muon_categories=cfg.muon_categories,
+                lr=cfg.muon_lr,
+                adamw_lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+            ),
+            momentum=cfg.muon_momentum,
+            ns_steps=cfg.ns_steps,
+            period=cfg.muon_period,
+            adamw_betas=tuple(cfg.betas),
+            adamw_eps=cfg.eps,
+        )
+    else:
+        inner = torch.optim.AdamW(
+            weight_decay_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
     if cfg.outer == "snoo":
         return SNOO(
             inner, k=cfg.k, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov
@@ -104,16 +126,23 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
 
 
 def causal_lm_loss(
-    model: nn.Module, batch: dict[str, torch.Tensor], reduction: str = "mean"
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    reduction: str = "mean",
+    router: RouterStats | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of next-token logits. The labels come already shifted (window[1:]), so the
-    loss is computed here rather than by the HF model, which would shift them a second time."""
-    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
-    return F.cross_entropy(
+    loss is computed here rather than by the HF model, which would shift them a second time.
+    With `router` (MoE training) the router's coef x load-balancing loss is added and recorded."""
+    extra = {"output_router_logits": True} if router is not None else {}
+    outputs = model(input_ids=batch["input_ids"], use_cache=False, **extra)
+    logits = outputs.logits
+    loss = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)).float(),
         batch["labels"].reshape(-1),
         reduction=reduction,
     )
+    return loss + router.loss(outputs) if router is not None else loss
 
 
 def clip_grad_norm(params, max_norm: float) -> float:
@@ -184,6 +213,12 @@ class Trainer:
 
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.is_snoo = isinstance(self.optimizer, SNOO)
+        m = cfg.model
+        self.router = (
+            RouterStats(m.num_experts, m.num_experts_per_tok, m.router_aux_loss_coef)
+            if m.family == "moe"
+            else None
+        )
         self.scheduler = build_scheduler(self.optimizer, t)
 
         self.flops_per_token = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
@@ -213,7 +248,9 @@ class Trainer:
             with self.autocast:
                 # Equal-size micro-batches of packed windows: scaling each mean by 1/n makes the
                 # accumulated gradient the gradient of the mean over all of them.
-                loss = causal_lm_loss(self.model, self._to_device(batch)) / len(micro_batches)
+                loss = causal_lm_loss(
+                    self.model, self._to_device(batch), router=self.router
+                ) / len(micro_batches)
             loss.backward()
             loss_sum += loss.detach()
 
@@ -314,6 +351,10 @@ class Trainer:
                     )
                 if self.is_snoo:
                     record.update(self.optimizer.outer_metrics())
+                if self.router is not None:
+                    record.update(
+                        self.router.metrics(lambda v: all_reduce_sum(v, self.dist.device))
+                    )
                 window.clear()
                 if evaluate:
                     t0 = time.perf_counter()
@@ -403,11 +444,28 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 
+def group_sweep_runs(cfg: Config) -> None:
+    """Under `-m` (multirun) the runs of one sweep share a wandb group, the sweep directory, and
+    each run is named by its job number and overrides, so wandb shows the sweep as one unit.
+    A group or name set in the config wins."""
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return
+    wb = cfg.logging.wandb
+    if wb.group is None:
+        wb.group = str(hydra_cfg.sweep.dir)
+    if wb.name is None:
+        wb.name = f"{hydra_cfg.job.num}" + (
+            f" {hydra_cfg.job.override_dirname}" if hydra_cfg.job.override_dirname else ""
+        )
+
+
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
         reject_unknown_keys(dcfg)
         cfg: Config = OmegaConf.to_object(dcfg)
+        group_sweep_runs(cfg)
         run(cfg, HydraConfig.get().runtime.output_dir)
     except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.

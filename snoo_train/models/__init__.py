@@ -1,4 +1,4 @@
-"""Dense Llama models built from config, and their parallelization (FSDP2, AC, compile)."""
+"""Dense Llama and MoE (Mixtral) models built from config, and their parallelization (FSDP2, AC, compile)."""
 
 from snoo_train.models.flops import count_parameters, flops_per_token
 from snoo_train.models.llama import (
@@ -8,25 +8,30 @@ from snoo_train.models.llama import (
     materialize,
     padded_vocab_size,
 )
+from snoo_train.models.moe import RouterStats, mixtral_config
 from snoo_train.models.parallelize import (
     apply_activation_checkpointing,
     apply_compile,
     apply_fsdp,
+    expert_shard_placement,
     parallelize,
 )
 from snoo_train.models.presets import PRESETS
 
 __all__ = [
     "PRESETS",
+    "RouterStats",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_fsdp",
     "build_model",
     "count_parameters",
+    "expert_shard_placement",
     "flops_per_token",
     "init_weights",
     "llama_config",
     "materialize",
+    "mixtral_config",
     "padded_vocab_size",
     "parallelize",
 ]

@@ -25,11 +25,17 @@ def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:
     since its matmul is paid. Plus attention scores and values: 2 matmuls x 2 FLOPs x hidden x
     seq_len per layer forward, x3 for backward = 12 * layers * hidden * seq_len (causal masking
     is not discounted, the usual convention). `vocab_size` is the tokenizer's (padded here).
+    MoE (family=moe): active parameters only, i.e. the router plus num_experts_per_tok experts
+    per token; the experts a token skips cost it nothing.
     """
     hidden, layers = cfg.hidden_size, cfg.num_layers
     head_dim = hidden // cfg.num_heads
     attention = hidden * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o, k, v
-    mlp = 3 * hidden * cfg.intermediate_size  # gate, up, down
+    if cfg.family == "moe":
+        expert = 3 * hidden * (cfg.moe_intermediate_size or cfg.intermediate_size)
+        mlp = cfg.num_experts_per_tok * expert + hidden * cfg.num_experts  # + router
+    else:
+        mlp = 3 * hidden * cfg.intermediate_size  # gate, up, down
     norms = 2 * hidden
     head = hidden * padded_vocab_size(cfg, vocab_size)
     matmul_params = layers * (attention + mlp + norms) + hidden + head

@@ -66,14 +66,23 @@ def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
 def build_model(
     cfg: ModelConfig, vocab_size: int, *, seed: int, device: str | torch.device = "cpu"
 ) -> LlamaForCausalLM:
-    """A freshly initialized LlamaForCausalLM in fp32 on `device`.
+    """A freshly initialized LlamaForCausalLM (MixtralForCausalLM for family=moe) in fp32.
 
     `device="meta"` returns the model unmaterialized (no memory): shard it with `parallelize`
     first, then call `materialize(model, device=..., seed=seed)`; the result equals the
     single-process model built with the same seed.
     """
     with torch.device("meta"):
-        model = LlamaForCausalLM(llama_config(cfg, vocab_size))
+        if cfg.family == "moe":
+            # Imported here: moe.py needs nothing from this file but the dense path must not
+            # pay for the MoE module's transformers imports.
+            from transformers import MixtralForCausalLM
+
+            from snoo_train.models.moe import mixtral_config
+
+            model = MixtralForCausalLM(mixtral_config(cfg, padded_vocab_size(cfg, vocab_size)))
+        else:
+            model = LlamaForCausalLM(llama_config(cfg, vocab_size))
     if torch.device(device).type != "meta":
         materialize(model, device=device, seed=seed)
     return model
@@ -109,7 +118,8 @@ def _canonical_name(name: str) -> str:
 def _init_std(name: str, cfg: LlamaConfig) -> float:
     # GPT-2 style: the two projections that write into the residual stream are scaled by
     # 1/sqrt(2 * layers) so the residual variance does not grow with depth.
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    # (`experts.down_proj` is the MoE experts' 3-D down projection.)
+    if name.endswith(("o_proj.weight", "down_proj.weight", "experts.down_proj")):
         return cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers)
     return cfg.initializer_range
 

@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -47,6 +48,21 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
         layer.compile(fullgraph=True, backend=backend)
 
 
+def expert_shard_placement(mesh: DeviceMesh):
+    """FSDP2 `shard_placement_fn`: 3-D expert weights [E, out, in] shard on the expert dimension
+    while there are at least as many experts as ranks (each rank holds whole experts, which
+    MuonBP's local blocks rely on), else on dim 1 (each expert's output rows) so that no rank
+    holds an empty shard. Everything else keeps FSDP's default Shard(0)."""
+    shard_ranks = mesh.size(-1)  # the shard dimension of a 1-D or (replicate, shard) mesh
+
+    def placement(param: nn.Parameter) -> Shard | None:
+        if param.ndim == 3 and param.shape[0] < shard_ranks:
+            return Shard(1)
+        return None  # FSDP's default, Shard(0)
+
+    return placement
+
+
 def apply_fsdp(
     model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None
 ) -> None:
@@ -59,6 +75,7 @@ def apply_fsdp(
     keeps its parameters gathered after forward because backward needs them immediately.
     With `param_dtype=torch.bfloat16` the gathered parameters are bf16 for compute while the
     sharded master weights, the optimizer and the gradient reduction stay fp32.
+    MoE expert weights follow `expert_shard_placement`.
     """
     mp_policy = MixedPrecisionPolicy()
     if param_dtype is not None and param_dtype != torch.float32:
@@ -66,7 +83,11 @@ def apply_fsdp(
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
         fully_shard(
-            layer, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=i < len(layers) - 1
+            layer,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=i < len(layers) - 1,
+            shard_placement_fn=expert_shard_placement(mesh),
         )
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 

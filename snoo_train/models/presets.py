@@ -52,4 +52,52 @@ PRESETS: dict[str, ModelConfig] = {
         max_seq_len=4096,
         rope_theta=500000.0,
     ),
+    # MoE presets (family=moe: Mixtral classes, snoo_train/models/moe.py). Attention and depth
+    # match the dense preset of the same size; the feed-forward block is num_experts SwiGLU
+    # experts of moe_intermediate_size, num_experts_per_tok of them per token.
+    # ~0.14M total / ~0.10M active params at the byte vocab: the CPU test model.
+    "moe_tiny": ModelConfig(
+        name="moe_tiny",
+        family="moe",
+        hidden_size=64,
+        intermediate_size=172,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=2048,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+    ),
+    # ~3.5M total / ~1.1M active at the byte vocab: active size and shape of llama_small (two
+    # experts of 172 = one dense MLP of 344), so the two compare at equal active compute.
+    "moe_small": ModelConfig(
+        name="moe_small",
+        family="moe",
+        hidden_size=128,
+        intermediate_size=344,
+        num_layers=6,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=2048,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=172,
+    ),
+    # ~1.0B total / ~0.22B active at a 50k vocab (~0.99B / 0.20B at 32k): OLMoE-1B-7B's routing
+    # (64 experts, top-8, active/total ~ 0.2) at a 1B total budget.
+    "moe_1b": ModelConfig(
+        name="moe_1b",
+        family="moe",
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=16,
+        num_heads=16,
+        num_kv_heads=8,
+        max_seq_len=4096,
+        rope_theta=500000.0,
+        num_experts=64,
+        num_experts_per_tok=8,
+        moe_intermediate_size=288,
+    ),
 }

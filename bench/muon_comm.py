@@ -1,0 +1,160 @@
+"""Sharded Muon vs MuonBP: bytes communicated per optimizer step and step time, under FSDP2.
+
+Two trainers (optim=muon with muon_period=1, and with muon_period=P) train the same model in one
+torchrun job, in alternating blocks of steps (ABBA), so the ratio is measured in one run. Bytes
+are what `Muon` reports sending (gathers of matrices to their owner ranks plus scatters of the
+results), summed over all ranks and averaged over the timed steps; block steps send nothing.
+The optimizer step is timed with torch.optim step hooks, the whole train step around it.
+
+    torchrun --nproc_per_node=4 bench/muon_comm.py                       # moe_small, P=4, CPU gloo
+    torchrun --nproc_per_node=4 bench/muon_comm.py --model llama_small --period 8
+
+Writes bench/results/muon_comm_<model>_ws<N>_<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from snoo_train.config import Config, validate_config
+from snoo_train.dist import destroy_distributed, init_distributed
+from snoo_train.train import Trainer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_config(args: argparse.Namespace, period: int, run_dir: str, world_size: int) -> Config:
+    overrides = [
+        f"model={args.model}", "optim=muon", f"optim.muon_period={period}",
+        f"trainer.max_steps={args.warmup + args.steps}", "trainer.progress=false",
+        "trainer.eval_interval=0", "logging.wandb.mode=disabled", *args.overrides,
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
+    cfg.run_dir = run_dir
+    validate_config(cfg, world_size=world_size)
+    return cfg
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="moe_small")
+    parser.add_argument("--period", type=int, default=4, help="MuonBP period")
+    parser.add_argument("--steps", type=int, default=16, help="timed steps per side (a multiple of --block)")
+    parser.add_argument("--block", type=int, default=8, help="steps per block (a multiple of --period)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both runs")
+    args = parser.parse_intermixed_args()
+    torch.set_num_threads(1)
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tmp = tempfile.mkdtemp(prefix="snoo_muoncomm_")
+    sides = {"muon": 1, f"muonbp_p{args.period}": args.period}
+    cfgs = {name: make_config(args, p, os.path.join(tmp, name), world_size) for name, p in sides.items()}
+    info = init_distributed(next(iter(cfgs.values())).trainer.device)
+    trainers = {name: Trainer(cfg, info) for name, cfg in cfgs.items()}
+
+    step = dict.fromkeys(sides, 0)
+    step_time = dict.fromkeys(sides, 0.0)
+    opt_time = dict.fromkeys(sides, 0.0)
+    sent = dict.fromkeys(sides, 0)
+    timing = {"on": False, "t0": 0.0}
+
+    for name, trainer in trainers.items():
+        def pre(opt, a, kw):
+            timing["t0"] = time.perf_counter()
+
+        def post(opt, a, kw, name=name):
+            if timing["on"]:
+                opt_time[name] += time.perf_counter() - timing["t0"]
+                sent[name] += opt.last_comm_bytes
+
+        trainer.optimizer.register_step_pre_hook(pre)
+        trainer.optimizer.register_step_post_hook(post)
+
+    def run_block(name: str, n: int, timed: bool) -> None:
+        timing["on"] = timed
+        dist.barrier()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step[name] += 1
+            trainers[name].train_step(step[name])
+        dist.barrier()
+        if timed:
+            step_time[name] += time.perf_counter() - t0
+
+    for name in sides:
+        run_block(name, args.warmup, timed=False)
+    rounds = max(1, args.steps // args.block)
+    for r in range(rounds):
+        for name in list(sides) if r % 2 == 0 else list(reversed(sides)):
+            run_block(name, args.block, timed=True)
+    timed_steps = rounds * args.block
+
+    totals = torch.tensor([float(sent[n]) for n in sides], dtype=torch.float64)
+    dist.all_reduce(totals)  # bytes sent by all ranks together
+    results = {}
+    for (name, period), total in zip(sides.items(), totals.tolist()):
+        results[name] = {
+            "period": period,
+            "bytes_per_step_all_ranks": total / timed_steps,
+            "step_time_s": step_time[name] / timed_steps,
+            "optimizer_step_time_s": opt_time[name] / timed_steps,
+        }
+    for trainer in trainers.values():
+        trainer.metrics.close()
+    destroy_distributed()
+    if info.rank != 0:
+        return
+
+    full, bp = results["muon"], results[f"muonbp_p{args.period}"]
+    param_bytes = trainers["muon"].num_params * 4
+    report = {
+        "benchmark": "muon_comm",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "machine": {
+            "device": info.device.type,
+            "cpu_count": os.cpu_count(),
+            "world_size": world_size,
+            "torch_threads_per_rank": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_avg_at_end": os.getloadavg(),
+        },
+        "model": args.model,
+        "params": trainers["muon"].num_params,
+        "param_bytes_fp32": param_bytes,
+        "timed_steps": timed_steps,
+        "results": results,
+        "bytes_ratio_muonbp_over_muon": bp["bytes_per_step_all_ranks"] / full["bytes_per_step_all_ranks"],
+        "step_time_ratio_muonbp_over_muon": bp["step_time_s"] / full["step_time_s"],
+        "optimizer_step_time_ratio_muonbp_over_muon": bp["optimizer_step_time_s"] / full["optimizer_step_time_s"],
+    }
+    print(f"\n{args.model} ({report['params'] / 1e6:.2f}M params), world size {world_size}, {timed_steps} timed steps per side")
+    print(f"{'side':<14}{'MiB/step':>10}{'step ms':>10}{'opt ms':>10}")
+    for name, r in results.items():
+        print(f"{name:<14}{r['bytes_per_step_all_ranks'] / 2**20:>10.2f}{1e3 * r['step_time_s']:>10.1f}"
+              f"{1e3 * r['optimizer_step_time_s']:>10.1f}")  # fmt: skip
+    print(f"bytes ratio {report['bytes_ratio_muonbp_over_muon']:.3f}, step time ratio "
+          f"{report['step_time_ratio_muonbp_over_muon']:.3f}, optimizer step ratio "
+          f"{report['optimizer_step_time_ratio_muonbp_over_muon']:.3f}")  # fmt: skip
+    out = Path(args.out or REPO / "bench" / "results" / f"muon_comm_{args.model}_ws{world_size}_{info.device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
