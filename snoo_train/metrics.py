@@ -8,6 +8,8 @@ plots read it. Fields:
     lr              inner learning rate used for this step
     grad_norm       global gradient norm before clipping (this step)
     tokens          global training tokens consumed so far
+    flops           model training FLOPs so far: tokens x models.flops_per_token (6 x matmul
+                    params + attention), the MFU numerator; plots use it as the compute axis
     tokens_per_s    global training throughput since the previous record (evaluation excluded)
     elapsed_s       wall time since the first step started (evaluation included)
     peak_mem_bytes  this rank's peak: CUDA allocator peak on GPU, process max RSS on CPU
