@@ -5,7 +5,7 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 ARGS ?=
 
-.PHONY: install train test lint bench clean
+.PHONY: install train test lint bench bench-overhead bench-convergence clean
 
 install:
 	$(PYTHON) -m pip install "$(TORCH)"
@@ -21,8 +21,15 @@ test:
 lint:
 	$(PYTHON) -m ruff check snoo_train tests bench
 
+# Figures for the README (each prints a table and writes JSON to bench/results/).
 bench:
 	$(PYTHON) bench/throughput.py
+
+bench-overhead:
+	$(PYTHON) bench/overhead.py
+
+bench-convergence:
+	$(PYTHON) bench/convergence.py
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache
