@@ -21,75 +21,50 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from common import (
+    REPO,
+    compose_config,
+    peak_memory_of_training_run,
+    state_bytes,
+    time_interleaved,
+)
 
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, init_distributed
 from snoo_train.train import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("adamw", "snoo_adamw", "muon", "snoo_muon")
 
 
-def make_config(model: str, optim: str, args: argparse.Namespace, run_dir: str) -> Config:
-    overrides = [
-        f"model={model}",
-        f"optim={optim}",
-        f"trainer.max_steps={args.warmup + args.steps}",
-        "trainer.progress=false",
-        "trainer.eval_interval=0",
-        "logging.wandb.mode=disabled",
-        *args.overrides,
-    ]
+def run_overrides(model: str, optim: str, args: argparse.Namespace) -> list[str]:
+    overrides = [f"model={model}", f"optim={optim}", *args.overrides]
     if optim.startswith("snoo"):
         overrides.append(f"optim.k={args.k}")
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    cfg.run_dir = run_dir
+    return overrides
+
+
+def make_config(model: str, optim: str, args: argparse.Namespace, run_dir: str) -> Config:
+    cfg = compose_config(
+        [*run_overrides(model, optim, args), f"trainer.max_steps={args.warmup + args.steps}",
+         "trainer.progress=false", "trainer.eval_interval=0", "logging.wandb.mode=disabled"],
+        run_dir,
+    )  # fmt: skip
     validate_config(cfg)
     return cfg
 
 
-def local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
-
-
-def state_bytes(trainer: Trainer) -> dict[str, int]:
-    """This rank's bytes of parameters, inner optimizer state and SNOO's outer state."""
-    out = {"param_bytes": sum(local_bytes(p) for p in trainer.model.parameters())}
-    out["inner_state_bytes"] = out["snoo_state_bytes"] = 0
-    for state in trainer.optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                out["snoo_state_bytes" if key.startswith("snoo_") else "inner_state_bytes"] += local_bytes(value)
-    return out
-
-
 def peak_rss(model: str, optim: str, args: argparse.Namespace) -> int | None:
     """Peak RSS (summary.json's peak_mem_bytes) of a separate short `python -m snoo_train.train`."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [
-            sys.executable, "-m", "snoo_train.train", f"model={model}", f"optim={optim}",
-            f"trainer.max_steps={args.rss_steps}", "trainer.progress=false", "trainer.eval_interval=0",
-            f"hydra.run.dir={run_dir}", *args.overrides,
-        ]  # fmt: skip
-        if optim.startswith("snoo"):
-            cmd.append(f"optim.k={args.k}")
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            print(done.stderr[-2000:], file=sys.stderr)
-            return None
-        return json.loads((Path(run_dir) / "summary.json").read_text())["peak_mem_bytes"]
+    return peak_memory_of_training_run(
+        [*run_overrides(model, optim, args), f"trainer.max_steps={args.rss_steps}"],
+        env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
+    )
 
 
 def bench_model(model: str, args: argparse.Namespace, info) -> dict:
@@ -97,25 +72,9 @@ def bench_model(model: str, args: argparse.Namespace, info) -> dict:
     trainers = {
         name: Trainer(make_config(model, name, args, os.path.join(tmp, name)), info) for name in OPTIMIZERS
     }
-    step = dict.fromkeys(OPTIMIZERS, 0)
-    elapsed = dict.fromkeys(OPTIMIZERS, 0.0)
-
-    def run_block(name: str, n: int, timed: bool) -> None:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step[name] += 1
-            trainers[name].train_step(step[name])
-        if timed:
-            elapsed[name] += time.perf_counter() - t0
-
-    for name in OPTIMIZERS:
-        run_block(name, args.warmup, timed=False)
-    rounds = max(1, args.steps // args.block)
-    for r in range(rounds):
-        for name in OPTIMIZERS if r % 2 == 0 else reversed(OPTIMIZERS):
-            run_block(name, args.block, timed=True)
-
-    timed_steps = rounds * args.block
+    step, elapsed, timed_steps = time_interleaved(
+        trainers, warmup=args.warmup, steps=args.steps, block=args.block
+    )
     tokens_per_step = trainers["adamw"].loader.tokens_per_step
     results = {}
     for name, trainer in trainers.items():

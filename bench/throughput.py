@@ -24,78 +24,35 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from common import REPO, compose_config, peak_memory_of_training_run, state_bytes, time_interleaved
 
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, init_distributed
 from snoo_train.optim import SNOO
 from snoo_train.train import Trainer
 
-REPO = Path(__file__).resolve().parent.parent
 OPTIMIZERS = ("adamw", "snoo_adamw")
 
 
-def make_config(optim: str, args: argparse.Namespace, run_dir: str) -> Config:
-    overrides = [
-        f"model={args.model}",
-        f"optim={optim}",
-        f"trainer.max_steps={args.steps}",
-        "trainer.progress=false",
-        "trainer.eval_interval=0",
-        "logging.wandb.mode=disabled",
-        *args.overrides,
-    ]
+def run_overrides(optim: str, args: argparse.Namespace) -> list[str]:
+    overrides = [f"model={args.model}", f"optim={optim}", *args.overrides]
     if optim.startswith("snoo"):
         overrides.append(f"optim.k={args.k}")
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        dcfg = compose(config_name="config", overrides=overrides)
-    cfg: Config = OmegaConf.to_object(dcfg)
-    cfg.run_dir = run_dir
-    return cfg
+    return overrides
 
 
-def local_bytes(t: torch.Tensor) -> int:
-    local = t.to_local() if hasattr(t, "to_local") else t
-    return local.numel() * local.element_size()
-
-
-def state_bytes(trainer: Trainer) -> dict[str, int]:
-    """This rank's bytes of parameters, inner optimizer state and SNOO's outer state."""
-    params = sum(local_bytes(p) for p in trainer.model.parameters())
-    inner = outer = 0
-    for state in trainer.optimizer.state.values():
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor):
-                if key.startswith("snoo_"):
-                    outer += local_bytes(value)
-                else:
-                    inner += local_bytes(value)
-    return {"param_bytes": params, "inner_state_bytes": inner, "snoo_state_bytes": outer}
-
-
-def peak_memory_of_training_run(optim: str, args: argparse.Namespace) -> int | None:
-    """Peak memory (CUDA allocator, or RSS on CPU) of a separate `python -m snoo_train.train`."""
-    with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [
-            sys.executable, "-m", "snoo_train.train", f"model={args.model}", f"optim={optim}",
-            f"trainer.max_steps={args.mem_steps}", "trainer.progress=false", "trainer.eval_interval=0",
-            f"hydra.run.dir={run_dir}", *args.overrides,
-        ]
-        if optim.startswith("snoo"):
-            cmd.append(f"optim.k={args.k}")
-        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(done.stderr[-2000:], file=sys.stderr)
-            return None
-        return json.loads((Path(run_dir) / "summary.json").read_text())["peak_mem_bytes"]
+def make_config(optim: str, args: argparse.Namespace, run_dir: str) -> Config:
+    return compose_config(
+        [*run_overrides(optim, args), f"trainer.max_steps={args.steps}", "trainer.progress=false",
+         "trainer.eval_interval=0", "logging.wandb.mode=disabled"],
+        run_dir,
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -127,28 +84,9 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    step = {name: 0 for name in OPTIMIZERS}
-    elapsed = {name: 0.0 for name in OPTIMIZERS}
-
-    def run_block(name: str, n: int, timed: bool) -> None:
-        trainer = trainers[name]
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step[name] += 1
-            trainer.train_step(step[name])
-        sync()
-        if timed:
-            elapsed[name] += time.perf_counter() - t0
-
-    for name in OPTIMIZERS:
-        run_block(name, args.warmup, timed=False)
-    rounds = max(1, args.steps // args.block)
-    for r in range(rounds):
-        for name in OPTIMIZERS if r % 2 == 0 else reversed(OPTIMIZERS):
-            run_block(name, args.block, timed=True)
-
-    timed_steps = rounds * args.block
+    step, elapsed, timed_steps = time_interleaved(
+        trainers, warmup=args.warmup, steps=args.steps, block=args.block, sync=sync
+    )
     tokens_per_step = trainers["adamw"].loader.tokens_per_step
     results: dict[str, dict] = {}
     for name, trainer in trainers.items():
@@ -171,7 +109,9 @@ def main() -> None:
 
     if world_size == 1:
         for name in OPTIMIZERS:
-            results[name]["peak_mem_bytes"] = peak_memory_of_training_run(name, args)
+            results[name]["peak_mem_bytes"] = peak_memory_of_training_run(
+                [*run_overrides(name, args), f"trainer.max_steps={args.mem_steps}"]
+            )
 
     snoo, base = results["snoo_adamw"], results["adamw"]
     full_param_bytes = trainers["adamw"].num_params * 4
