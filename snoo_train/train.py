@@ -267,16 +267,24 @@ class Trainer:
         self.scheduler.step()
         return loss_value, grad_norm
 
+    @property
+    def eval_sequence(self) -> str:
+        """Which weights evaluation sees: the optimizer's `eval_sequence` (SNOO: "slow"; GPA,
+        Schedule-Free: "x"), "params" for optimizers without one."""
+        return getattr(self.optimizer, "eval_sequence", "params")
+
     @contextmanager
     def _evaluation_weights(self) -> Iterator[None]:
-        """SNOO's slow weights (plain parameters for AdamW) for the duration of an evaluation.
+        """The optimizer's evaluation point (`eval_parameters()`: SNOO's slow weights, GPA's and
+        Schedule-Free's x) for the duration of an evaluation; plain parameters for AdamW.
 
-        SNOO swaps weights in the sharded parameters. FSDP2 keeps some groups gathered after a
+        The optimizers swap weights in the sharded parameters. FSDP2 keeps some groups gathered after a
         forward with no backward (the root and the last layer: reshard_after_forward=False), and
         a later forward would reuse those gathered copies: resharding on both sides of the swap
         keeps the slow weights out of training and the fast ones out of evaluation."""
         self._reshard()
-        with self.optimizer.slow_parameters() if self.is_snoo else nullcontext():
+        swap = getattr(self.optimizer, "eval_parameters", None)
+        with swap() if swap is not None else nullcontext():
             try:
                 yield
             finally:
@@ -363,6 +371,7 @@ class Trainer:
                     meter.pause(dt)
                     eval_time += dt
                     record["val_loss"] = val_loss
+                    record["val_weights"] = self.eval_sequence
                 self.metrics.log(record)
             train_time = meter.elapsed() - eval_time
         finally:

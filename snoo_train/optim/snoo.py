@@ -264,6 +264,14 @@ class SNOO(Optimizer):
         pseudo_grad, slow_weight = sq.sqrt().tolist()
         return {"snoo/pseudo_grad_norm": pseudo_grad, "snoo/slow_weight_norm": slow_weight}
 
+    # The evaluation interface every optimizer in snoo_train.optim shares: the name of the
+    # sequence evaluation and export should see, and a context manager that swaps it in.
+    eval_sequence = "slow"
+
+    def eval_parameters(self) -> contextlib.AbstractContextManager[None]:
+        """The parameters that evaluation and export should see: the slow weights."""
+        return self._swap_in_slow()
+
     def slow_parameters(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: the parameters hold the slow weights inside, the fast ones after.
 
