@@ -5,6 +5,13 @@ no process group: the model stays a plain module and every collective helper bel
 Under `torchrun` each rank joins a NCCL group on its own GPU (LOCAL_RANK) or a gloo group on
 CPU, and gets a 1-D DeviceMesh for fully_shard. The mesh exists only when world_size > 1,
 because a world-size-1 mesh would need a process group for nothing.
+
+With `replicas=R > 1` (config `parallel.replicas`) the world of R x S ranks is a 2-D mesh
+(`replicate`, `shard`): rank r is shard r % S of replica r // S, and the ranks of one replica are
+consecutive (on one node when S divides the GPUs per node, so FSDP's per-step traffic stays on
+the fast links and only the replicate dimension crosses nodes). The trainer shards the model over
+`shard_mesh` for DiLoCo (replicas drift apart between outer steps and SNOO averages them over
+`replicate_group`) or over the whole 2-D mesh for HSDP (gradients averaged every step).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from snoo_train.config import ConfigError
@@ -26,11 +34,31 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh | None
+    mesh: DeviceMesh | None  # 1-D ("shard",), or 2-D ("replicate", "shard") when replicas > 1
+    replicas: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shard_mesh(self) -> DeviceMesh | None:
+        """The ranks of this rank's replica (the whole world when replicas == 1)."""
+        if self.mesh is None or self.mesh.ndim == 1:
+            return self.mesh
+        return self.mesh["shard"]
+
+    @property
+    def replicate_group(self) -> ProcessGroup | None:
+        """The ranks holding the same shard in every replica; None with one replica."""
+        if self.mesh is None or self.mesh.ndim == 1:
+            return None
+        return self.mesh.get_group("replicate")
+
+    @property
+    def replica(self) -> int:
+        """Which replica this rank belongs to (0 with one replica)."""
+        return self.rank // (self.world_size // self.replicas)
 
 
 def env_world_size() -> int:
@@ -55,9 +83,15 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group (if any) and pick this rank's device."""
+def init_distributed(device: str = "auto", replicas: int = 1) -> DistInfo:
+    """Join the torchrun process group (if any) and pick this rank's device. `replicas > 1`
+    builds the 2-D (replicate, shard) mesh; the world size must be a multiple of it."""
     rank, world_size = env_rank(), env_world_size()
+    if replicas < 1 or world_size % replicas:
+        raise ConfigError(
+            f"parallel.replicas={replicas} must be >= 1 and divide the world size {world_size} "
+            "(torchrun --nproc_per_node x nodes = replicas x shards per replica)"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
@@ -69,8 +103,15 @@ def init_distributed(device: str = "auto") -> DistInfo:
             # device_id binds NCCL's communicator to this GPU eagerly (no guessing on first use).
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group(backend=backend, **kwargs)
-        mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+        if replicas > 1:
+            mesh = init_device_mesh(
+                dev.type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard")
+            )
+        else:
+            mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
+    return DistInfo(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh, replicas=replicas
+    )
 
 
 def destroy_distributed(*, clean: bool = True) -> None:

@@ -3,6 +3,12 @@
 The order matters: checkpointing wraps a decoder layer, compile then traces the wrapped layer
 (recompute included), and `fully_shard` goes outermost so its all-gather / reduce-scatter hooks
 run once per layer and stay outside both the checkpointed region and the compiled graph.
+
+Meshes: a 1-D mesh is plain FSDP over all its ranks. A 2-D (replicate, shard) mesh is either
+HSDP (`fully_shard` on the 2-D mesh: parameters sharded within a replica, gradients
+reduce-scattered within it and all-reduced across replicas every step) or, with `diloco=True`,
+independent replicas (`fully_shard` on `mesh["shard"]` only: forward and backward never talk
+across replicas; SNOO's `replicate_group` averages the replicas every K steps).
 """
 
 from __future__ import annotations
@@ -99,8 +105,12 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     activation_checkpointing: bool = False,
     compile: bool = False,
+    diloco: bool = False,
 ) -> nn.Module:
     """Checkpointing -> compile -> FSDP, each optional; `mesh=None` means one process, no FSDP.
+
+    With a 2-D (replicate, shard) mesh: HSDP, or with `diloco=True` FSDP within each replica
+    (on `mesh["shard"]`); `diloco` changes nothing on a 1-D mesh.
 
     Mixed precision is applied by FSDP, so a bf16 `param_dtype` needs a mesh (a one-rank mesh
     is fine); without one, use `torch.autocast` in the training loop instead.
@@ -115,5 +125,7 @@ def parallelize(
     if compile:
         apply_compile(model)
     if mesh is not None:
+        if diloco and mesh.ndim == 2:
+            mesh = mesh["shard"]
         apply_fsdp(model, mesh, param_dtype=param_dtype)
     return model

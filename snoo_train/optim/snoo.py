@@ -19,11 +19,19 @@ without special code (the pattern of timm's Lookahead):
   * per-parameter tensors (`snoo_slow`, `snoo_momentum`) in the inner optimizer's `state[p]`.
 `param_groups`, `state` and `defaults` are properties that always read the inner optimizer, so a
 wrapper cannot go stale when `load_state_dict` replaces the inner optimizer's group dicts.
+
+Multi-replica DiLoCo (`replicate_group`): R replicas of the model each train on their own data,
+each fully sharded over its own ranks, with no communication between replicas during the inner
+steps. At an outer step the pseudo-gradient `s` is averaged over the replicas (ONE all-reduce of
+this rank's local shards over `replicate_group`, optionally in bf16) and the same Nesterov update
+follows; all replicas then hold identical slow (and fast) weights. Without a group (or with a
+one-rank group) SNOO issues no collective at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -45,6 +53,13 @@ _GROUP_DEFAULTS = ("snoo_k", "snoo_lr", "snoo_momentum", "snoo_nesterov")
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """A CPU copy of a plain tensor (always a new tensor); with `pin`, page-locked when CUDA is
+    present, so that copying it to the device is fast."""
+    out = t.detach().to("cpu", copy=True)
+    return out.pin_memory() if pin and torch.cuda.is_available() else out
 
 
 def _world_size() -> int:
@@ -95,6 +110,24 @@ class SNOO(Optimizer):
         lr: outer learning rate eta.
         momentum: outer momentum mu, in [0, 1). `momentum=0` gives Lookahead.
         nesterov: Nesterov momentum on the pseudo-gradient (the paper's choice).
+        replicate_group: multi-replica DiLoCo: the process group joining this rank to the ranks
+            that hold the same shard in the other replicas (the `replicate` dimension of a
+            (replicate, shard) device mesh, `mesh.get_group("replicate")`). The pseudo-gradient
+            is averaged over it before every outer step, in one all-reduce of this rank's local
+            shards; every rank of the group must hold the same parameter shapes. The model must
+            NOT synchronise gradients across replicas (FSDP on the shard dimension only).
+            None (the default): one replica, no collective.
+        reduce_dtype: dtype of that all-reduce (e.g. `torch.bfloat16`: half the bytes; the
+            averaged pseudo-gradient is rounded to bf16, the slow weights and momentum stay in
+            their own dtype). None: the pseudo-gradient's dtype.
+        state_device: None keeps the slow weights and momentum on the parameter's device;
+            "cpu" keeps them in CPU memory (page-locked where CUDA is present), saving
+            2 x parameter bytes of accelerator memory at the price of a device-to-host copy of
+            the fast weights and a host-to-device copy of the new slow weights at every outer
+            step (plus, with `replicate_group`, the pseudo-gradient's trip to the device for the
+            all-reduce), and of the outer update running on CPU. They stay DTensors with the
+            parameter's mesh and placements (a CPU local tensor, as FSDP2's CPU offload does),
+            so state_dict() and distributed checkpointing see the usual layout.
 
     Example::
 
@@ -114,6 +147,10 @@ class SNOO(Optimizer):
         lr: float = 0.7,
         momentum: float = 0.5,
         nesterov: bool = True,
+        *,
+        replicate_group: dist.ProcessGroup | None = None,
+        reduce_dtype: torch.dtype | None = None,
+        state_device: str | torch.device | None = None,
     ) -> None:
         if not isinstance(inner, Optimizer):
             raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
@@ -125,6 +162,12 @@ class SNOO(Optimizer):
             raise ValueError(f"lr (the outer learning rate) must be > 0, got {lr!r}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum (the outer momentum) must be in [0, 1), got {momentum!r}")
+        if reduce_dtype is not None and not (
+            isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point
+        ):
+            raise ValueError(f"reduce_dtype must be None or a floating torch.dtype, got {reduce_dtype!r}")
+        if state_device is not None and torch.device(state_device).type != "cpu":
+            raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
 
         # Let torch set up its hook registries and step profiling for this class, whatever the
         # torch version names them; its param group is a placeholder that is dropped below.
@@ -144,6 +187,10 @@ class SNOO(Optimizer):
             self._init_group(group)
         self.outer_step_taken = False
         self._last_outer_sq_norms: dict[str, list[torch.Tensor]] | None = None
+        self.replicate_group = replicate_group
+        self.reduce_dtype = reduce_dtype
+        self.state_device = None if state_device is None else torch.device(state_device)
+        self._metrics_device: torch.device | None = None
 
     # -- torch.optim.Optimizer API ---------------------------------------------------------
 
@@ -176,6 +223,12 @@ class SNOO(Optimizer):
         # A state dict of a bare inner optimizer carries no outer settings: use the constructor's.
         for group in self.param_groups:
             self._init_group(group)
+        if self.state_device is not None:
+            # Optimizer.load_state_dict moves every state tensor to its parameter's device.
+            for state in self.state.values():
+                for key in (SLOW, MOMENTUM):
+                    if key in state and _local(state[key]).device != self.state_device:
+                        state[key] = self._to_state_device(state[key], pin=key == SLOW)
 
     def __repr__(self) -> str:
         outer = ", ".join(f"{k.removeprefix('snoo_')}={v}" for k, v in self._outer_defaults.items())
@@ -192,10 +245,10 @@ class SNOO(Optimizer):
         # gradients only appear inside the inner step (Lightning works this way), so every
         # trainable newcomer is snapshotted and kept if it came out with a gradient.
         first_seen = {
-            p: p.detach().clone()
+            p: self._to_state_device(p.detach()) if self.state_device else p.detach().clone()
             for group in self.param_groups
             for p in group["params"]
-            if SLOW not in self.state[p]
+            if SLOW not in self.state.get(p, ())
             and (p.grad is not None if closure is None else p.requires_grad)
         }
 
@@ -208,43 +261,112 @@ class SNOO(Optimizer):
                 self.state[p][MOMENTUM] = torch.zeros_like(slow)
 
         self.outer_step_taken = False
+        due = []
         for group in self.param_groups:
             group["snoo_step"] += 1
             if group["snoo_step"] % group["snoo_k"] == 0:
-                self._outer_step(group)
-                self.outer_step_taken = True
+                due.append(group)
+        if due:
+            self._outer_step(due)
+            self.outer_step_taken = True
         return loss
 
-    def _outer_step(self, group: dict[str, Any]) -> None:
-        params = [p for p in group["params"] if SLOW in self.state[p]]
-        if not params:
+    def _to_state_device(self, t: torch.Tensor, pin: bool = True) -> torch.Tensor:
+        """A copy of `t` on `state_device`: a DTensor keeps its mesh and placements around a CPU
+        local tensor (what FSDP2's CPU offload does with the sharded parameters). `pin`: the
+        slow weights, copied into the parameters at every outer step, are page-locked."""
+        if DTensor is not None and isinstance(t, DTensor):
+            return DTensor.from_local(
+                _cpu_copy(t.to_local(), pin),
+                device_mesh=t.device_mesh,
+                placements=t.placements,
+                run_check=False,
+                shape=t.shape,
+                stride=t.stride(),
+            )
+        return _cpu_copy(t, pin)
+
+    def _outer_step(self, groups: list[dict[str, Any]]) -> None:
+        """The outer step of every group due now: pseudo-gradients (averaged over the replicas
+        in one all-reduce for all groups together), then each group's Nesterov update."""
+        todo = []  # (group, params)
+        for group in groups:
+            params = [p for p in group["params"] if SLOW in self.state.get(p, ())]
+            if params:
+                todo.append((group, params))
+        if not todo:
             return
-        fast = [_local(p) for p in params]
-        slow = [_local(self.state[p][SLOW]) for p in params]
-        buf = [_local(self.state[p][MOMENTUM]) for p in params]
-        eta, mu = group["snoo_lr"], group["snoo_momentum"]
+        pseudo_grads = iter(
+            self._pseudo_gradients(
+                [_local(self.state[p][SLOW]) for _, params in todo for p in params],
+                [_local(p) for _, params in todo for p in params],
+            )
+        )
 
-        pseudo_grad = torch._foreach_sub(slow, fast)  # s = w - p
-        # Local squared norms only: turning them into global norms needs a collective, which
-        # outer_metrics() makes when the training loop asks, never the step itself.
-        factors = [float(_replication_factor(p)) for p in params]
-        pseudo_grad_sq = [n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)]
+        sq_norms: dict[str, list[torch.Tensor]] = {"pseudo_grad": [], "slow_weight": []}
+        for group, params in todo:
+            pseudo_grad = [next(pseudo_grads) for _ in params]
+            fast = [_local(p) for p in params]
+            slow = [_local(self.state[p][SLOW]) for p in params]
+            buf = [_local(self.state[p][MOMENTUM]) for p in params]
+            eta, mu = group["snoo_lr"], group["snoo_momentum"]
 
-        torch._foreach_mul_(buf, mu)
-        torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
-        if group["snoo_nesterov"]:
-            # s + mu * b, in place: one temporary copy of the parameters, not two
-            update = pseudo_grad
-            torch._foreach_add_(update, buf, alpha=mu)
+            # Local squared norms only: turning them into global norms needs a collective,
+            # which outer_metrics() makes when the training loop asks, never the step itself.
+            # After the replica average every replica holds the same s and w, which the
+            # replication factor counts once.
+            factors = [float(_replication_factor(p)) for p in params]
+            sq_norms["pseudo_grad"] += [
+                n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)
+            ]
+
+            torch._foreach_mul_(buf, mu)
+            torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
+            if group["snoo_nesterov"]:
+                # s + mu * b, in place: one temporary copy of the parameters, not two
+                update = pseudo_grad
+                torch._foreach_add_(update, buf, alpha=mu)
+            else:
+                update = buf
+            torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
+            torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
+            sq_norms["slow_weight"] += [
+                n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)
+            ]
+        self._metrics_device = todo[0][1][0].device
+        self._last_outer_sq_norms = sq_norms
+
+    def _pseudo_gradients(self, slow: list[torch.Tensor], fast: list[torch.Tensor]) -> list[torch.Tensor]:
+        """s = w - p for local shards, on the state's device; with `replicate_group`, averaged
+        over the replicas in ONE all-reduce of a flat buffer holding every shard (in
+        `reduce_dtype`, on the parameters' device, which the backend needs: NCCL's is the GPU)."""
+        if self.state_device is not None:
+            fast_on_state = [f.to(self.state_device) for f in fast]  # device-to-host
         else:
-            update = buf
-        torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
-        torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
+            fast_on_state = fast
+        group = self.replicate_group
+        replicas = 1 if group is None else dist.get_world_size(group)
+        if replicas == 1:  # one replica: plain SNOO, no collective
+            return torch._foreach_sub(slow, fast_on_state)
 
-        self._last_outer_sq_norms = {
-            "pseudo_grad": pseudo_grad_sq,
-            "slow_weight": [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)],
-        }
+        dtype = self.reduce_dtype or functools.reduce(torch.promote_types, (w.dtype for w in slow))
+        numels = [w.numel() for w in slow]
+        flat = torch.empty(sum(numels), dtype=dtype, device=fast[0].device)
+        views = [v.view(w.shape) for v, w in zip(flat.split(numels), slow)]
+        if all(w.dtype == dtype and w.device == flat.device for w in slow):
+            # s computed straight into the communication buffer: no second copy of it
+            torch._foreach_copy_(views, slow)
+            torch._foreach_sub_(views, fast)
+            pseudo_grad = views
+        else:  # s in full precision on the state's device first, then rounded / moved
+            pseudo_grad = torch._foreach_sub(slow, fast_on_state)
+            torch._foreach_copy_(views, pseudo_grad)
+        # SUM then divide: gloo has no AVG. Dividing after the copy back keeps full precision.
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        if pseudo_grad is not views:
+            torch._foreach_copy_(pseudo_grad, views)
+        torch._foreach_div_(pseudo_grad, float(replicas))
+        return pseudo_grad
 
     # -- observing the outer loop ------------------------------------------------------------
 
@@ -260,6 +382,9 @@ class SNOO(Optimizer):
             [torch.stack(self._last_outer_sq_norms[key]).sum() for key in ("pseudo_grad", "slow_weight")]
         ).double()
         if _world_size() > 1:
+            # The collective needs the communication device (NCCL: the GPU), also when the
+            # outer state, and with it the norms, lives on CPU.
+            sq = sq.to(self._metrics_device)
             dist.all_reduce(sq)
         pseudo_grad, slow_weight = sq.sqrt().tolist()
         return {"snoo/pseudo_grad_norm": pseudo_grad, "snoo/slow_weight_norm": slow_weight}
@@ -292,7 +417,7 @@ class SNOO(Optimizer):
                 if group["snoo_step"] % group["snoo_k"] == 0:
                     continue
                 for p in group["params"]:
-                    if SLOW in self.state[p]:
+                    if SLOW in self.state.get(p, ()):
                         local = _local(p)
                         fast_backup.append((local, local.clone()))
                         local.copy_(_local(self.state[p][SLOW]))
