@@ -85,7 +85,11 @@ class MetricsLogger:
         *,
         total_steps: int | None = None,
         resolved_config: dict | None = None,
+        resume_step: int | None = None,
     ):
+        """`resume_step`: the run continues from a checkpoint at that step; records after it
+        (written by the interrupted run after its last checkpoint) are dropped, so the file
+        reads as one run, and wandb continues the same run id."""
         self.enabled = rank == 0
         self.run_dir = run_dir
         self._file = None
@@ -98,12 +102,21 @@ class MetricsLogger:
             return
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, cfg.logging.metrics_file)
+        if resume_step is not None:
+            truncate_records(self.path, resume_step)
         self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while running
         wb = cfg.logging.wandb
         if wb.mode != "disabled":
             import wandb  # only here: disabled runs never import it
 
+            id_file = os.path.join(run_dir, "wandb_run_id")
+            run_id = None
+            if resume_step is not None and os.path.exists(id_file):
+                with open(id_file) as f:
+                    run_id = f.read().strip() or None
             self._wandb = wandb.init(
+                id=run_id,
+                resume="allow" if run_id else None,
                 project=wb.project,
                 entity=wb.entity,
                 name=wb.name,
@@ -113,6 +126,8 @@ class MetricsLogger:
                 mode=wb.mode,
                 config=resolved_config,
             )
+            with open(id_file, "w") as f:
+                f.write(self._wandb.id)
         self._want_bar = bool(cfg.trainer.progress)
 
     def _start_bar(self) -> None:
@@ -168,6 +183,24 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def truncate_records(path: str, last_step: int) -> None:
+    """Keep only the records of steps <= last_step (atomically rewritten)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= last_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except ValueError:  # a line cut short by a kill: drop it
+                continue
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def _plain(v: Any) -> Any:
