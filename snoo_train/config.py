@@ -43,19 +43,32 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """Inner optimizer (`optim.lr` is the inner learning rate) plus the optional SNOO wrapper."""
+    """Inner optimizer (`optim.lr` is the inner learning rate) plus the optional outer wrapper
+    (SNOO, GPA or EMA-Nesterov; snoo_train/optim/)."""
 
     name: str = "adamw"
-    inner: str = "adamw"  # adamw | muon
+    inner: str = "adamw"  # adamw | muon | schedule_free_adamw (needs outer=none, lr_schedule=constant)
     lr: float = 3e-3  # AdamW's lr (with inner=muon: for the parameters Muon does not take)
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
-    outer: str = "none"  # none | snoo
+    outer: str = "none"  # none | snoo | gpa | ema_nesterov
     k: int = 20  # inner steps per outer step
     outer_lr: float = 0.7  # eta
     outer_momentum: float = 0.5  # mu
     nesterov: bool = True
+    # outer=snoo with parallel.replicas > 1 (DiLoCo): dtype of the pseudo-gradient all-reduce
+    outer_reduce_dtype: str = "fp32"  # fp32 | bf16 (half the bytes, s rounded to bf16)
+    # where SNOO's slow weights and momentum live: param (the parameter's device) | cpu (saves
+    # 2 x params/ranks of accelerator memory; a D2H + H2D copy of the params per outer step)
+    outer_state_device: str = "param"
+    # outer=gpa (snoo_train/optim/gpa.py): x = mu_x x + (1 - mu_x) z, gradient at mu_y x + (1 - mu_y) z
+    gpa_mu_x: float = 0.9967  # 0.9 ** (1 / H) matches DiLoCo with H inner steps (0.9967: H = 32)
+    gpa_mu_y: float = 0.7
+    # outer=ema_nesterov (snoo_train/optim/ema_nesterov.py): lookahead x + beta m, m = EMA of updates
+    ema_gamma: float = 0.99
+    ema_beta: float = 0.5
+    ema_beta_follows_lr: bool = True  # beta_t = ema_beta x lr / initial lr (the schedule's shape)
     # inner=muon only (snoo_train/optim/muon.py):
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
@@ -108,6 +121,25 @@ class TrainerConfig:
     compile: bool = False
     peak_flops: Optional[float] = None  # per device, for MFU; None: looked up from the GPU name
     progress: bool = True  # progress bar on rank 0
+    # auto: continue from the newest complete checkpoint in checkpoint.dir (start fresh if there
+    # is none) | none: always start fresh | a path: that checkpoint (or that run's latest one)
+    resume: str = "auto"
+    # A non-finite loss or gradient norm: stop (raise, saving nothing) | skip (drop the step's
+    # gradients, leave optimizer and scheduler untouched, go on with the next batch)
+    nonfinite: str = "stop"
+    nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (snoo_train/checkpoint.py). `async_save` is also accepted on the
+    command line as `checkpoint.async` (async is a Python keyword, so no field can carry it)."""
+
+    dir: Optional[str] = None  # None: <run_dir>/checkpoints
+    interval: int = 100  # save every this many steps and at the end; 0: only on preemption
+    keep_latest: int = 2  # complete checkpoints kept; 0 keeps all
+    async_save: bool = False  # write in a background thread; training waits only for a copy
+    checksum: bool = True  # CRC32 of every file in the manifest, verified before loading
 
 
 @dataclass
@@ -127,12 +159,32 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the world of ranks is laid out: `replicas` x shards (torchrun --nproc_per_node=R*S).
+
+    replicas=1: FSDP over all ranks. replicas=R > 1: a 2-D (replicate, shard) mesh, the model
+    fully sharded within each replica of S = world_size / R consecutive ranks, and
+      * optim.outer=snoo: DiLoCo. Replicas train independently on their own data (no
+        communication between them during the inner steps); every optim.k steps the
+        pseudo-gradient is averaged over the replicas (one all-reduce) and SNOO's Nesterov step
+        follows. With R=1 this is exactly SNOO.
+      * optim.outer=none: HSDP. Gradients are reduce-scattered within a replica and all-reduced
+        across replicas every step: the same training as FSDP over all ranks, with the
+        parameters sharded over S ranks instead of R x S.
+    """
+
+    replicas: int = 1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run_dir: Optional[str] = None  # filled from hydra.run.dir / the sweep dir at start-up
 
 
@@ -170,7 +222,7 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
         _positive("model.router_aux_loss_coef", m.router_aux_loss_coef, strict=False)
         _choice("model.experts_implementation", m.experts_implementation, ("auto", "grouped_mm", "batched_mm", "eager"))
 
-    _choice("optim.inner", o.inner, ("adamw", "muon"))
+    _choice("optim.inner", o.inner, ("adamw", "muon", "schedule_free_adamw"))
     if o.inner == "muon":
         _positive("optim.muon_lr", o.muon_lr)
         if not 0.0 <= o.muon_momentum < 1.0:
@@ -180,7 +232,26 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
         allowed = ("matrix", "expert", "embedding", "head", "router")  # vectors cannot be orthogonalised
         for c in o.muon_categories:
             _choice("optim.muon_categories", c, allowed)
-    _choice("optim.outer", o.outer, ("none", "snoo"))
+    _choice("optim.outer", o.outer, ("none", "snoo", "gpa", "ema_nesterov"))
+    if o.inner == "schedule_free_adamw":
+        if o.outer != "none":
+            raise ConfigError(
+                f"optim.outer={o.outer!r} cannot wrap optim.inner=schedule_free_adamw (it averages its "
+                "iterates itself); use optim.outer=none"
+            )
+        if t.lr_schedule != "constant":
+            raise ConfigError(
+                f"trainer.lr_schedule={t.lr_schedule!r}: optim.inner=schedule_free_adamw replaces the "
+                "schedule's decay and needs trainer.lr_schedule=constant (warm-up still applies)"
+            )
+    if o.outer == "gpa":
+        for key in ("gpa_mu_x", "gpa_mu_y"):
+            if not 0.0 <= getattr(o, key) < 1.0:
+                raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    if o.outer == "ema_nesterov":
+        if not 0.0 <= o.ema_gamma < 1.0:
+            raise ConfigError(f"optim.ema_gamma={o.ema_gamma} must be in [0, 1)")
+        _positive("optim.ema_beta", o.ema_beta, strict=False)
     _positive("optim.lr", o.lr)
     _positive("optim.weight_decay", o.weight_decay, strict=False)
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
@@ -191,6 +262,18 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
         _positive("optim.outer_lr", o.outer_lr)
         if not 0.0 <= o.outer_momentum < 1.0:
             raise ConfigError(f"optim.outer_momentum={o.outer_momentum} must be in [0, 1)")
+    _choice("optim.outer_reduce_dtype", o.outer_reduce_dtype, ("fp32", "bf16"))
+    _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
+    replicas = cfg.parallel.replicas
+    if replicas < 1 or world_size % replicas:
+        raise ConfigError(
+            f"parallel.replicas={replicas} must be >= 1 and divide the world size {world_size} "
+            "(torchrun --nproc_per_node x nodes = replicas x shards per replica)"
+        )
+    if replicas > 1 and o.outer not in ("snoo", "none"):
+        raise ConfigError(
+            f"parallel.replicas={replicas} needs optim.outer=snoo (DiLoCo) or none (HSDP), got {o.outer!r}"
+        )
 
     _choice("data.source", d.source, ("stdlib", "hf", "local"))
     if d.source == "hf" and not d.path:
@@ -227,3 +310,10 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
             f"= {world_size} x {t.grad_accum} = {per_step}"
         )
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
+    _choice("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
+    _positive("trainer.nonfinite_max_skips", t.nonfinite_max_skips)
+    if not t.resume:
+        raise ConfigError("trainer.resume is empty; use auto, none or a checkpoint path")
+    c = cfg.checkpoint
+    _positive("checkpoint.interval", c.interval, strict=False)
+    _positive("checkpoint.keep_latest", c.keep_latest, strict=False)

@@ -35,13 +35,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from snoo_train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    checkpoint_name,
+    find_resume_checkpoint,
+    verify_checkpoint,
+)
 from snoo_train.config import Config, ConfigError, validate_config
 from snoo_train.data import BatchLoader, DataError, build_datasets, build_tokenizer, eval_batches
 from snoo_train.dist import (
     DistInfo,
+    all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
     broadcast_object,
@@ -60,6 +69,12 @@ from snoo_train.models import (
     parallelize,
 )
 from snoo_train.optim import SNOO, Muon, muon_param_groups
+from snoo_train.preemption import (
+    REQUEUE_EXIT_CODE,
+    Preempted,
+    PreemptionHandler,
+    report_requeue_status,
+)
 from snoo_train.schedule import build_scheduler
 
 # The schema every YAML in configs/ is merged into (configs/config.yaml lists it first).
@@ -69,7 +84,7 @@ log = logging.getLogger("snoo_train")
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The training loss or gradient norm became NaN or infinite."""
 
 
 # -- building blocks -----------------------------------------------------------------------
@@ -91,11 +106,25 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW (or Muon, optim.inner=muon) on the fast weights, wrapped by SNOO when optim.outer=snoo.
+def build_optimizer(model: nn.Module, cfg, *, replicate_group=None) -> torch.optim.Optimizer:
+    """AdamW (or Muon, optim.inner=muon) on the fast weights, wrapped by SNOO when optim.outer=snoo
+    (GPA: outer=gpa, EMA-Nesterov: outer=ema_nesterov; snoo_train/optim/). Schedule-Free AdamW
+    (inner=schedule_free_adamw) stands alone: it averages its iterates itself.
 
     Muon takes the parameter categories in optim.muon_categories at optim.muon_lr; the rest
     (embedding, head, norms, router) get its AdamW rule at optim.lr."""
+    from snoo_train.optim import GPA, EMANesterov
+
+    if cfg.inner == "schedule_free_adamw":
+        from snoo_train.optim import ScheduleFreeAdamW
+
+        # Its warm-up is the trainer's constant schedule's (the same (k + 1) / warmup formula).
+        return ScheduleFreeAdamW(
+            weight_decay_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            eps=cfg.eps,
+        )
     if cfg.inner == "muon":
         inner = Muon(
             muon_param_groups(
@@ -119,8 +148,19 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.Optimizer:
             eps=cfg.eps,
         )
     if cfg.outer == "snoo":
+        # replicate_group (DiLoCo, parallel.replicas > 1): SNOO averages the pseudo-gradient
+        # over the replicas at each outer step.
         return SNOO(
-            inner, k=cfg.k, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov
+            inner, k=cfg.k, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
+            replicate_group=replicate_group,
+            reduce_dtype=torch.bfloat16 if cfg.outer_reduce_dtype == "bf16" else None,
+            state_device="cpu" if cfg.outer_state_device == "cpu" else None,
+        )  # fmt: skip
+    if cfg.outer == "gpa":
+        return GPA(inner, mu_x=cfg.gpa_mu_x, mu_y=cfg.gpa_mu_y)
+    if cfg.outer == "ema_nesterov":
+        return EMANesterov(
+            inner, gamma=cfg.ema_gamma, beta=cfg.ema_beta, beta_follows_lr=cfg.ema_beta_follows_lr
         )
     return inner
 
@@ -150,12 +190,12 @@ def clip_grad_norm(params, max_norm: float) -> float:
 
     Under FSDP2 the gradients are DTensor shards and the norm comes back as a DTensor holding
     a partial sum; full_tensor() reduces it over ranks, so every rank clips with the same
-    global norm."""
+    global norm. A non-finite norm is returned without touching the gradients."""
     params = [p for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    if max_norm > 0:
+    if max_norm > 0 and torch.isfinite(norm):
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm.item()
 
@@ -202,6 +242,8 @@ class Trainer:
             param_dtype=dtype if dist.mesh is not None else None,
             activation_checkpointing=t.activation_checkpointing,
             compile=t.compile,
+            # replicas > 1: DiLoCo shards within each replica only; outer=none is HSDP.
+            diloco=cfg.optim.outer == "snoo",
         )
         materialize(self.model, device=device, seed=t.seed)
         # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.
@@ -211,7 +253,7 @@ class Trainer:
             else nullcontext()
         )
 
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=dist.replicate_group)
         self.is_snoo = isinstance(self.optimizer, SNOO)
         m = cfg.model
         self.router = (
@@ -221,20 +263,177 @@ class Trainer:
         )
         self.scheduler = build_scheduler(self.optimizer, t)
 
+        self.vocab_size = vocab_size
         self.flops_per_token = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
         self.peak_flops = peak_flops(device, t.peak_flops)
+
+        # Progress counters, all part of a checkpoint.
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+        self.checkpointer = Checkpointer(
+            self.checkpoint_dir,
+            keep_latest=cfg.checkpoint.keep_latest,
+            async_save=cfg.checkpoint.async_save,
+            checksum=cfg.checkpoint.checksum,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        self.resumed_from = self._find_resume_checkpoint()
+        if self.resumed_from is not None:
+            self.load_checkpoint(self.resumed_from)
+
         self.metrics = MetricsLogger(
             cfg.run_dir,
             cfg,
             dist.rank,
             total_steps=t.max_steps,
             resolved_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            resume_step=self.step if self.resumed_from is not None else None,
         )
         self.metrics.message(
             f"model {cfg.model.name}: {self.num_params / 1e6:.2f}M params, vocab {vocab_size} | "
             f"optim {cfg.optim.name} | world size {dist.world_size} on {device.type} | "
             f"{self.loader.tokens_per_step} tokens/step | run dir {cfg.run_dir}"
+            + (f" | resumed at step {self.step} from {self.resumed_from}" if self.resumed_from else "")
         )
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def _find_resume_checkpoint(self) -> str | None:
+        """trainer.resume resolved on rank 0 (auto: newest loadable checkpoint in checkpoint.dir,
+        falling back past corrupt ones) and shared, so every rank loads the same one or every
+        rank raises the same error."""
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            return None
+        found: tuple[str, str | None] = ("ok", None)
+        if self.dist.is_main:
+            try:
+                found = ("ok", self._resolve_resume(resume))
+            except CheckpointError as e:
+                found = ("error", str(e))
+        kind, value = broadcast_object(found)
+        if kind == "error":
+            raise CheckpointError(value)
+        return value
+
+    def _resolve_resume(self, resume: str) -> str | None:
+        checksum = self.cfg.checkpoint.checksum
+        if resume == "auto":
+            path = find_resume_checkpoint(self.checkpoint_dir, checksum=checksum)
+            return str(path) if path is not None else None
+        path = Path(resume)
+        if not path.exists():
+            raise CheckpointError(f"trainer.resume={resume}: no such checkpoint or run directory")
+        if (path / "manifest.json").exists() or (path / ".metadata").exists():
+            verify_checkpoint(path, checksum=checksum)  # named explicitly: no fallback
+            return str(path)
+        for directory in (path / "checkpoints", path):  # a run directory, or a checkpoint dir
+            found = find_resume_checkpoint(directory, checksum=checksum)
+            if found is not None:
+                return str(found)
+        raise CheckpointError(f"trainer.resume={resume}: holds no complete checkpoint")
+
+    def _checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be loaded into this run."""
+        return {
+            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+            "model": {**OmegaConf.to_container(OmegaConf.structured(self.cfg.model)), "vocab_size": self.vocab_size},
+            "optim": {"name": self.cfg.optim.name, "inner": self.cfg.optim.inner, "outer": self.cfg.optim.outer},
+            "replicas": self.cfg.parallel.replicas,
+            "world_size": self.dist.world_size,
+        }
+
+    def _check_checkpoint_meta(self, saved: dict[str, Any], saved_world_size: int) -> None:
+        here = self._checkpoint_meta()
+        diffs = [
+            f"model.{k}={saved['model'].get(k)!r} (this run: {v!r})"
+            for k, v in here["model"].items()
+            if k != "name" and saved["model"].get(k) != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint was written for a different model ({saved['model'].get('name')}): "
+                + ", ".join(diffs)
+            )
+        for key in ("inner", "outer"):
+            if saved["optim"][key] != here["optim"][key]:
+                raise CheckpointError(
+                    f"the checkpoint was written with optim.{key}={saved['optim'][key]} "
+                    f"(this run: {here['optim'][key]}); its optimizer state does not fit"
+                )
+        if saved.get("replicas", 1) != here["replicas"]:
+            raise CheckpointError(
+                f"the checkpoint has parallel.replicas={saved.get('replicas', 1)} (this run: "
+                f"{here['replicas']}): each replica's fast weights and inner state are saved apart"
+            )
+        # RNG states are per rank: they only carry over to the same number of ranks.
+        self._restore_rng = saved_world_size == self.dist.world_size
+
+    def state_tree(self) -> dict[str, Any]:
+        """Everything a checkpoint holds, as one tree of tensors (DTensor shards under FSDP2)
+        and plain values. get_state_dict keys the optimizer state by parameter name, so DCP can
+        reshard it, SNOO's slow weights and momentum included (they live in optimizer.state)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "rng": {f"rank{self.dist.rank}": rng},
+            "trainer": {
+                "step": self.step,
+                "tokens": self.step * self.loader.tokens_per_step,
+                "skipped_steps": self.skipped_steps,
+                "consecutive_skips": self.consecutive_skips,
+                "loader": self.loader.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+            },
+        }
+
+    def _checkpoint_key(self, key: str) -> str:
+        """Under DiLoCo (parallel.replicas > 1, optim.outer=snoo) the replicas hold different
+        fast weights and inner optimizer state under the same names, and DCP would keep one
+        copy of each name: every replica saves under its own prefix instead."""
+        if self.dist.replicas > 1 and self.cfg.optim.outer == "snoo" and key.startswith(("model/", "optim/")):
+            return f"replica{self.dist.replica}/{key}"
+        return key
+
+    def save_checkpoint(self, *, blocking: bool | None = None) -> str:
+        self.checkpointer.save(
+            self.step, self.state_tree(), self._checkpoint_meta(), blocking=blocking, rename=self._checkpoint_key
+        )
+        return os.path.join(self.checkpoint_dir, checkpoint_name(self.step))
+
+    def load_checkpoint(self, path: str) -> None:
+        # The tree to load into; on a fresh optimizer get_state_dict first creates its state
+        # with one zero-learning-rate step, which the loaded values then replace.
+        tree = self.state_tree()
+        self._restore_rng = False
+        self.checkpointer.load(
+            path,
+            tree,
+            check_meta=self._check_checkpoint_meta,
+            skip=lambda key: key.startswith("rng/") and not self._restore_rng,
+            rename=self._checkpoint_key,
+        )
+        set_state_dict(
+            self.model, self.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"]
+        )
+        state = tree["trainer"]
+        self.loader.load_state_dict(state["loader"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        if self._restore_rng:
+            rng = tree["rng"][f"rank{self.dist.rank}"]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.dist.device, non_blocking=True) for k, v in batch.items()}
@@ -255,17 +454,47 @@ class Trainer:
             loss_sum += loss.detach()
 
         loss_value = all_reduce_mean(loss_sum.item(), self.dist.device)
-        if not math.isfinite(loss_value):
-            # Before optimizer.step(): the weights stay finite for inspection or a checkpoint.
-            hint = " or set trainer.grad_clip (now 0)" if not self.cfg.trainer.grad_clip else ""
-            raise TrainingDiverged(
-                f"training loss is {loss_value} at step {step}; lower optim.lr (now {self.cfg.optim.lr}){hint}"
-            )
-        grad_norm = clip_grad_norm(self.model.parameters(), self.cfg.trainer.grad_clip)
+        # Both checks see global values (the loss is averaged over ranks, the norm is the global
+        # norm), so every rank takes the same decision.
+        grad_norm = (
+            clip_grad_norm(self.model.parameters(), self.cfg.trainer.grad_clip)
+            if math.isfinite(loss_value)
+            else float("nan")
+        )
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            self._nonfinite_step(step, loss_value, grad_norm)  # raises unless the policy is skip
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss_value, grad_norm, True
+        self.consecutive_skips = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return loss_value, grad_norm
+        return loss_value, grad_norm, False
+
+    def _nonfinite_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """trainer.nonfinite: `stop` raises before optimizer.step(), so the weights, the optimizer
+        state and every saved checkpoint stay finite; `skip` drops this step's gradients and
+        leaves the optimizer (its state, SNOO's step counter) and the LR schedule untouched."""
+        t = self.cfg.trainer
+        what = f"training loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        if t.nonfinite == "skip":
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            if self.consecutive_skips <= t.nonfinite_max_skips:
+                log.warning(
+                    "%s at step %d: step skipped (%d in a row, %d in all)",
+                    what, step, self.consecutive_skips, self.skipped_steps,
+                )
+                return
+            raise TrainingDiverged(
+                f"{what} at step {step}, the {self.consecutive_skips}th non-finite step in a row "
+                f"(trainer.nonfinite_max_skips={t.nonfinite_max_skips}); lower optim.lr (now {self.cfg.optim.lr})"
+            )
+        hint = " or set trainer.grad_clip (now 0)" if not t.grad_clip else ""
+        raise TrainingDiverged(
+            f"{what} at step {step}; lower optim.lr (now {self.cfg.optim.lr}){hint}, or set "
+            "trainer.nonfinite=skip (this step was not applied and nothing was saved from it)"
+        )
 
     @property
     def eval_sequence(self) -> str:
@@ -320,69 +549,74 @@ class Trainer:
         return total / count if count else float("nan")  # nan: no held-out data (val_fraction=0)
 
     def fit(self) -> dict[str, Any]:
+        """Train from self.step (0, or the resumed step) to trainer.max_steps, logging, evaluating
+        and checkpointing on their intervals. SIGTERM/SIGUSR1 end the loop after the current
+        step with a checkpoint (raises Preempted)."""
         t = self.cfg.trainer
+        interval = self.cfg.checkpoint.interval
         tokens_per_step = self.loader.tokens_per_step
         meter = Throughput()
         window: list[float] = []
         loss = val_loss = float("nan")
         train_time = eval_time = 0.0
+        first_step = self.step + 1
+        preemption = PreemptionHandler()
         try:
-            for step in range(1, t.max_steps + 1):
+            for step in range(first_step, t.max_steps + 1):
                 lr = self.optimizer.param_groups[0]["lr"]
-                loss, grad_norm = self.train_step(step)
+                loss, grad_norm, skipped = self.train_step(step)
+                self.step = step
                 meter.add(tokens_per_step)
-                window.append(loss)
+                if not skipped:
+                    window.append(loss)
                 self.metrics.advance(step)
 
                 last = step == t.max_steps
                 evaluate = last or (t.eval_interval > 0 and step % t.eval_interval == 0)
-                if not (evaluate or step == 1 or step % t.log_interval == 0):
-                    continue
-                tokens_per_s = meter.tick()
-                record: dict[str, Any] = {
-                    "step": step,
-                    "loss": sum(window) / len(window),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": step * tokens_per_step,
-                    # Model FLOPs so far (the MFU numerator), for plots against compute.
-                    "flops": step * tokens_per_step * self.flops_per_token,
-                    "tokens_per_s": tokens_per_s,
-                    "elapsed_s": meter.elapsed(),
-                    "peak_mem_bytes": peak_memory_bytes(self.dist.device),
-                }
-                if self.peak_flops:
-                    record["mfu"] = (
-                        tokens_per_s
-                        * self.flops_per_token
-                        / (self.peak_flops * self.dist.world_size)
-                    )
-                if self.is_snoo:
-                    record.update(self.optimizer.outer_metrics())
-                if self.router is not None:
-                    record.update(
-                        self.router.metrics(lambda v: all_reduce_sum(v, self.dist.device))
-                    )
-                window.clear()
-                if evaluate:
+                if evaluate or step == first_step or step % t.log_interval == 0:
+                    record = self._step_record(step, window, lr, grad_norm, meter)
+                    window.clear()
+                    if evaluate:
+                        t0 = time.perf_counter()
+                        val_loss = self.evaluate()
+                        dt = time.perf_counter() - t0
+                        meter.pause(dt)
+                        eval_time += dt
+                        record["val_loss"] = val_loss
+                        record["val_weights"] = self.eval_sequence
+                    self.metrics.log(record)
+
+                self.checkpointer.poll()
+                preempted = self._preemption_requested(preemption)
+                if preempted or (interval > 0 and (step % interval == 0 or last)):
                     t0 = time.perf_counter()
-                    val_loss = self.evaluate()
-                    dt = time.perf_counter() - t0
-                    meter.pause(dt)
-                    eval_time += dt
-                    record["val_loss"] = val_loss
-                    record["val_weights"] = self.eval_sequence
-                self.metrics.log(record)
+                    # The preemption and final checkpoints must be on disk before the process
+                    # exits; the others may be written in the background (checkpoint.async_save).
+                    path = self.save_checkpoint(blocking=True if preempted or last else None)
+                    meter.pause(time.perf_counter() - t0)
+                if preempted:
+                    self.checkpointer.wait()
+                    raise Preempted(step, preemption.signum, path)
             train_time = meter.elapsed() - eval_time
+            if self.step >= t.max_steps and first_step > t.max_steps:
+                log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", t.max_steps)
+                val_loss = self.evaluate()
+            self.checkpointer.wait()
         finally:
+            preemption.close()
+            self.checkpointer.close()
             self.metrics.close()
+        steps_run = max(t.max_steps - first_step + 1, 0)
         summary = {
             "steps": t.max_steps,
+            "steps_this_session": steps_run,
+            "resumed_from": self.resumed_from,
+            "skipped_steps": self.skipped_steps,
             "final_loss": loss,
             "final_val_loss": val_loss,
             "tokens": t.max_steps * tokens_per_step,
             "flops_per_token": self.flops_per_token,
-            "tokens_per_s": t.max_steps * tokens_per_step / max(train_time, 1e-9),
+            "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
             "train_time_s": train_time,
             "eval_time_s": eval_time,
             "peak_mem_bytes": peak_memory_bytes(self.dist.device),
@@ -391,6 +625,44 @@ class Trainer:
             "run_dir": self.cfg.run_dir,
         }
         return summary
+
+    def _step_record(
+        self, step: int, window: list[float], lr: float, grad_norm: float, meter: Throughput
+    ) -> dict[str, Any]:
+        tokens_per_step = self.loader.tokens_per_step
+        tokens_per_s = meter.tick()
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": sum(window) / len(window) if window else float("nan"),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * tokens_per_step,
+            # Model FLOPs so far (the MFU numerator), for plots against compute.
+            "flops": step * tokens_per_step * self.flops_per_token,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": meter.elapsed(),
+            "peak_mem_bytes": peak_memory_bytes(self.dist.device),
+        }
+        if self.peak_flops:
+            record["mfu"] = (
+                tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+            )
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
+        if self.is_snoo:
+            record.update(self.optimizer.outer_metrics())
+        if self.router is not None:
+            record.update(self.router.metrics(lambda v: all_reduce_sum(v, self.dist.device)))
+        return record
+
+    def _preemption_requested(self, handler: PreemptionHandler) -> bool:
+        """True on every rank if any rank was signalled: all stop after the same step."""
+        if self.dist.world_size == 1:
+            return handler.requested
+        anywhere = all_reduce_max(float(handler.signum), self.dist.device)
+        if anywhere and not handler.requested:
+            handler.signum = int(anywhere)
+        return anywhere > 0
 
 
 # -- entry point ---------------------------------------------------------------------------
@@ -420,7 +692,7 @@ def reject_unknown_keys(dcfg: DictConfig) -> None:
 def run(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Validate, join the process group, train, and leave the group. Rank 0 writes the files."""
     validate_config(cfg, world_size=env_world_size())
-    info = init_distributed(cfg.trainer.device)
+    info = init_distributed(cfg.trainer.device, replicas=cfg.parallel.replicas)
     clean = False
     try:
         if not info.is_main:
@@ -430,7 +702,11 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
         if info.is_main:
             os.makedirs(cfg.run_dir, exist_ok=True)
             OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
-        summary = Trainer(cfg, info).fit()
+        try:
+            summary = Trainer(cfg, info).fit()
+        except (Preempted, TrainingDiverged):
+            clean = True  # every rank stopped at the same step: leave together
+            raise
         if info.is_main:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -476,7 +752,13 @@ def _hydra_main(dcfg: DictConfig) -> None:
         cfg: Config = OmegaConf.to_object(dcfg)
         group_sweep_runs(cfg)
         run(cfg, HydraConfig.get().runtime.output_dir)
-    except (ConfigError, DataError, TrainingDiverged, FileNotFoundError) as e:
+    except Preempted as e:
+        # The checkpoint is on disk: exit with the status the launchers turn into a requeue.
+        if env_rank() == 0:
+            print(f"preempted: {e}; resume with trainer.resume=auto", file=sys.stderr)
+        report_requeue_status()  # every node's launcher reads its own file
+        sys.exit(REQUEUE_EXIT_CODE)
+    except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.
         if env_rank() == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -484,6 +766,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # `async` is a Python keyword, so the config field is checkpoint.async_save; accept the
+    # short spelling on the command line too.
+    sys.argv = [a.replace("checkpoint.async=", "checkpoint.async_save=", 1) if a.startswith(("checkpoint.async=", "+checkpoint.async=", "++checkpoint.async=")) else a for a in sys.argv]
     if env_world_size() > 1 and env_rank() > 0:
         # Only rank 0 keeps Hydra's run directory (.hydra/, train.log). The others would create
         # their own, named by their own clock; they learn rank 0's directory after start-up.

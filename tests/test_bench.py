@@ -219,3 +219,154 @@ def test_experiment_presets_compose_into_valid_sweeps(name, params, optim):
     assert sweep["subdir"] == "${hydra.job.num}"
     if optim:
         assert cfg.optim.name == optim and cfg.model.name == "llama_small"
+
+
+# -- bench/comm.py in miniature -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_comm_bench_counts_fsdp_and_diloco_traffic(tmp_path):
+    from tests.dist_utils import free_port
+
+    out = tmp_path / "comm.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
+        "bench/comm.py", "--model", "llama_tiny", "--k", "2", "--batch-size", "8", "--seq-len", "32",
+        "--out", str(out), "data.max_documents=100",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["adamw", "snoo", "diloco_r2", "diloco_r2_bf16"]
+    adamw, snoo, diloco, bf16 = (results[k]["bytes_per_step_per_rank"] for k in results)
+    # SNOO adds no communication to FSDP; DiLoCo's replicas talk once per cycle (K=2 steps).
+    assert snoo["sent_total"] == adamw["sent_total"] and adamw.get("sent_intra", 0) == 0
+    assert results["diloco_r2"]["outer_steps_in_window"] == 1
+    # Outer: one all-reduce of this rank's half of the fp32 parameters over 2 replicas, per K.
+    shard_bytes = json.loads(out.read_text())["param_bytes_fp32"] / 2
+    assert diloco["sent_outer_cross"] == pytest.approx(shard_bytes / 2, rel=0.02)
+    assert bf16["sent_outer_cross"] == pytest.approx(diloco["sent_outer_cross"] / 2, rel=1e-6)
+    # Inside a replica FSDP runs over 2 ranks instead of 4: (2-1)/2 of (4-1)/4 per byte.
+    assert diloco["sent_inner_intra"] == pytest.approx(adamw["sent_total"] * 2 / 3, rel=0.02)
+    assert diloco["sent_inner_cross"] < 100  # the trainer's loss scalar
+
+
+# -- bench/methods.py: the comparison logic on synthetic runs, and in miniature -----------------
+
+
+def _synthetic(method, lr, final, steps=(100, 200, 300), status="ok", start=4.0):
+    """A run whose validation curve falls linearly from `start` at step 100 to `final` at 300."""
+    if status != "ok":
+        return {"method": method, "lr": lr, "status": status, "final_val_loss": math.nan, "curve": {}}
+    losses = [start + (final - start) * (s - steps[0]) / (steps[-1] - steps[0]) for s in steps]
+    return {"method": method, "lr": lr, "status": status, "final_val_loss": final,
+            "curve": {"step": list(steps), "val_loss": losses}, "val_weights": "w", "run_dir": f"{method}{lr}"}  # fmt: skip
+
+
+def test_methods_winners_edges_and_crossings_on_synthetic_curves():
+    from bench.methods import compare, grid_edge, parse_lr_grids, tables
+
+    runs = [
+        # AdamW: best in the middle of its grid; target = 3.0.
+        _synthetic("adamw", 1e-3, 3.2), _synthetic("adamw", 2e-3, 3.0), _synthetic("adamw", 4e-3, 3.1),
+        # SNOO: best at the high end (the 8e-3 run crashed, so it says nothing about 8e-3);
+        # 4.0 -> 2.0 over steps 100..300 reaches 3.0 at step 200: speedup 300 / 200.
+        _synthetic("snoo_adamw", 2e-3, 2.5), _synthetic("snoo_adamw", 4e-3, 2.0),
+        _synthetic("snoo_adamw", 8e-3, None, status="failed"),
+        # GPA: better than its other lr, never reaches the target.
+        _synthetic("gpa_adamw", 2e-3, 3.05), _synthetic("gpa_adamw", 4e-3, 3.3),
+        # EMA-Nesterov: every run diverged.
+        _synthetic("ema_nesterov_adamw", 2e-3, None, status="diverged"),
+        # Schedule-Free: a single lr; already at the target at its first evaluation.
+        _synthetic("schedule_free_adamw", 3e-3, 2.9, start=2.95),
+    ]  # fmt: skip
+    methods = ["adamw", "snoo_adamw", "gpa_adamw", "ema_nesterov_adamw", "schedule_free_adamw"]
+    target, rows = compare(runs, methods, "adamw", steps=300)
+    assert target == 3.0
+    row = {r["method"]: r for r in rows}
+    assert [r["method"] for r in rows] == methods
+    assert (row["adamw"]["lr"], row["adamw"]["lr_at_grid_edge"]) == (2e-3, None)
+    assert row["adamw"]["crossing_step"] == 300 and row["adamw"]["crossing_speedup"] == 1.0
+    snoo = row["snoo_adamw"]
+    assert (snoo["lr"], snoo["lr_at_grid_edge"], snoo["lr_grid"]) == (4e-3, "high", [2e-3, 4e-3, 8e-3])
+    assert snoo["crossing_step"] == pytest.approx(200) and snoo["crossing_speedup"] == pytest.approx(1.5)
+    assert snoo["delta_vs_baseline"] == pytest.approx(-1.0)
+    gpa = row["gpa_adamw"]
+    assert (gpa["lr"], gpa["lr_at_grid_edge"], gpa["final_val_loss"]) == (2e-3, "low", 3.05)
+    assert gpa["crossing_step"] is None and gpa["crossing_speedup"] is None
+    assert row["ema_nesterov_adamw"]["status"] == "diverged" and row["ema_nesterov_adamw"]["lr"] is None
+    sf = row["schedule_free_adamw"]
+    assert sf["lr_at_grid_edge"] == "single" and sf["crossing_step"] == 100 and sf["crossing_speedup"] == 3.0
+    # Every run gets its own crossing against the same target.
+    assert next(r for r in runs if r["lr"] == 2e-3 and r["method"] == "snoo_adamw")["crossing_step"] == pytest.approx(
+        100 + 200 * (4.0 - 3.0) / (4.0 - 2.5))  # fmt: skip
+    assert grid_edge([{"lr": 1.0, "status": "ok"}, {"lr": 2.0, "status": "diverged"}], 1.0) == "low"
+
+    report = {
+        "model": "m", "baseline": "adamw", "target_val_loss": target, "methods": rows, "runs": runs,
+        "device": {"used": "cpu"},
+        "settings": {"params": 1e6, "steps": 300, "tokens_per_step": 512, "seed": 0, "methods": methods},
+    }  # fmt: skip
+    text = tables(report)
+    line = {r: next(ln for ln in text.splitlines() if ln.startswith(f"| {r} |"))
+            for r in ("AdamW", "SNOO", "GPA", "EMA-Nesterov", "Schedule-Free")}  # fmt: skip
+    assert "0.004 (high edge)" in line["SNOO"] and "| 200 | 1.50x |" in line["SNOO"]
+    assert "not reached" in line["GPA"] and "(low edge)" in line["GPA"]
+    assert "diverged" in line["EMA-Nesterov"] and "(single lr)" in line["Schedule-Free"]
+    assert "lr at the edge of its grid (its best lr may lie beyond): SNOO, GPA" in text
+
+    grids = parse_lr_grids(["adamw", "gpa_adamw"], "1e-3,2e-3", ["gpa_adamw=2e-3,4e-3,8e-3"])
+    assert grids == {"adamw": [1e-3, 2e-3], "gpa_adamw": [2e-3, 4e-3, 8e-3]}
+    with pytest.raises(ValueError, match="METHOD"):
+        parse_lr_grids(["adamw"], "1e-3", ["gpa=1e-3"])  # a method not compared: a typo
+
+
+@pytest.mark.slow
+def test_methods_bench_in_miniature(tmp_path):
+    out = tmp_path / "methods"
+    cmd = [
+        sys.executable, "bench/methods.py", "--model", "llama_tiny", "--steps", "12",
+        "--methods", "adamw,snoo_adamw", "--lrs", "3e-3", "--batch-size", "8", "--seq-len", "64",
+        "--eval-interval", "4", "--eval-batches", "2", "--jobs", "2", "--threads", "1",
+        "--device", "cpu", "--out", str(out), "--data-cache", str(tmp_path / "cache"),
+        "data.max_documents=200", "trainer.warmup_steps=2", "optim.k=4",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    documented = {"target_val_loss", "baseline", "methods", "runs", "settings", "device", "machine",
+                  "command", "date", "caveat", "wall_time_s", "runs_reused"}  # fmt: skip
+    assert documented <= report.keys()
+    assert report["device"]["requested"] == "cpu" and report["device"]["used"] == "cpu"
+    assert "trainer.device=cpu" not in report["settings"]["overrides"]  # passed, not echoed twice
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    runs = {r["method"]: r for r in report["runs"]}
+    assert set(runs) == {"adamw", "snoo_adamw"} and all(r["status"] == "ok" for r in runs.values())
+    assert runs["adamw"]["val_weights"] == "params" and runs["snoo_adamw"]["val_weights"] == "slow"
+    assert runs["adamw"]["curve"]["step"] == [4, 8, 12] and runs["adamw"]["lr_schedule"] == "cosine"
+    for r in runs.values():
+        assert r["final_val_loss"] == r["curve"]["val_loss"][-1] and Path(r["run_dir"]).is_dir()
+    target = report["target_val_loss"]
+    assert target == runs["adamw"]["final_val_loss"]
+    rows = {r["method"]: r for r in report["methods"]}
+    assert rows["snoo_adamw"]["lr"] == 3e-3 and rows["snoo_adamw"]["lr_at_grid_edge"] == "single"
+    snoo = rows["snoo_adamw"]
+    if snoo["crossing_step"] is None:
+        assert min(runs["snoo_adamw"]["curve"]["val_loss"]) > target
+    else:
+        assert snoo["crossing_speedup"] == pytest.approx(12 / snoo["crossing_step"])
+        curve = runs["snoo_adamw"]["curve"]
+        assert all(v > target for s, v in zip(curve["step"], curve["val_loss"]) if s < snoo["crossing_step"])
+    assert "| AdamW | params | cosine | 0.003 (single lr) |" in proc.stdout
+    assert "| SNOO | slow |" in proc.stdout
+
+    # Run again: both runs are reused from the work directory, and the figures are the same.
+    again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(out.with_suffix(".json").read_text())
+    assert second["runs_reused"] == 2 and second["methods"] == report["methods"]

@@ -17,7 +17,7 @@ from snoo_train.train import reject_unknown_keys  # importing it registers the `
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
-GROUPS = ("model", "optim", "data", "trainer", "logging")
+GROUPS = ("model", "optim", "data", "trainer", "logging", "parallel")
 
 
 def group_options() -> list[tuple[str, str]]:

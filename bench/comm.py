@@ -1,0 +1,298 @@
+"""Bytes communicated per training step: AdamW and SNOO under FSDP over all ranks, and DiLoCo
+(SNOO with parallel.replicas=2: FSDP inside each replica, the pseudo-gradient averaged across
+replicas every K steps, in fp32 and with optim.outer_reduce_dtype=bf16).
+
+    torchrun --nproc_per_node=4 bench/comm.py                                   # llama_small, K=20
+    torchrun --nproc_per_node=4 bench/comm.py --model llama_125m --k 100 trainer.batch_size=8
+
+All three sides train in ONE torchrun job through the real trainer (`Trainer.train_step`), one
+warm-up step, then K measured steps each: any K consecutive steps hold exactly one outer step,
+so per-step figures are averages over a full outer cycle. Every collective is recorded as it is
+dispatched (a TorchDispatchMode that also sees the collectives DTensor issues inside its ops,
+such as the gradient-norm all-reduce), with its process group's ranks and tensor sizes.
+
+Two byte figures per collective, per rank:
+  * payload: the tensor bytes the collective is about (all-gather: the gathered output;
+    reduce-scatter: the input; all-reduce: the tensor);
+  * sent (the table's figure): what a ring algorithm makes each rank send, payload x
+    (n-1)/n for all-gather and reduce-scatter, x 2(n-1)/n for all-reduce, n = group size.
+Traffic is split by phase (inner: forward, backward, clipping, the loss all-reduce and inner
+optimizer steps; outer: SNOO's outer step) and by reach: "intra" collectives stay inside one
+block of world/replicas consecutive ranks (one replica of the DiLoCo side; think one node of a
+replicas-node job), "cross" ones span blocks, i.e. would cross the slow inter-node links. FSDP
+over all ranks spans every block; DiLoCo crosses blocks only in the outer all-reduce (and the
+trainer's per-step loss scalar).
+
+Writes bench/results/comm_<model>.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from common import REPO, compose_config
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from snoo_train.config import Config, validate_config
+from snoo_train.dist import destroy_distributed, init_distributed
+from snoo_train.train import Trainer
+
+_SKIP = ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier")
+
+
+def _group_ranks(func, args, kwargs) -> tuple[int, ...]:
+    for a in [*args, *(kwargs or {}).values()]:
+        if isinstance(a, torch.ScriptObject):  # eager c10d ops carry the ProcessGroup boxed
+            try:
+                return tuple(dist.get_process_group_ranks(dist.ProcessGroup.unbox(a)))
+            except Exception:  # a boxed ReduceOp
+                continue
+        if isinstance(a, str) and func.namespace == "_c10d_functional":  # functional: by name
+            try:
+                return tuple(dist.get_process_group_ranks(dist.distributed_c10d._resolve_process_group(a)))
+            except Exception:
+                continue
+    raise RuntimeError(f"no process group found in the arguments of {func}")
+
+
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (list, tuple)):
+        return sum(_nbytes(y) for y in x)
+    return 0
+
+
+def payload_and_sent(name: str, args, n: int) -> tuple[int, float, str]:
+    """(payload bytes, bytes a ring algorithm sends per rank, kind) of one collective."""
+    if name in ("_allgather_base_", "all_gather_into_tensor"):
+        payload = _nbytes(args[0]) if name == "_allgather_base_" else _nbytes(args[0]) * n
+        return payload, payload * (n - 1) / n, "all_gather"
+    if name in ("allgather_", "allgather_into_tensor_coalesced_", "all_gather_into_tensor_coalesced"):
+        payload = _nbytes(args[1]) * n if name == "allgather_" else _nbytes(args[0]) * n
+        return payload, payload * (n - 1) / n, "all_gather"
+    if name in ("_reduce_scatter_base_", "reduce_scatter_tensor", "reduce_scatter_", "reduce_scatter_tensor_coalesced"):
+        payload = _nbytes(args[1]) if name in ("_reduce_scatter_base_", "reduce_scatter_") else _nbytes(args[0])
+        return payload, payload * (n - 1) / n, "reduce_scatter"
+    if name in ("allreduce_", "all_reduce", "allreduce_coalesced_", "all_reduce_coalesced", "all_reduce_"):
+        payload = _nbytes(args[0])
+        return payload, 2 * payload * (n - 1) / n, "all_reduce"
+    if name in ("broadcast_", "broadcast"):
+        payload = _nbytes(args[0])
+        return payload, float(payload), "broadcast"
+    payload = _nbytes(args[0]) if args else 0
+    return payload, float(payload), name  # anything else: counted, at face value
+
+
+class CommRecorder(TorchDispatchMode):
+    """Every collective: name, kind, group ranks, payload bytes, ring bytes sent, and `tag()`
+    at the time it was issued."""
+
+    def __init__(self, tag=lambda: None) -> None:
+        super().__init__()
+        self.ops: list[dict] = []
+        self.tag = tag
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(issubclass(t, DTensor) for t in types):
+            # DTensor first desugars the op (into its collectives, seen below), as torch's
+            # CommDebugMode lets it.
+            return NotImplemented
+        if func.namespace in ("c10d", "_c10d_functional"):
+            name = func.overloadpacket.__name__
+            if name not in _SKIP:
+                ranks = _group_ranks(func, args, kwargs)
+                payload, sent, kind = payload_and_sent(name, args, len(ranks))
+                self.ops.append({"name": name, "kind": kind, "ranks": ranks, "payload": payload,
+                                 "sent": sent, "tag": self.tag()})  # fmt: skip
+        return func(*args, **(kwargs or {}))
+
+
+def make_config(
+    args: argparse.Namespace, optim: str, replicas: int, reduce_dtype: str, run_dir: str, world_size: int
+) -> Config:
+    overrides = [
+        f"model={args.model}", f"optim={optim}", f"parallel.replicas={replicas}",
+        f"trainer.max_steps={args.k + 1}", f"trainer.batch_size={args.batch_size}",
+        f"data.seq_len={args.seq_len}", "trainer.progress=false", "trainer.eval_interval=0",
+        "logging.wandb.mode=disabled", *args.overrides,
+    ]  # fmt: skip
+    if optim.startswith("snoo"):
+        overrides += [f"optim.k={args.k}", f"optim.outer_reduce_dtype={reduce_dtype}"]
+    cfg = compose_config(overrides, run_dir)
+    validate_config(cfg, world_size=world_size)
+    return cfg
+
+
+def measure(trainer: Trainer, k: int, block: tuple[int, ...]) -> dict:
+    """One untimed warm-up step, then K recorded steps; this rank's bytes per step."""
+    optimizer = trainer.optimizer
+    in_optimizer = {"on": False}
+    optimizer.register_step_pre_hook(lambda *a: in_optimizer.update(on=True))
+    optimizer.register_step_post_hook(lambda *a: in_optimizer.update(on=False))
+
+    trainer.train_step(1)
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    outer_steps = 0
+    for step in range(2, k + 2):
+        # Each op is tagged with whether it ran inside optimizer.step() (the hooks fire inside).
+        recorder = CommRecorder(tag=lambda: in_optimizer["on"])
+        with recorder:
+            trainer.train_step(step)
+        outer = bool(getattr(optimizer, "outer_step_taken", False))
+        outer_steps += outer
+        for op in recorder.ops:
+            phase = "outer" if (op["tag"] and outer) else "inner"
+            reach = "intra" if set(op["ranks"]) <= set(block) else "cross"
+            for key in ("total", phase, reach, f"{phase}_{reach}", f"{op['kind']}_{reach}"):
+                sums[f"sent_{key}"] += op["sent"]
+                counts[key] += 1
+            sums["payload_total"] += op["payload"]
+            sums[f"payload_{phase}"] += op["payload"]
+    per_step = {key: value / k for key, value in sums.items()}
+    return {
+        "steps": k,
+        "outer_steps": outer_steps,
+        "bytes_per_step": per_step,
+        "collectives_per_step": {key: value / k for key, value in counts.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama_small")
+    parser.add_argument("--k", type=int, default=20, help="SNOO's inner steps per outer step")
+    parser.add_argument("--replicas", type=int, default=2, help="DiLoCo replicas")
+    parser.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every side")
+    args = parser.parse_intermixed_args()
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size < 2 or world_size % args.replicas:
+        parser.error(f"run under torchrun with a multiple of --replicas={args.replicas} ranks (>= 2)")
+    tmp = tempfile.mkdtemp(prefix="snoo_comm_")
+    sides = {  # name: (optim, replicas, DiLoCo's all-reduce dtype)
+        "adamw": ("adamw", 1, "fp32"),
+        "snoo": ("snoo_adamw", 1, "fp32"),
+        f"diloco_r{args.replicas}": ("snoo_adamw", args.replicas, "fp32"),
+        f"diloco_r{args.replicas}_bf16": ("snoo_adamw", args.replicas, "bf16"),
+    }
+    cfgs = {
+        name: make_config(args, o, r, dtype, os.path.join(tmp, name), world_size)
+        for name, (o, r, dtype) in sides.items()
+    }
+    device = cfgs["adamw"].trainer.device
+    infos = {r: init_distributed(device, replicas=r) for r in sorted({r for _, r, _ in sides.values()})}
+    rank = infos[1].rank
+    per_block = world_size // args.replicas
+    block = tuple(range(rank // per_block * per_block, (rank // per_block + 1) * per_block))
+
+    results = {}
+    for name, (_, replicas, _) in sides.items():
+        trainer = Trainer(cfgs[name], infos[replicas])
+        dist.barrier()
+        results[name] = measure(trainer, args.k, block)
+        results[name]["replicas"] = replicas
+        trainer.metrics.close()
+        num_params = trainer.num_params
+        del trainer
+
+    # Every rank's figures; the table shows the mean over ranks (shards can differ by padding).
+    gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, results)
+    destroy_distributed()
+    if rank != 0:
+        return
+
+    mean: dict[str, dict] = {}
+    for name in sides:
+        keys = set().union(*(g[name]["bytes_per_step"] for g in gathered))
+        mean[name] = {
+            "replicas": results[name]["replicas"],
+            "outer_steps_in_window": results[name]["outer_steps"],
+            "bytes_per_step_per_rank": {
+                key: sum(g[name]["bytes_per_step"].get(key, 0.0) for g in gathered) / world_size for key in sorted(keys)
+            },
+            "collectives_per_step_rank0": results[name]["collectives_per_step"],
+        }  # fmt: skip
+    base = mean["adamw"]["bytes_per_step_per_rank"]
+    for name in sides:
+        b = mean[name]["bytes_per_step_per_rank"]
+        mean[name]["ratio_vs_adamw"] = {
+            key: (b.get(f"sent_{key}", 0.0) / base[f"sent_{key}"]) if base.get(f"sent_{key}") else None
+            for key in ("total", "cross", "intra")
+        }
+
+    param_bytes = num_params * 4
+    report = {
+        "benchmark": "comm",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["torchrun", f"--nproc_per_node={world_size}", "bench/comm.py", *sys.argv[1:]]),
+        "machine": {"device": infos[1].device.type, "world_size": world_size, "cpu_count": os.cpu_count(),
+                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "model": args.model,
+        "params": num_params,
+        "param_bytes_fp32": param_bytes,
+        "settings": {"k": args.k, "replicas": args.replicas, "batch_size": args.batch_size,
+                     "seq_len": args.seq_len,
+                     "steps_measured_per_side": args.k, "block_ranks": per_block},
+        "definitions": {
+            "sent": "bytes a ring algorithm makes each rank send: all-gather and reduce-scatter "
+                    "payload x (n-1)/n, all-reduce 2 x payload x (n-1)/n, n = group size",
+            "payload": "tensor bytes of the collective (all-gather output, reduce-scatter input, "
+                       "all-reduce tensor)",
+            "intra/cross": f"the group stays inside / spans blocks of {per_block} consecutive ranks "
+                           "(one DiLoCo replica; one node of a replicas-node job)",
+            "inner/outer": "outer = SNOO's outer step (inside optimizer.step() on an outer step); "
+                           "inner = everything else in the train step",
+        },
+        "results": mean,
+        "wall_time_s": time.perf_counter() - t_start,
+    }  # fmt: skip
+    print_table(report)
+    out = Path(args.out or REPO / "bench" / "results" / f"comm_{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def print_table(report: dict) -> None:
+    s = report["settings"]
+    mib = 2**20
+    print(f"\n{report['model']} ({report['params'] / 1e6:.2f}M params, {report['param_bytes_fp32'] / mib:.2f} MiB fp32), "
+          f"world size {report['machine']['world_size']}, K={s['k']}, {s['steps_measured_per_side']} steps per side "
+          f"(one outer cycle); MiB sent per rank per step (ring model), mean over ranks")  # fmt: skip
+    head = f"{'side':<16}{'total':>9}{'inner':>9}{'outer':>9}{'intra':>9}{'cross':>9}{'total/adamw':>13}{'cross/adamw':>13}"
+    print(head)
+    print("-" * len(head))
+    for name, r in report["results"].items():
+        b = r["bytes_per_step_per_rank"]
+        ratio = r["ratio_vs_adamw"]
+        print(f"{name:<16}" + "".join(f"{b.get('sent_' + key, 0.0) / mib:>9.4f}" for key in
+              ("total", "inner", "outer", "intra", "cross"))
+              + f"{ratio['total']:>13.4f}{ratio['cross']:>13.4f}")  # fmt: skip
+    for name, r in report["results"].items():
+        if name.startswith("diloco"):
+            d = r["bytes_per_step_per_rank"]
+            print(f"{name}: cross-block = outer all-reduce {d.get('sent_outer_cross', 0.0) / mib:.4f} MiB/step "
+                  f"+ per-step scalars (the trainer's loss all-reduce) {d.get('sent_inner_cross', 0.0):.1f} B/step")
+
+
+if __name__ == "__main__":
+    main()
