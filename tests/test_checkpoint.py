@@ -341,6 +341,11 @@ def test_diloco_two_replicas_resume_exactly_and_export(tmp_path):
     diloco = TINY + ["parallel.replicas=2", "trainer.max_steps=8", "checkpoint.keep_latest=0"]
     full = tmp_path / "full"
     assert_ok(run_cli(diloco + ["checkpoint.interval=6", f"hydra.run.dir={full}"], tmp_path, nproc=4))
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    assert [r["step"] for r in records if "snoo/pseudo_grad_norm" in r] == [5, 6, 7, 8]  # after the first outer step
+    assert [r["val_weights"] for r in records if "val_loss" in r] == ["slow", "slow"]
+    assert json.loads((full / "summary.json").read_text())["world_size"] == 4
     keys = read_tensor_keys(full / "checkpoints" / "step_00000006")
     assert any(k.startswith("replica1/optim/state/") for k in keys)
     resumed = tmp_path / "resumed"

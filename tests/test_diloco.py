@@ -9,11 +9,7 @@ hand before the Nesterov outer update.
 from __future__ import annotations
 
 import copy
-import json
-import math
 import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -31,7 +27,7 @@ from snoo_train.dist import init_distributed
 from snoo_train.models import PRESETS, build_model, materialize, parallelize
 from snoo_train.optim import SNOO
 from snoo_train.train import build_optimizer, clip_grad_norm, weight_decay_groups
-from tests.dist_utils import free_port, run_distributed
+from tests.dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 257
@@ -488,24 +484,8 @@ def _env() -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_torchrun_two_replicas_of_two_shards(tmp_path):
-    run_dir = tmp_path / "run"
-    args = [
-        "parallel.replicas=2", "model=llama_tiny", "optim=snoo_adamw", "optim.k=4",
-        "trainer=quick", "trainer.max_steps=8", "trainer.batch_size=8", "trainer.log_interval=4",
-        "trainer.eval_interval=4", "trainer.eval_batches=1", "data.seq_len=32",
-        "data.max_documents=100", "trainer.progress=false", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4",
-           f"--master_port={free_port()}", "-m", "snoo_train.train", *args]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 4, 8]
-    assert all(math.isfinite(r["loss"]) for r in records)
-    assert [r["step"] for r in records if "snoo/pseudo_grad_norm" in r] == [4, 8]
-    assert [r["val_weights"] for r in records if "val_loss" in r] == ["slow", "slow"]
-    assert json.loads((run_dir / "summary.json").read_text())["world_size"] == 4
+# The end-to-end torchrun run of 2 replicas x 2 shards (and its exact resume) is
+# tests/test_checkpoint.py::test_diloco_two_replicas_resume_exactly_and_export.
 
 
 def test_replicas_not_dividing_the_world_is_one_clear_error(tmp_path, monkeypatch):
