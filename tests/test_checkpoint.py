@@ -317,14 +317,11 @@ def test_checkpoint_from_two_ranks_resumes_at_one_and_four(tmp_path):
     common = TINY + ["checkpoint.keep_latest=0"]
     assert_ok(run_cli(common + ["checkpoint.interval=6", f"hydra.run.dir={ws2}"], tmp_path, nproc=2))
     want = losses(ws2)
+    resume = f"trainer.resume={ws2}/checkpoints/step_00000006"
+    run_trainer(tmp_path / "ws1", ["checkpoint.keep_latest=0", resume])  # one process: in this one
+    assert_ok(run_cli(common + [resume, f"hydra.run.dir={tmp_path / 'ws4'}"], tmp_path, nproc=4))
     for nproc in (1, 4):
-        run_dir = tmp_path / f"ws{nproc}"
-        proc = run_cli(
-            common + [f"trainer.resume={ws2}/checkpoints/step_00000006", f"hydra.run.dir={run_dir}"],
-            tmp_path, nproc=nproc,
-        )
-        assert_ok(proc)
-        got = losses(run_dir)
+        got = losses(tmp_path / f"ws{nproc}")
         assert sorted(got) == list(range(7, STEPS + 1))
         assert [got[s] for s in got] == pytest.approx([want[s] for s in got], rel=1e-4), nproc
     # And the ws2 checkpoint exports in one process.
