@@ -1,4 +1,4 @@
-"""What every averaging optimizer that wraps an inner optimizer shares (GPA, EMA-Nesterov).
+"""What every averaging optimizer that wraps an inner optimizer shares (SNOO, GPA, EMA-Nesterov).
 
 The layout is SNOO's (snoo_train/optim/snoo.py), so that schedulers, `state_dict()` and
 distributed checkpointing work without special code:
@@ -23,9 +23,39 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from snoo_train.optim.snoo import _forward_to_inner, _local
+try:  # DTensor is public from torch 2.5; keep the optimizers importable without it.
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - very old torch
+    DTensor = None  # type: ignore[assignment,misc]
 
 __all__ = ["InnerWrapper", "_local"]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def _forward_to_inner(name: str) -> property:
+    """A property that reads and writes the inner optimizer's attribute `name`.
+
+    `Optimizer.__init__` assigns `defaults`, `state` and `param_groups` before the inner
+    optimizer is attached; those assignments land in a scratch slot that is dropped afterwards.
+    """
+    scratch = f"_scratch_{name}"
+
+    def get(self: Optimizer) -> Any:
+        inner = self.__dict__.get("_inner")
+        return getattr(inner, name) if inner is not None else self.__dict__[scratch]
+
+    def set(self: Optimizer, value: Any) -> None:
+        inner = self.__dict__.get("_inner")
+        if inner is not None:
+            setattr(inner, name, value)
+        else:
+            self.__dict__[scratch] = value
+
+    return property(get, set, doc=f"The inner optimizer's `{name}`.")
 
 
 class InnerWrapper(Optimizer):

@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from snoo_train.optim._wrapper import InnerWrapper, _local
+
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
     from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover - very old torch
@@ -47,12 +49,6 @@ except ImportError:  # pragma: no cover - very old torch
 
 SLOW = "snoo_slow"
 MOMENTUM = "snoo_momentum"
-_GROUP_DEFAULTS = ("snoo_k", "snoo_lr", "snoo_momentum", "snoo_nesterov")
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -78,29 +74,7 @@ def _replication_factor(t: torch.Tensor) -> int:
     return _world_size()
 
 
-def _forward_to_inner(name: str) -> property:
-    """A property that reads and writes the inner optimizer's attribute `name`.
-
-    `Optimizer.__init__` assigns `defaults`, `state` and `param_groups` before the inner
-    optimizer is attached; those assignments land in a scratch slot that is dropped afterwards.
-    """
-    scratch = f"_scratch_{name}"
-
-    def get(self: SNOO) -> Any:
-        inner = self.__dict__.get("_inner")
-        return getattr(inner, name) if inner is not None else self.__dict__[scratch]
-
-    def set(self: SNOO, value: Any) -> None:
-        inner = self.__dict__.get("_inner")
-        if inner is not None:
-            setattr(inner, name, value)
-        else:
-            self.__dict__[scratch] = value
-
-    return property(get, set, doc=f"The inner optimizer's `{name}`.")
-
-
-class SNOO(Optimizer):
+class SNOO(InnerWrapper):
     """Step-K Nesterov Outer Optimizer around any `torch.optim.Optimizer`.
 
     Args:
@@ -136,10 +110,6 @@ class SNOO(Optimizer):
         loss.backward(); opt.step(); opt.zero_grad()
     """
 
-    param_groups = _forward_to_inner("param_groups")
-    state = _forward_to_inner("state")
-    defaults = _forward_to_inner("defaults")
-
     def __init__(
         self,
         inner: Optimizer,
@@ -152,10 +122,6 @@ class SNOO(Optimizer):
         reduce_dtype: torch.dtype | None = None,
         state_device: str | torch.device | None = None,
     ) -> None:
-        if not isinstance(inner, Optimizer):
-            raise TypeError(f"inner must be a torch.optim.Optimizer, got {type(inner).__name__}")
-        if not any(group["params"] for group in inner.param_groups):
-            raise ValueError("inner: the inner optimizer has no parameters")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         if not lr > 0.0:
@@ -169,22 +135,15 @@ class SNOO(Optimizer):
         if state_device is not None and torch.device(state_device).type != "cpu":
             raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
 
-        # Let torch set up its hook registries and step profiling for this class, whatever the
-        # torch version names them; its param group is a placeholder that is dropped below.
-        super().__init__([torch.zeros(1)], {})
-        for name in ("param_groups", "state", "defaults"):
-            del self.__dict__[f"_scratch_{name}"]
-        self._inner = inner
-
-        self._outer_defaults = {
-            "snoo_k": k,
-            "snoo_lr": float(lr),
-            "snoo_momentum": float(momentum),
-            "snoo_nesterov": bool(nesterov),
-        }
-        self.defaults.update(self._outer_defaults)
-        for group in self.param_groups:
-            self._init_group(group)
+        super().__init__(
+            inner,
+            {
+                "snoo_k": k,
+                "snoo_lr": float(lr),
+                "snoo_momentum": float(momentum),
+                "snoo_nesterov": bool(nesterov),
+            },
+        )
         self.outer_step_taken = False
         self._last_outer_sq_norms: dict[str, list[torch.Tensor]] | None = None
         self.replicate_group = replicate_group
@@ -192,37 +151,17 @@ class SNOO(Optimizer):
         self.state_device = None if state_device is None else torch.device(state_device)
         self._metrics_device: torch.device | None = None
 
-    # -- torch.optim.Optimizer API ---------------------------------------------------------
-
-    @property
-    def inner(self) -> Optimizer:
-        return self._inner
+    # -- torch.optim.Optimizer API (the rest is InnerWrapper's) ------------------------------
 
     def _init_group(self, group: dict[str, Any]) -> None:
-        for key in _GROUP_DEFAULTS:
-            group.setdefault(key, self._outer_defaults[key])
+        super()._init_group(group)  # snoo_k, snoo_lr, snoo_momentum, snoo_nesterov
         group.setdefault("snoo_step", 0)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if "_inner" not in self.__dict__:  # the placeholder group of Optimizer.__init__
-            super().add_param_group(param_group)
-            return
-        self._inner.add_param_group(param_group)
-        self._init_group(self.param_groups[-1])
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self._inner.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        # The outer state is part of the inner optimizer's state and groups: one format, which
-        # torch.distributed.checkpoint saves, loads and reshards like any optimizer's.
-        return self._inner.state_dict()
+    # state_dict() is the inner optimizer's: the outer state is part of its state and groups,
+    # one format that torch.distributed.checkpoint saves, loads and reshards like any other.
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._inner.load_state_dict(state_dict)
-        # A state dict of a bare inner optimizer carries no outer settings: use the constructor's.
-        for group in self.param_groups:
-            self._init_group(group)
+        super().load_state_dict(state_dict)
         if self.state_device is not None:
             # Optimizer.load_state_dict moves every state tensor to its parameter's device.
             for state in self.state.values():
