@@ -328,6 +328,22 @@ def find_resume_checkpoint(ckpt_dir: str | os.PathLike, checksum: bool = True) -
     )
 
 
+def resolve_checkpoint(path: str | os.PathLike, checksum: bool = True) -> Path:
+    """The checkpoint a user named: a checkpoint directory (verified, no fallback: it was named
+    explicitly), or a run directory or checkpoints directory (its newest loadable checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+    if (path / MANIFEST_FILE).exists() or (path / ".metadata").exists():
+        verify_checkpoint(path, checksum=checksum)
+        return path
+    for directory in (path / "checkpoints", path):
+        found = find_resume_checkpoint(directory, checksum=checksum)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: holds no complete checkpoint")
+
+
 # -- saving and loading ---------------------------------------------------------------------------
 
 

@@ -27,32 +27,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from snoo_train.checkpoint import (
-    MANIFEST_FILE,
-    CheckpointError,
-    find_resume_checkpoint,
-    load_state,
-    read_state,
-    verify_checkpoint,
-)
+from snoo_train.checkpoint import CheckpointError, load_state, read_state, resolve_checkpoint
 from snoo_train.config import Config
 
 log = logging.getLogger("snoo_train.export")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory from a run directory, a checkpoints directory or a checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such run or checkpoint directory")
-    if (path / MANIFEST_FILE).exists() or (path / ".metadata").exists():
-        verify_checkpoint(path)
-        return path
-    for directory in (path / "checkpoints", path):
-        found = find_resume_checkpoint(directory)
-        if found is not None:
-            return found
-    raise CheckpointError(f"{path}: holds no complete checkpoint")
 
 
 def config_from_checkpoint(path: Path) -> Config:

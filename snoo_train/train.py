@@ -44,7 +44,7 @@ from snoo_train.checkpoint import (
     CheckpointError,
     checkpoint_name,
     find_resume_checkpoint,
-    verify_checkpoint,
+    resolve_checkpoint,
 )
 from snoo_train.config import Config, ConfigError, validate_config
 from snoo_train.data import BatchLoader, DataError, build_datasets, build_tokenizer, eval_batches
@@ -324,17 +324,10 @@ class Trainer:
         if resume == "auto":
             path = find_resume_checkpoint(self.checkpoint_dir, checksum=checksum)
             return str(path) if path is not None else None
-        path = Path(resume)
-        if not path.exists():
-            raise CheckpointError(f"trainer.resume={resume}: no such checkpoint or run directory")
-        if (path / "manifest.json").exists() or (path / ".metadata").exists():
-            verify_checkpoint(path, checksum=checksum)  # named explicitly: no fallback
-            return str(path)
-        for directory in (path / "checkpoints", path):  # a run directory, or a checkpoint dir
-            found = find_resume_checkpoint(directory, checksum=checksum)
-            if found is not None:
-                return str(found)
-        raise CheckpointError(f"trainer.resume={resume}: holds no complete checkpoint")
+        try:
+            return str(resolve_checkpoint(resume, checksum=checksum))
+        except CheckpointError as e:
+            raise CheckpointError(f"trainer.resume: {e}") from e
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be loaded into this run."""
