@@ -166,11 +166,14 @@ def run_one(spec: Spec, args: argparse.Namespace, work: Path) -> Spec:
             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             WANDB_MODE="disabled",
         )
+        # No checkpoints: the run directories are results (kept in bench/results), not restarts.
         cmd = [sys.executable, "-m", "snoo_train.train", *overrides,
-               f"data.cache_dir={args.data_cache}", f"hydra.run.dir={run_dir}"]
+               f"data.cache_dir={args.data_cache}", f"hydra.run.dir={run_dir}",
+               "checkpoint.interval=0", "trainer.resume=none"]  # fmt: skip
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            spec.status = "diverged" if "training loss is" in done.stderr else "failed"
+            diverged = "training loss is" in done.stderr or "gradient norm is" in done.stderr
+            spec.status = "diverged" if diverged else "failed"
             (work / f"{spec.name}.stderr").write_text(done.stderr)
             print(f"  {spec.status}: {spec.settings()} ({done.stderr.strip().splitlines()[-1:]})",
                   flush=True)
