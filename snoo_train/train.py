@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -758,10 +759,14 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def accept_async_alias(args: list[str]) -> list[str]:
+    """`async` is a Python keyword, so the config field is checkpoint.async_save; accept the
+    short spelling `checkpoint.async=...` on the command line too."""
+    return [re.sub(r"^(\+{0,2})checkpoint\.async=", r"\1checkpoint.async_save=", a) for a in args]
+
+
 def main() -> None:
-    # `async` is a Python keyword, so the config field is checkpoint.async_save; accept the
-    # short spelling on the command line too.
-    sys.argv = [a.replace("checkpoint.async=", "checkpoint.async_save=", 1) if a.startswith(("checkpoint.async=", "+checkpoint.async=", "++checkpoint.async=")) else a for a in sys.argv]
+    sys.argv = accept_async_alias(sys.argv)
     if env_world_size() > 1 and env_rank() > 0:
         # Only rank 0 keeps Hydra's run directory (.hydra/, train.log). The others would create
         # their own, named by their own clock; they learn rank 0's directory after start-up.

@@ -137,6 +137,16 @@ def test_state_tree_splits_into_tensors_and_json_and_back():
     assert isinstance(rebuilt["groups"][0]["betas"], tuple)
 
 
+def test_checkpoint_async_is_accepted_as_the_command_line_spelling():
+    from snoo_train.train import accept_async_alias
+
+    assert accept_async_alias(["x", "checkpoint.async=true", "+checkpoint.async=false", "checkpoint.async_save=true"]) == [
+        "x", "checkpoint.async_save=true", "+checkpoint.async_save=false", "checkpoint.async_save=true"
+    ]
+    cfg = make_config(Path("/tmp/unused"), accept_async_alias(["checkpoint.async=true"]))
+    assert cfg.checkpoint.async_save is True
+
+
 def _save_tiny(ckpt_dir: Path, step: int, value: float, **kw) -> Checkpointer:
     ckpt = Checkpointer(ckpt_dir, **kw)
     ckpt.save(step, {"w": torch.full((4, 3), value), "n": {"step": step}}, {"tag": "t"})
