@@ -39,16 +39,11 @@ def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:
     return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
-    """The transformers config for `cfg`; `vocab_size` is the tokenizer's (padded here)."""
-    if cfg.family != "llama":
-        raise ValueError(
-            f"model.family={cfg.family!r} is not a dense Llama; only 'llama' is built here"
-        )
-    return LlamaConfig(
-        vocab_size=padded_vocab_size(cfg, vocab_size),
+def decoder_config_kwargs(cfg: ModelConfig) -> dict:
+    """The transformers config fields every decoder here shares (dense Llama and the Mixtral
+    MoE: same attention, norms and rotary embedding)."""
+    return dict(
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
@@ -60,6 +55,19 @@ def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
         # Training never reuses keys/values; a cache would be allocated on every forward.
         use_cache=False,
         attn_implementation="sdpa",
+    )
+
+
+def llama_config(cfg: ModelConfig, vocab_size: int) -> LlamaConfig:
+    """The transformers config for `cfg`; `vocab_size` is the tokenizer's (padded here)."""
+    if cfg.family != "llama":
+        raise ValueError(
+            f"model.family={cfg.family!r} is not a dense Llama; only 'llama' is built here"
+        )
+    return LlamaConfig(
+        vocab_size=padded_vocab_size(cfg, vocab_size),
+        intermediate_size=cfg.intermediate_size,
+        **decoder_config_kwargs(cfg),
     )
 
 

@@ -23,6 +23,7 @@ import torch
 from transformers import MixtralConfig
 
 from snoo_train.config import ModelConfig
+from snoo_train.models.llama import decoder_config_kwargs
 
 EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "batched_mm", "eager")
 
@@ -51,16 +52,8 @@ def mixtral_config(cfg: ModelConfig, vocab_size: int) -> MixtralConfig:
     """The transformers config for an MoE `cfg`; `vocab_size` is the tokenizer's (padded)."""
     return MixtralConfig(
         vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
         intermediate_size=moe_intermediate_size(cfg),
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_theta=cfg.rope_theta,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        initializer_range=cfg.init_std,
+        **decoder_config_kwargs(cfg),
         num_local_experts=cfg.num_experts,
         num_experts_per_tok=cfg.num_experts_per_tok,
         router_aux_loss_coef=cfg.router_aux_loss_coef,
@@ -68,8 +61,6 @@ def mixtral_config(cfg: ModelConfig, vocab_size: int) -> MixtralConfig:
         output_router_logits=False,
         router_jitter_noise=0.0,
         sliding_window=None,
-        use_cache=False,
-        attn_implementation="sdpa",
         experts_implementation=experts_implementation(cfg),
     )
 
