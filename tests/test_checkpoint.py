@@ -39,7 +39,7 @@ from snoo_train.dist import init_distributed
 from snoo_train.preemption import REQUEUE_EXIT_CODE
 from snoo_train.train import CONFIG_DIR, Trainer, TrainingDiverged
 from tests.dist_utils import free_port
-from tests.test_train import _env
+from tests.test_train import _env, run_entry, train
 
 REPO = Path(__file__).resolve().parents[1]
 K = 5  # SNOO period in these runs: steps 5 and 10 are outer steps
@@ -91,22 +91,6 @@ def full_state(trainer: Trainer) -> dict[str, torch.Tensor]:
         out[f"group{i}/snoo_step"] = torch.tensor(group["snoo_step"])
         out[f"group{i}/lr"] = torch.tensor(group["lr"])
     return out
-
-
-def run_cli(args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "snoo_train.train"]
-    if nproc > 1:
-        launcher = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}", "-m", "snoo_train.train",
-        ]
-    return subprocess.run(
-        launcher + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
 
 
 def snapshot(ckpt_dir: Path) -> dict[str, bytes]:
@@ -325,11 +309,11 @@ def test_export_loads_with_automodel_and_matches_the_slow_weights_logits(referen
 def test_checkpoint_from_two_ranks_resumes_at_one_and_four(tmp_path):
     ws2 = tmp_path / "ws2"
     common = TINY + ["checkpoint.keep_latest=0"]
-    assert_ok(run_cli(common + ["checkpoint.interval=6", f"hydra.run.dir={ws2}"], tmp_path, nproc=2))
+    train(common + ["checkpoint.interval=6", f"hydra.run.dir={ws2}"], tmp_path, nproc=2)
     want = losses(ws2)
     resume = f"trainer.resume={ws2}/checkpoints/step_00000006"
     run_trainer(tmp_path / "ws1", ["checkpoint.keep_latest=0", resume])  # one process: in this one
-    assert_ok(run_cli(common + [resume, f"hydra.run.dir={tmp_path / 'ws4'}"], tmp_path, nproc=4))
+    train(common + [resume, f"hydra.run.dir={tmp_path / 'ws4'}"], tmp_path, nproc=4)
     for nproc in (1, 4):
         got = losses(tmp_path / f"ws{nproc}")
         assert sorted(got) == list(range(7, STEPS + 1))
@@ -347,7 +331,7 @@ def test_diloco_two_replicas_resume_exactly_and_export(tmp_path):
     mid-cycle and are saved under their own keys, so a resume at step 6 (k=5) is bitwise."""
     diloco = TINY + ["parallel.replicas=2", "trainer.max_steps=8", "checkpoint.keep_latest=0"]
     full = tmp_path / "full"
-    assert_ok(run_cli(diloco + ["checkpoint.interval=6", f"hydra.run.dir={full}"], tmp_path, nproc=4))
+    train(diloco + ["checkpoint.interval=6", f"hydra.run.dir={full}"], tmp_path, nproc=4)
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 9))
     assert [r["step"] for r in records if "snoo/pseudo_grad_norm" in r] == [5, 6, 7, 8]  # after the first outer step
@@ -356,11 +340,11 @@ def test_diloco_two_replicas_resume_exactly_and_export(tmp_path):
     keys = read_tensor_keys(full / "checkpoints" / "step_00000006")
     assert any(k.startswith("replica1/optim/state/") for k in keys)
     resumed = tmp_path / "resumed"
-    assert_ok(run_cli(
+    train(
         diloco + [f"trainer.resume={full}/checkpoints/step_00000006", "checkpoint.interval=0",
                   f"hydra.run.dir={resumed}"],
         tmp_path, nproc=4,
-    ))
+    )
     want, got = losses(full), losses(resumed)
     assert sorted(got) == [7, 8] and all(got[s] == want[s] for s in got), (got, want)
     # A different replica count cannot take the per-replica state.
@@ -482,8 +466,8 @@ def run_copy(saved_run, tmp_path):
     return run_dir
 
 
-def _rerun_cli(run_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    proc = run_cli(TINY + [f"hydra.run.dir={run_dir}", *extra], run_dir.parent, timeout=120)
+def _rerun_entry(run_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    proc = run_entry(TINY + [f"hydra.run.dir={run_dir}", *extra], run_dir.parent, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc
@@ -491,14 +475,14 @@ def _rerun_cli(run_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
 
 def test_missing_data_path_is_one_message_and_keeps_checkpoints(run_copy):
     before = snapshot(run_copy / "checkpoints")
-    proc = _rerun_cli(run_copy, ["data=local", f"data.files=[{run_copy}/nope.jsonl]"])
+    proc = _rerun_entry(run_copy, ["data=local", f"data.files=[{run_copy}/nope.jsonl]"])
     assert "nope.jsonl" in proc.stderr
     assert snapshot(run_copy / "checkpoints") == before
 
 
 def test_checkpoint_of_another_model_is_refused_by_name(run_copy):
     before = snapshot(run_copy / "checkpoints")
-    proc = _rerun_cli(run_copy, ["model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1"])
+    proc = _rerun_entry(run_copy, ["model.hidden_size=32", "model.num_heads=2", "model.num_kv_heads=1"])
     assert "different model" in proc.stderr and "model.hidden_size=64 (this run: 32)" in proc.stderr
     assert snapshot(run_copy / "checkpoints") == before
 
@@ -522,7 +506,7 @@ def test_corrupt_checkpoint_named_explicitly_is_an_error(run_copy):
     ckpt = run_copy / "checkpoints" / "step_00000006"
     before = snapshot(run_copy / "checkpoints")
     (ckpt / ".metadata").write_bytes(b"garbage")
-    proc = _rerun_cli(run_copy, [f"trainer.resume={ckpt}"])
+    proc = _rerun_entry(run_copy, [f"trainer.resume={ckpt}"])
     assert "step_00000006" in proc.stderr and ".metadata" in proc.stderr
     assert {k: v for k, v in snapshot(run_copy / "checkpoints").items() if "00000006/.metadata" not in k} == {
         k: v for k, v in before.items() if "00000006/.metadata" not in k

@@ -249,9 +249,10 @@ def _env() -> dict[str, str]:
     )
 
 
-def train(
+def run_entry(
     args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240
 ) -> subprocess.CompletedProcess:
+    """`python -m snoo_train.train ARGS` (torchrun with nproc > 1), output captured."""
     launcher = [sys.executable, "-m", "snoo_train.train"]
     if nproc > 1:
         launcher = [
@@ -263,9 +264,15 @@ def train(
             "-m",
             "snoo_train.train",
         ]
-    proc = subprocess.run(
+    return subprocess.run(
         launcher + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
     )
+
+
+def train(
+    args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    proc = run_entry(args, cwd, nproc=nproc, timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
     return proc
 
@@ -349,14 +356,7 @@ def test_diverging_loss_stops_with_a_clear_error(tmp_path):
         "trainer.warmup_steps=0",
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "snoo_train.train", *args],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_entry(args, tmp_path, timeout=120)
     assert proc.returncode != 0
     # lr=1e30 blows up the gradient norm or the loss first, depending on the step.
     assert ("training loss is" in proc.stderr or "gradient norm is" in proc.stderr), proc.stderr
@@ -380,13 +380,6 @@ def test_bad_data_input_is_one_clear_error(tmp_path, problem):
         f"hydra.run.dir={tmp_path / 'run'}",
         *extra,
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "snoo_train.train", *args],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_entry(args, tmp_path, timeout=120)
     assert proc.returncode != 0
     assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
