@@ -18,7 +18,6 @@ Writes bench/results/checkpoint_<model>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -26,13 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import REPO, compose_config, state_bytes, write_report
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.common import REPO, compose_config, state_bytes  # noqa: E402
-from snoo_train.checkpoint import verify_checkpoint  # noqa: E402
-from snoo_train.dist import init_distributed  # noqa: E402
-from snoo_train.train import Trainer  # noqa: E402
+from snoo_train.checkpoint import verify_checkpoint
+from snoo_train.dist import init_distributed
+from snoo_train.train import Trainer
 
 
 def dir_bytes(path: Path) -> int:
@@ -136,10 +133,7 @@ def main() -> None:
     print(f"load {report['load_s']:.3f} s (+ verify CRC32 {report['verify_s']:.3f} s)")
     print(f"on disk {on_disk:,} B vs params {sb['param_bytes']:,} + inner state {sb['inner_state_bytes']:,} "
           f"+ SNOO {sb['snoo_state_bytes']:,} = {expected:,} B (ratio {report['disk_over_expected']:.4f})")  # fmt: skip
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / f"checkpoint_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_report(report, args.out or REPO / "bench" / "results" / f"checkpoint_{args.model}.json")
 
 
 if __name__ == "__main__":

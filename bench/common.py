@@ -29,6 +29,15 @@ def compose_config(overrides: Sequence[str], run_dir: str) -> Config:
     return cfg
 
 
+def write_report(report: dict, path: str | Path) -> Path:
+    """Write a benchmark's JSON (creating bench/results/ if needed) and say where."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def local_bytes(t: torch.Tensor) -> int:
     local = t.to_local() if hasattr(t, "to_local") else t
     return local.numel() * local.element_size()

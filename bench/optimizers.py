@@ -18,13 +18,11 @@ Extra arguments are Hydra overrides for every run. Writes bench/results/optimize
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from common import (
@@ -33,6 +31,7 @@ from common import (
     peak_memory_of_training_run,
     state_bytes,
     time_interleaved,
+    write_report,
 )
 
 from snoo_train.config import Config, validate_config
@@ -147,10 +146,7 @@ def main() -> None:
                 f"{(r['peak_mem_bytes'] or 0) / 2**20:>10.1f}{r.get('peak_mem_ratio_to_adamw', float('nan')):>10.3f}"
                 f"{state:>12.2f}{r['param_and_state_ratio_to_adamw']:>7.3f}"
             )
-    out = Path(args.out or REPO / "bench" / "results" / f"optimizers_{info.device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out or REPO / "bench" / "results" / f"optimizers_{info.device.type}.json")
 
 
 if __name__ == "__main__":

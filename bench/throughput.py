@@ -21,16 +21,21 @@ GPU, the process's peak RSS on CPU (where loading the corpus, not training, sets
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
-from common import REPO, compose_config, peak_memory_of_training_run, state_bytes, time_interleaved
+from common import (
+    REPO,
+    compose_config,
+    peak_memory_of_training_run,
+    state_bytes,
+    time_interleaved,
+    write_report,
+)
 
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, init_distributed
@@ -153,10 +158,7 @@ def main() -> None:
     print(f"SNOO extra bytes per rank: {report['snoo_extra_bytes_per_rank']:,} "
           f"(floor 2 x params / ranks = {report['snoo_extra_bytes_floor_2x_params_over_ranks']:,.0f})")
 
-    out = Path(args.out or REPO / "bench" / "results" / f"throughput_ws{world_size}_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out or REPO / "bench" / "results" / f"throughput_ws{world_size}_{device.type}.json")
 
 
 if __name__ == "__main__":
