@@ -92,6 +92,17 @@ def _leaves(tree: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
         yield prefix, tree
 
 
+def replica_keys(replica: int) -> Callable[[str], str]:
+    """The `rename` for DiLoCo: its replicas hold different fast weights and inner optimizer
+    state under the same names, and DCP would keep one copy of each name, so each replica's
+    model and optimizer tensors are saved under `replica{r}/` (RNG and trainer state are not)."""
+
+    def rename(key: str) -> str:
+        return f"replica{replica}/{key}" if key.startswith(("model/", "optim/")) else key
+
+    return rename
+
+
 def _tensor_key(path: Path_) -> str:
     return "/".join(str(p) for p in path)
 

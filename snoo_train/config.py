@@ -188,6 +188,12 @@ class Config:
     run_dir: Optional[str] = None  # filled from hydra.run.dir / the sweep dir at start-up
 
 
+def is_diloco(cfg: Any) -> bool:
+    """Several replicas with SNOO: DiLoCo (replicas drift apart between outer steps). Several
+    replicas without an outer optimizer are plain HSDP."""
+    return cfg.parallel.replicas > 1 and cfg.optim.outer == "snoo"
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")

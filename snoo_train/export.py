@@ -27,14 +27,19 @@ import torch
 from omegaconf import OmegaConf
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from snoo_train.checkpoint import CheckpointError, load_state, read_state, resolve_checkpoint
-from snoo_train.config import Config
+from snoo_train.checkpoint import (
+    CheckpointError,
+    load_state,
+    read_state,
+    replica_keys,
+    resolve_checkpoint,
+)
+from snoo_train.config import Config, is_diloco
 
 log = logging.getLogger("snoo_train.export")
 
 
-def config_from_checkpoint(path: Path) -> Config:
-    meta = read_state(path)["meta"]
+def config_from_checkpoint(meta: dict[str, Any], path: Path) -> Config:
     if "config" not in meta:
         raise CheckpointError(f"{path}: the checkpoint does not record its run's config")
     merged = OmegaConf.merge(OmegaConf.structured(Config), meta["config"])
@@ -49,18 +54,17 @@ def load_model(path: str | Path, *, weights: str = "eval") -> tuple[torch.nn.Mod
     from snoo_train.train import build_optimizer
 
     path = resolve_checkpoint(path)
-    cfg = config_from_checkpoint(path)
-    vocab_size = read_state(path)["meta"]["model"]["vocab_size"]
+    meta = read_state(path)["meta"]
+    cfg = config_from_checkpoint(meta, path)
+    vocab_size = meta["model"]["vocab_size"]
     model = build_model(cfg.model, vocab_size, seed=cfg.trainer.seed, device="meta")
     materialize(model, device="cpu", seed=cfg.trainer.seed)
     optimizer = build_optimizer(model, cfg.optim)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     tree: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
     # Any world size and replica count: the tensors are resharded to this single process.
-    meta = read_state(path)["meta"]
     # DiLoCo checkpoints keep each replica's state apart; the slow weights are the same in all.
-    diloco = meta.get("replicas", 1) > 1 and cfg.optim.outer == "snoo"
-    load_state(path, tree, rename=(lambda k: f"replica0/{k}") if diloco else None)
+    load_state(path, tree, rename=replica_keys(0) if is_diloco(cfg) else None)
     set_state_dict(model, optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"])
     swap = getattr(optimizer, "eval_parameters", None) if weights == "eval" else None
     if swap is not None:

@@ -23,7 +23,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -45,9 +45,10 @@ from snoo_train.checkpoint import (
     CheckpointError,
     checkpoint_name,
     find_resume_checkpoint,
+    replica_keys,
     resolve_checkpoint,
 )
-from snoo_train.config import Config, ConfigError, validate_config
+from snoo_train.config import Config, ConfigError, is_diloco, validate_config
 from snoo_train.data import BatchLoader, DataError, build_datasets, build_tokenizer, eval_batches
 from snoo_train.dist import (
     DistInfo,
@@ -244,7 +245,7 @@ class Trainer:
             activation_checkpointing=t.activation_checkpointing,
             compile=t.compile,
             # replicas > 1: DiLoCo shards within each replica only; outer=none is HSDP.
-            diloco=cfg.optim.outer == "snoo",
+            diloco=is_diloco(cfg),
         )
         materialize(self.model, device=device, seed=t.seed)
         # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.
@@ -388,17 +389,14 @@ class Trainer:
             },
         }
 
-    def _checkpoint_key(self, key: str) -> str:
-        """Under DiLoCo (parallel.replicas > 1, optim.outer=snoo) the replicas hold different
-        fast weights and inner optimizer state under the same names, and DCP would keep one
-        copy of each name: every replica saves under its own prefix instead."""
-        if self.dist.replicas > 1 and self.cfg.optim.outer == "snoo" and key.startswith(("model/", "optim/")):
-            return f"replica{self.dist.replica}/{key}"
-        return key
+    @property
+    def _checkpoint_keys(self) -> Callable[[str], str] | None:
+        """Per-replica keys under DiLoCo (checkpoint.replica_keys); the tree's own otherwise."""
+        return replica_keys(self.dist.replica) if is_diloco(self.cfg) else None
 
     def save_checkpoint(self, *, blocking: bool | None = None) -> str:
         self.checkpointer.save(
-            self.step, self.state_tree(), self._checkpoint_meta(), blocking=blocking, rename=self._checkpoint_key
+            self.step, self.state_tree(), self._checkpoint_meta(), blocking=blocking, rename=self._checkpoint_keys
         )
         return os.path.join(self.checkpoint_dir, checkpoint_name(self.step))
 
@@ -412,7 +410,7 @@ class Trainer:
             tree,
             check_meta=self._check_checkpoint_meta,
             skip=lambda key: key.startswith("rng/") and not self._restore_rng,
-            rename=self._checkpoint_key,
+            rename=self._checkpoint_keys,
         )
         set_state_dict(
             self.model, self.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"]
