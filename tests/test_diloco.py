@@ -478,9 +478,6 @@ def test_config_accepts_diloco_and_hsdp():
 # -- end to end ----------------------------------------------------------------------------------
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                OMP_NUM_THREADS="1", WANDB_MODE="disabled")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from transformers import MixtralForCausalLM
 from snoo_train.config import ConfigError, validate_config
 from snoo_train.models import PRESETS, RouterStats, build_model, count_parameters, flops_per_token
 from snoo_train.train import causal_lm_loss
+from tests.records import assert_records_match
 from tests.test_train import QUICK, read_records, train
 
 VOCAB = 257
@@ -154,11 +155,10 @@ def test_snoo_muon_trains_moe_and_records_expert_load(moe_runs):
 @pytest.mark.slow
 def test_two_ranks_match_one_process(moe_runs):
     got, want = read_records(moe_runs["ws2"]), read_records(moe_runs["ws1"])
-    assert [r["step"] for r in got] == [r["step"] for r in want]
-    for key in ("loss", "grad_norm", "val_loss", "moe/aux_loss", "snoo/pseudo_grad_norm"):
-        assert [r.get(key) for r in got] == pytest.approx([r.get(key) for r in want], rel=1e-3), key
-    for a, b in zip(got, want):
-        assert a["moe/layer0/load"] == pytest.approx(b["moe/layer0/load"], abs=1e-3)
+    keys = ("loss", "grad_norm", "val_loss", "moe/aux_loss", "snoo/pseudo_grad_norm")
+    assert_records_match(got, want, keys, rel=1e-3)
+    assert_records_match(got, want, ["moe/layer0/load"], abs=1e-3)
+    assert all("moe/layer0/load" in r for r in got)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from snoo_train.optim import SNOO
 from snoo_train.schedule import build_scheduler, lr_multiplier
 from snoo_train.train import causal_lm_loss, clip_grad_norm, weight_decay_groups
 from tests.dist_utils import free_port, run_distributed
+from tests.records import assert_records_match
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 257  # the byte tokenizer's
@@ -240,9 +241,11 @@ def test_wandb_offline_writes_a_local_run(tmp_path):
 
 
 def _env() -> dict[str, str]:
-    # One thread per process: the 2-rank run shares 2 cores.
+    # One thread per process: the 2-rank run shares 2 cores. The interpreter's own bin/ first on
+    # PATH: launch/*.sh call `torchrun`, which must be this environment's, activated or not.
     return dict(
         os.environ,
+        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
         PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         OMP_NUM_THREADS="1",
         WANDB_MODE="disabled",
@@ -341,10 +344,8 @@ def test_torchrun_two_ranks_share_one_run_dir_and_match_one_process(single_runs,
     assert json.loads((run_dirs[0] / "summary.json").read_text())["world_size"] == 2
 
     reference = read_records(single_runs["snoo_adamw"])
-    for key in ("loss", "grad_norm", "val_loss", "snoo/pseudo_grad_norm", "snoo/slow_weight_norm"):
-        got = [r.get(key) for r in records]
-        want = [r.get(key) for r in reference]
-        assert got == pytest.approx(want, rel=1e-3), key
+    keys = ("loss", "grad_norm", "val_loss", "snoo/pseudo_grad_norm", "snoo/slow_weight_norm")
+    assert_records_match(records, reference, keys, rel=1e-3)
 
 
 @pytest.mark.slow
