@@ -16,14 +16,14 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from snoo_train.config import Config
-from snoo_train.train import Trainer
+from snoo_train.train import CONFIG_DIR, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def compose_config(overrides: Sequence[str], run_dir: str) -> Config:
     """The Config `python -m snoo_train.train <overrides>` would run, with its run directory."""
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
     cfg.run_dir = run_dir
     return cfg

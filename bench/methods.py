@@ -7,7 +7,7 @@ SNOO, Lookahead, GPA, EMA-Nesterov and Schedule-Free, each at its best inner lea
     python bench/methods.py --device cuda --jobs 4            # a GPU machine; runs share the GPU
     python bench/methods.py --model llama_tiny --steps 60 --out /tmp/methods_tiny data.seq_len=64
 
-For each method (an optim config in configs/optim/, --methods) its inner learning rate
+For each method (an optim config in snoo_train/configs/groups/optim/, --methods) its inner learning rate
 (optim.lr) is swept over a grid: --lrs for every method, replaced for one method by
 --method-lrs METHOD=LR,LR,... (repeatable). Every other setting is the method's own config:
 SNOO's k/eta/mu, GPA's mu_x/mu_y, ... and Schedule-Free's constant lr schedule (its config sets

@@ -1,7 +1,7 @@
 """Typed configuration tree for a training run.
 
 Plain dataclasses, no Hydra import: `train.py` registers them in Hydra's ConfigStore as the
-schema that every YAML file in `configs/` is merged into, so a misspelled key or a wrong type
+schema that every YAML file in `snoo_train/configs/` is merged into, so a misspelled key or a wrong type
 fails at composition time, before any process group starts. `validate_config` then checks the
 values that a type alone cannot (ranges, choices, divisibility) and names the offending key.
 """

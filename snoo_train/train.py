@@ -79,7 +79,7 @@ from snoo_train.preemption import (
 )
 from snoo_train.schedule import build_scheduler
 
-# The schema every YAML in configs/ is merged into (configs/config.yaml lists it first).
+# The schema every YAML in snoo_train/configs/ is merged into (config.yaml lists it first).
 ConfigStore.instance().store(name="base_config", node=Config)
 
 log = logging.getLogger("snoo_train")
@@ -716,9 +716,10 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
         destroy_distributed(clean=clean)
 
 
+# The configs ship inside the package (package data), so a wheel install trains from any directory.
 # An absolute path: Hydra resolves a relative one against the importing module, which differs
 # between `python -m snoo_train.train` and the `snoo-train` console script.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
 
 
 def group_sweep_runs(cfg: Config) -> None:

@@ -193,10 +193,10 @@ def test_convergence_runs_log_mfu_and_flops_hand_computed(convergence):
 def compose_experiment(name: str):
     from hydra import compose, initialize_config_dir
 
-    import snoo_train.train  # noqa: F401  (registers the schema the presets merge into)
     from snoo_train.config import validate_config
+    from snoo_train.train import CONFIG_DIR  # importing it registers the schema
 
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)
     validate_config(cfg)  # values in range: the sweep would not fail at its first job
     return cfg

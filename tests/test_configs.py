@@ -1,4 +1,4 @@
-"""Every YAML in configs/ composes against the typed schema; bad keys, types and values fail fast."""
+"""Every YAML in snoo_train/configs/ composes against the typed schema; bad keys, types and values fail fast."""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from snoo_train.config import Config, ConfigError, validate_config
 from snoo_train.train import reject_unknown_keys  # importing it registers the `base_config` schema
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = REPO / "snoo_train" / "configs"  # config.yaml; the groups are in groups/
 GROUPS = ("model", "optim", "data", "trainer", "logging", "parallel")
 
 
 def group_options() -> list[tuple[str, str]]:
-    return [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / g).glob("*.yaml"))]
+    return [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / "groups" / g).glob("*.yaml"))]
 
 
 def compose_config(overrides: list[str] = (), *, hydra: bool = False):
@@ -48,7 +48,7 @@ def run_entry(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.Com
 def test_every_group_has_options():
     options = group_options()
     for group in GROUPS:
-        assert any(g == group for g, _ in options), f"configs/{group}/ has no YAML"
+        assert any(g == group for g, _ in options), f"configs/groups/{group}/ has no YAML"
     assert ("optim", "adamw") in options and ("optim", "snoo_adamw") in options
 
 

@@ -32,7 +32,7 @@ from snoo_train.models import (
 from tests.dist_utils import run_distributed
 
 BYTE_VOCAB = 257  # 256 bytes + end-of-document
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "snoo_train" / "configs" / "groups" / "model"
 TINY = PRESETS["llama_tiny"]
 
 

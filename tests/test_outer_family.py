@@ -385,7 +385,7 @@ def test_fresh_optimizer_has_no_state_entries(kind):
 
 
 def test_lookahead_config_is_lookahead():
-    """configs/optim/lookahead_adamw.yaml against Lookahead (Zhang et al. 2019): every k steps
+    """snoo_train/configs/groups/optim/lookahead_adamw.yaml against Lookahead (Zhang et al. 2019): every k steps
     slow += alpha (fast - slow), fast = slow."""
     from snoo_train.train import build_optimizer, weight_decay_groups
     from tests.test_configs import typed

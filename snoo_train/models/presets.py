@@ -1,4 +1,4 @@
-"""Named model shapes. `configs/model/<name>.yaml` mirrors each entry key for key (a test checks it).
+"""Named model shapes. `snoo_train/configs/groups/model/<name>.yaml` mirrors each entry key for key (a test checks it).
 
 `vocab_size=None` everywhere: the model takes the tokenizer's vocabulary, padded up to a multiple
 of 64, so one shape serves the byte tokenizer (257 -> 320) and a 32k-50k BPE tokenizer alike.

@@ -28,7 +28,7 @@ What the adapter adds:
 Learning rate: schedule-free replaces the decay of a schedule, so the trainer's schedule must be
 `constant`. The warm-up of our constant schedule (lr x (k + 1) / warmup_steps for k < warmup)
 is exactly the package's own `warmup_steps` formula, so the adapter leaves the package's warm-up
-at 0 by default and trainer.warmup_steps is the one knob (configs/optim/schedule_free_adamw.yaml).
+at 0 by default and trainer.warmup_steps is the one knob (snoo_train/configs/groups/optim/schedule_free_adamw.yaml).
 """
 
 from __future__ import annotations

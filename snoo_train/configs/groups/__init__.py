@@ -1,0 +1,1 @@
+"""Hydra config groups: model/ optim/ data/ trainer/ logging/ parallel/ checkpoint/ experiment/."""
