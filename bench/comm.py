@@ -45,7 +45,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from snoo_train.config import Config, validate_config
-from snoo_train.dist import destroy_distributed, init_distributed
+from snoo_train.dist import destroy_distributed, exit_process, init_distributed
 from snoo_train.train import Trainer
 
 _SKIP = ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier")
@@ -296,3 +296,4 @@ def print_table(report: dict) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # a torchrun rank: leave without gloo's teardown (snoo_train/dist.py)

@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from snoo_train.config import Config, validate_config
-from snoo_train.dist import destroy_distributed, init_distributed
+from snoo_train.dist import destroy_distributed, exit_process, init_distributed
 from snoo_train.train import CONFIG_DIR, Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,3 +158,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # a torchrun rank: leave without gloo's teardown (snoo_train/dist.py)

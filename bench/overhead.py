@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from snoo_train.config import OptimConfig  # noqa: E402
-from snoo_train.dist import init_distributed  # noqa: E402
+from snoo_train.dist import exit_process, init_distributed  # noqa: E402
 from snoo_train.metrics import peak_memory_bytes  # noqa: E402
 from snoo_train.models import PRESETS, build_model, materialize, parallelize  # noqa: E402
 from snoo_train.optim import SNOO  # noqa: E402
@@ -219,6 +219,7 @@ def _rank_main(rank: int, ws: int, port: int, args, device: str, out: str) -> No
         dist.destroy_process_group()
     if rank == 0:
         Path(out).write_text(json.dumps(result))
+    exit_process(0)  # leave without gloo's teardown (snoo_train/dist.py); the result is on disk
 
 
 def run_world(args, ws: int, device: str) -> dict:

@@ -38,7 +38,7 @@ from common import (
 )
 
 from snoo_train.config import Config, validate_config
-from snoo_train.dist import destroy_distributed, init_distributed
+from snoo_train.dist import destroy_distributed, exit_process, init_distributed
 from snoo_train.optim import SNOO
 from snoo_train.train import Trainer
 
@@ -163,3 +163,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # a torchrun rank: leave without gloo's teardown (snoo_train/dist.py)

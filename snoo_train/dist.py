@@ -16,7 +16,9 @@ the fast links and only the replicate dimension crosses nodes). The trainer shar
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +124,23 @@ def destroy_distributed(*, clean: bool = True) -> None:
         if clean and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: int | str | None = 0) -> None:
+    """Exit with `status`. A process that was one rank of several skips the interpreter's
+    teardown: gloo's C++ objects can abort it at exit ("terminate called without an active
+    exception", SIGABRT) after its work is done and it has left the process group, and
+    torchrun would then report a finished job as failed. Logs and stdio are flushed first;
+    everything else must be on disk already (the trainer waits for its checkpoints)."""
+    if env_world_size() <= 1:
+        sys.exit(status)
+    if isinstance(status, str):
+        print(status, file=sys.stderr)
+        status = 1
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status or 0)
 
 
 def _active() -> bool:
