@@ -35,6 +35,8 @@ import json
 import logging
 import os
 import pickle
+import re
+import resource
 import shutil
 import time
 import warnings
@@ -48,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 log = logging.getLogger(__name__)
@@ -64,12 +67,25 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, corrupt or does not fit this run."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint is damaged (truncated, altered, unreadable): `trainer.resume=auto` falls back
+    to an older one. A checkpoint that is intact but does not fit the run is a plain
+    CheckpointError, and is refused outright: falling back would hide the user's mistake."""
+
+
+class NonFiniteState(CheckpointError):
+    """The state to save holds NaN or inf: it is never published as a checkpoint."""
+
+
 def checkpoint_name(step: int) -> str:
     return f"{STEP_PREFIX}{step:08d}"
 
 
 def checkpoint_step(path: str | os.PathLike) -> int:
     return int(Path(path).name.removeprefix(STEP_PREFIX))
+
+
+_CHECKPOINT_NAME = re.compile(rf"{STEP_PREFIX}\d+")
 
 
 # -- state trees: tensors to DCP, everything else to JSON --------------------------------------
@@ -167,12 +183,12 @@ class SafeFileSystemReader(FileSystemReader):
             try:
                 metadata = _MetadataUnpickler(f).load()
             except Exception as e:
-                raise CheckpointError(f"{path}: unreadable DCP metadata ({e})") from e
+                raise CorruptCheckpoint(f"{path}: unreadable DCP metadata ({e})") from e
         if not isinstance(metadata, Metadata):
-            raise CheckpointError(f"{path}: not DCP metadata")
+            raise CorruptCheckpoint(f"{path}: not DCP metadata")
         pickled = [k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata)]
         if pickled:
-            raise CheckpointError(
+            raise CorruptCheckpoint(
                 f"{path}: holds pickled objects ({', '.join(pickled[:3])}); only tensors are loaded"
             )
         if getattr(metadata, "storage_meta", None) is None:
@@ -190,12 +206,32 @@ def read_tensor_keys(path: str | os.PathLike) -> dict[str, torch.Size]:
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's state.json: {"format", "step", "world_size", "meta", "plain"}."""
+    """A checkpoint's state.json: {"format", "step", "world_size", "meta", "plain"}, its shape
+    checked, so that nothing later trips over a missing key or a value of the wrong type."""
     try:
         with open(Path(path) / STATE_FILE) as f:
-            return json.load(f)
+            doc = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable {STATE_FILE} ({e})") from e
+        raise CorruptCheckpoint(f"{path}: unreadable {STATE_FILE} ({e})") from e
+    problem = _state_problem(doc)
+    if problem:
+        raise CorruptCheckpoint(f"{path}: malformed {STATE_FILE} ({problem})")
+    return doc
+
+
+def _state_problem(doc: Any) -> str | None:
+    if not isinstance(doc, dict):
+        return f"a JSON {type(doc).__name__}, not an object"
+    for key, kind in (("format", int), ("step", int), ("world_size", int), ("meta", dict), ("plain", list)):
+        if key not in doc:
+            return f"no {key!r}"
+        if not isinstance(doc[key], kind) or isinstance(doc[key], bool):
+            return f"{key}={doc[key]!r} is not {'an' if kind is int else 'a'} {kind.__name__}"
+    if doc["world_size"] < 1 or doc["step"] < 0:
+        return f"world_size={doc['world_size']}, step={doc['step']}"
+    if not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], list) for e in doc["plain"]):
+        return "plain holds entries that are not [path, value] pairs"
+    return None
 
 
 # -- integrity --------------------------------------------------------------------------------
@@ -223,24 +259,24 @@ def verify_checkpoint(path: str | os.PathLike, checksum: bool = True) -> None:
     `checksum`) bit-identical to what was written."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
+        raise CorruptCheckpoint(f"{path}: no such checkpoint directory")
     try:
         manifest = json.loads((path / MANIFEST_FILE).read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: incomplete checkpoint (no readable {MANIFEST_FILE})") from e
+        raise CorruptCheckpoint(f"{path}: incomplete checkpoint (no readable {MANIFEST_FILE})") from e
     for name in (".metadata", STATE_FILE):
         if name not in files:
-            raise CheckpointError(f"{path}: manifest does not list {name}")
+            raise CorruptCheckpoint(f"{path}: manifest does not list {name}")
     for name, info in files.items():
         f = path / name
         if not f.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
+            raise CorruptCheckpoint(f"{path}: {name} is missing")
         size = f.stat().st_size
         if size != info["bytes"]:
-            raise CheckpointError(f"{path}: {name} is truncated or altered ({size} bytes, expected {info['bytes']})")
+            raise CorruptCheckpoint(f"{path}: {name} is truncated or altered ({size} bytes, expected {info['bytes']})")
         if checksum and "crc32" in info and _crc32(f) != info["crc32"]:
-            raise CheckpointError(f"{path}: {name} is corrupt (CRC32 mismatch)")
+            raise CorruptCheckpoint(f"{path}: {name} is corrupt (CRC32 mismatch)")
 
 
 def _write_json_durably(path: Path, obj: Any) -> None:
@@ -301,42 +337,65 @@ def complete_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint `latest` names; None (with a warning) if the pointer is unreadable or
+    names anything but a checkpoint directory here (a path elsewhere is never followed)."""
     pointer = Path(ckpt_dir) / LATEST
     try:
-        name = pointer.read_text().strip()
-    except OSError:
+        name = pointer.read_bytes().decode("utf-8").strip()
+    except FileNotFoundError:
         return None
-    return Path(ckpt_dir) / name if name else None
+    except (OSError, UnicodeDecodeError) as e:
+        log.warning("ignoring %s: unreadable (%s)", pointer, e)
+        return None
+    if not _CHECKPOINT_NAME.fullmatch(name):
+        log.warning("ignoring %s: %r is not a checkpoint name", pointer, name[:40])
+        return None
+    return Path(ckpt_dir) / name
 
 
-def find_resume_checkpoint(ckpt_dir: str | os.PathLike, checksum: bool = True) -> Path | None:
-    """`trainer.resume=auto`: the checkpoint `latest` names, or, if that one does not verify, the
-    newest complete one that does (with a warning per skipped checkpoint). None when there are
-    no checkpoints; CheckpointError when there are some but none is loadable."""
+def resume_candidates(
+    ckpt_dir: str | os.PathLike, checksum: bool = True, problems: list[str] | None = None
+) -> Iterator[Path]:
+    """The checkpoints `trainer.resume=auto` may load, best first: the one `latest` names, then
+    the other complete ones, newest first. Each is verified (manifest, checksums, metadata,
+    state.json) before it is yielded; one that fails is skipped with a warning and its reason
+    appended to `problems`. A caller whose load of a yielded checkpoint fails on damage the
+    manifest does not cover (CorruptCheckpoint) records it there too and takes the next one."""
     candidates: list[Path] = []
     latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
+    if latest is not None and latest.is_dir():
         candidates.append(latest)
     candidates += [p for p in complete_checkpoints(ckpt_dir) if p != latest]
-    if not candidates:
-        return None
-    problems = []
+    problems = [] if problems is None else problems
     for path in candidates:
         try:
             verify_checkpoint(path, checksum=checksum)
             read_tensor_keys(path)
             read_state(path)
-        except CheckpointError as e:
+        except CorruptCheckpoint as e:
             problems.append(str(e))
             log.warning("skipping checkpoint: %s", e)
             continue
         if problems:
             log.warning("resuming from the previous complete checkpoint %s", path)
-        return path
-    raise CheckpointError(
+        yield path
+
+
+def no_loadable_checkpoint(ckpt_dir: str | os.PathLike, problems: list[str]) -> CorruptCheckpoint:
+    return CorruptCheckpoint(
         f"no loadable checkpoint in {ckpt_dir}: " + "; ".join(problems)
-        + " (move the directory away or pass trainer.resume=none to start over)"
+        + " (move the directory away, or start fresh in a new hydra.run.dir)"
     )
+
+
+def find_resume_checkpoint(ckpt_dir: str | os.PathLike, checksum: bool = True) -> Path | None:
+    """`trainer.resume=auto`: the first of `resume_candidates`. None when there are no
+    checkpoints; CorruptCheckpoint when there are some but none verifies."""
+    problems: list[str] = []
+    path = next(resume_candidates(ckpt_dir, checksum=checksum, problems=problems), None)
+    if path is None and problems:
+        raise no_loadable_checkpoint(ckpt_dir, problems)
+    return path
 
 
 def resolve_checkpoint(path: str | os.PathLike, checksum: bool = True) -> Path:
@@ -445,21 +504,34 @@ class Checkpointer:
         tensors, plain = split_state(state)
         if rename is not None:
             tensors = {rename(k): v for k, v in tensors.items()}
+        self._refuse_non_finite(step, tensors)
+        error = None
         if self.rank == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-            doc = {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size, "meta": meta, "plain": plain}
-            _write_json_durably(tmp / STATE_FILE, doc)
-        self._barrier()  # the directory exists before any rank writes into it
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+                doc = {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size, "meta": meta, "plain": plain}
+                _write_json_durably(tmp / STATE_FILE, doc)
+            except OSError as e:
+                error = self._write_failed(tmp, e)
+        # The directory exists before any rank writes into it, or every rank raises rank 0's error.
+        error = self._share(error)
+        if error:
+            raise CheckpointError(error)
 
         writer = FileSystemWriter(tmp, sync_files=True)
         if blocking:
-            with _single_process_quietly():
-                dcp.save(tensors, storage_writer=writer, no_dist=not self._distributed)
-            if self.rank == 0:
-                self._finalize(tmp, final)
-            self._barrier()  # every rank returns with the checkpoint visible
+            try:
+                with _single_process_quietly():
+                    dcp.save(tensors, storage_writer=writer, no_dist=not self._distributed)
+                if self.rank == 0:
+                    self._finalize(tmp, final)
+            except (Exception, CheckpointException) as e:  # DCP raises every rank's failure on all
+                error = self._write_failed(tmp, e)
+            error = self._share(error)
+            if error:
+                raise CheckpointError(error)
             self.last_saved_step = step
             return
 
@@ -474,6 +546,65 @@ class Checkpointer:
         else:
             self._pending = future
         self.last_saved_step = step
+
+    def _share(self, error: str | None) -> str | None:
+        """Rank 0's outcome on every rank (a barrier too): all ranks go on, or all raise."""
+        if not self._distributed:
+            return error
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _write_failed(self, tmp: Path, e: BaseException) -> str:
+        # The half-written directory stays `.incomplete` (never loaded, removed at the next
+        # start): another rank may still be writing into it.
+        latest = latest_checkpoint(self.dir)
+        kept = f"the previous checkpoint {latest} is intact" if latest else "no earlier checkpoint exists"
+        if isinstance(e, OSError) and e.strerror:
+            reason = f"{e.strerror} ({e.filename or tmp})"
+        else:  # torch's writer reports a failed write without its errno: say what could cause it
+            reason = f"the writer failed ({_first_line(e)})"
+        causes = []
+        try:
+            causes.append(f"{shutil.disk_usage(self.dir).free / 2**30:.2f} GiB free there")
+        except OSError:
+            pass
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            causes.append(f"a file-size limit of {limit} bytes (ulimit -f)")
+        return f"cannot write checkpoint {tmp.name} in {self.dir}: {reason}; {', '.join(causes)}; {kept}"
+
+    def _refuse_non_finite(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Never publish NaN or inf: a checkpoint that `resume=auto` would pick up and that can
+        only diverge again. Each rank checks its own shards (one flag per key, one host sync per
+        device), the flags are OR-ed over ranks. It reads every element once: far less than the
+        write that follows."""
+        keys = list(tensors)
+        by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
+        for i, key in enumerate(keys):
+            t = tensors[key]
+            local = t.to_local() if hasattr(t, "to_local") else t
+            if local.is_floating_point() and local.numel():
+                by_device.setdefault(local.device, []).append((i, torch.isfinite(local).all()))
+        bad = torch.zeros(len(keys), dtype=torch.int64)
+        for flags in by_device.values():
+            finite = torch.stack([f for _, f in flags]).cpu()
+            for (i, _), ok in zip(flags, finite.tolist()):
+                bad[i] = int(not ok)
+        if self._distributed:
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            on_device = bad.to(device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.MAX)
+            bad = on_device.cpu()
+        count = int(bad.sum())
+        if count:
+            latest = latest_checkpoint(self.dir)
+            first = keys[int(bad.nonzero()[0])]
+            raise NonFiniteState(
+                f"not saving step {step}: {count} of {len(keys)} tensors hold NaN or inf (first: {first}); "
+                "the weights or optimizer state diverged. "
+                + (f"The newest checkpoint is still {latest.name}." if latest else "No checkpoint was written.")
+            )
 
     def _wait_and_finalize(self, future: Any, tmp: Path, final: Path) -> None:
         future.result()
@@ -525,6 +656,16 @@ class Checkpointer:
         return load_state(path, state, **kwargs)
 
 
+def _first_line(e: BaseException) -> str:
+    """A one-line reason: DCP wraps each rank's traceback into its message; torch.load's refusal
+    is a paragraph (including advice to load with weights_only=False, which we never do)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Error" in ln and not ln.startswith(("File ", "Traceback")):
+            return ln[:300]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
 def load_state(
     path: str | os.PathLike,
     state: dict[str, Any],
@@ -543,7 +684,10 @@ def load_state(
     if doc.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {doc.get('format')!r}, expected {FORMAT_VERSION}")
     if check_meta is not None:
-        check_meta(doc["meta"], int(doc["world_size"]))
+        try:
+            check_meta(doc["meta"], doc["world_size"])
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{path}: {e}") from e
     tensors, _ = split_state(state)
     if skip is not None:
         tensors = {k: v for k, v in tensors.items() if not skip(k)}
@@ -564,8 +708,13 @@ def load_state(
     if wrong:
         raise CheckpointError(f"{path}: tensor shapes differ from this run's: {'; '.join(wrong[:3])}")
     # no_dist: one process without a process group (export, world size 1) loads everything.
-    with _single_process_quietly():
-        dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=not _in_process_group())
+    try:
+        with _single_process_quietly():
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=not _in_process_group())
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure, raises it on all
+        raise CorruptCheckpoint(f"{path}: tensor data unreadable ({_first_line(e)})") from e
     prefixes = tuple(state)
     for p, value in doc["plain"]:
         if p and p[0] in prefixes:  # a partial tree (export) takes only its own parts

@@ -8,6 +8,9 @@ values that a type alone cannot (ranges, choices, divisibility) and names the of
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -99,6 +102,10 @@ class DataConfig:
     max_documents: Optional[int] = None  # cap on documents read (quick runs, tests)
     cache_dir: Optional[str] = None  # where packed token arrays are cached; None: no cache
     shuffle_buffer: int = 10000  # hf streaming: windows mixed by the seeded shuffle buffer
+    # Documents whose text field is missing or null stop the run (a corpus where half the
+    # lines lack the field would otherwise train on the other half without a word); true skips
+    # them with a warning that gives their count and the first one's position.
+    skip_invalid_documents: bool = False
 
 
 @dataclass
@@ -122,8 +129,12 @@ class TrainerConfig:
     peak_flops: Optional[float] = None  # per device, for MFU; None: looked up from the GPU name
     progress: bool = True  # progress bar on rank 0
     # auto: continue from the newest complete checkpoint in checkpoint.dir (start fresh if there
-    # is none) | none: always start fresh | a path: that checkpoint (or that run's latest one)
+    # is none) | none: start fresh, refused where the run directory already holds a run's
+    # checkpoints or metrics | a path: that checkpoint (or that run's latest one)
     resume: str = "auto"
+    # Starting fresh (resume=none) in a run directory that holds an earlier run: move that run's
+    # checkpoints, metrics and summary into <run_dir>/archive/<time>/ first, instead of refusing.
+    archive_previous_run: bool = False
     # A non-finite loss or gradient norm: stop (raise, saving nothing) | skip (drop the step's
     # gradients, leave optimizer and scheduler untouched, go on with the next batch)
     nonfinite: str = "stop"
@@ -205,8 +216,33 @@ def _positive(key: str, value: float, *, strict: bool = True) -> None:
         raise ConfigError(f"{key}={value!r} must be {bound}")
 
 
+def _float_values(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """Every float in a config tree (dataclass or DictConfig), lists included, with its key."""
+    if dataclasses.is_dataclass(node):
+        items = ((f.name, getattr(node, f.name)) for f in dataclasses.fields(node))
+    elif hasattr(node, "items"):
+        items = node.items()
+    else:
+        return
+    for key, value in items:
+        if isinstance(value, float):
+            yield f"{prefix}{key}", value
+        elif isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+            for i, v in enumerate(value):
+                if isinstance(v, float):
+                    yield f"{prefix}{key}[{i}]", v
+        else:
+            yield from _float_values(value, f"{prefix}{key}.")
+
+
 def validate_config(cfg: Any, world_size: int = 1) -> None:
     """Check values a type cannot; raise ConfigError naming the key. `cfg` is a Config or DictConfig."""
+    # First: a NaN passes every range check below (nan <= 0 is False) and inf passes most.
+    # Only the schema's sections: a composed DictConfig may also hold Hydra's own node.
+    for section in dataclasses.fields(Config):
+        for key, value in _float_values(getattr(cfg, section.name), f"{section.name}."):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={value} must be a finite number")
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
     _choice("model.family", m.family, ("llama", "moe"))
     for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):

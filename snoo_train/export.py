@@ -35,6 +35,7 @@ from snoo_train.checkpoint import (
     resolve_checkpoint,
 )
 from snoo_train.config import Config, is_diloco
+from snoo_train.data.errors import DataError
 
 log = logging.getLogger("snoo_train.export")
 
@@ -76,22 +77,77 @@ def load_model(path: str | Path, *, weights: str = "eval") -> tuple[torch.nn.Mod
     return model, cfg
 
 
-def export(path: str | Path, out_dir: str | Path, *, dtype: str = "fp32", weights: str = "eval") -> Path:
+class ExportError(RuntimeError):
+    """The output directory cannot take the export as asked."""
+
+
+# What an export writes: the only files `--overwrite` removes from an existing directory, so
+# that no earlier model's shards or tokenizer stay beside the new model. Anything else is left.
+OWNED_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "pytorch_model.bin", "pytorch_model.bin.index.json", "TOKENIZER.txt",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja",
+)
+OWNED_PATTERNS = ("model-*-of-*.safetensors", "pytorch_model-*-of-*.bin")
+BYTE_TOKENIZER_NOTE = (
+    "Byte-level tokens: token id = byte value (0-255), 256 = end of document. There is no\n"
+    "Hugging Face tokenizer for them: encode text as UTF-8 bytes (snoo_train/data/tokenizer.py,\n"
+    "ByteTokenizer).\n"
+)
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless `overwrite`; then clear what we own."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file, not a directory")
+    if not out_dir.exists():
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries and not overwrite:
+        shown = ", ".join(entries[:5]) + (" ..." if len(entries) > 5 else "")
+        raise ExportError(
+            f"{out_dir} is not empty ({shown}); pass --overwrite to replace an earlier export "
+            "there (only the model and tokenizer files an export writes are removed), or choose "
+            "a new directory"
+        )
+    owned = {out_dir / name for name in OWNED_FILES}
+    for pattern in OWNED_PATTERNS:
+        owned.update(out_dir.glob(pattern))
+    for p in owned:
+        if p.is_file() or p.is_symlink():
+            p.unlink()
+
+
+def export(
+    path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "fp32",
+    weights: str = "eval",
+    overwrite: bool = False,
+) -> Path:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():  # before the slow part
+        raise ExportError(f"{out_dir} is a file, not a directory")
     model, cfg = load_model(path, weights=weights)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    out_dir = Path(out_dir)
+    # The tokenizer the run trained with, loaded before anything is written (it may be missing).
+    tokenizer = None
+    if cfg.data.tokenizer != "byte":
+        from snoo_train.data.tokenizer import HFTokenizer
+
+        tokenizer = HFTokenizer(cfg.data.tokenizer)._tok
+    prepare_out_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
-    if cfg.data.tokenizer != "byte":
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(cfg.data.tokenizer).save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+        log.info("tokenizer: %s", cfg.data.tokenizer)
     else:
-        (out_dir / "TOKENIZER.txt").write_text(
-            "Byte-level tokens: token id = byte value (0-255), 256 = end of document.\n"
-            "See snoo_train/data/tokenizer.py (ByteTokenizer).\n"
-        )
+        (out_dir / "TOKENIZER.txt").write_text(BYTE_TOKENIZER_NOTE)
+        log.info("tokenizer: byte-level, none to write (see TOKENIZER.txt)")
     return out_dir
 
 
@@ -109,12 +165,22 @@ def main(argv: list[str] | None = None) -> None:
         default="eval",
         help="eval: the optimizer's evaluation sequence (SNOO's slow weights); params: raw parameters",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="export into a non-empty directory, replacing the model and tokenizer files there",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = export(args.checkpoint, args.out_dir, dtype=args.dtype, weights=args.weights)
-    except CheckpointError as e:
+        out = export(
+            args.checkpoint, args.out_dir, dtype=args.dtype, weights=args.weights, overwrite=args.overwrite
+        )
+    except (CheckpointError, ExportError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        print(f"error: cannot write {e.filename or args.out_dir}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
     print(f"exported to {out}")
 

@@ -24,13 +24,19 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class Preempted(Exception):
-    """Raised by the training loop after the preemption checkpoint is on disk."""
+    """Raised by the training loop after the preemption checkpoint is on disk, or before the
+    first step when the signal came during start-up (`before_start`: nothing new to save)."""
 
-    def __init__(self, step: int, signum: int, checkpoint: str | None):
+    def __init__(self, step: int, signum: int, checkpoint: str | None, *, before_start: bool = False):
         self.step, self.signum, self.checkpoint = step, signum, checkpoint
         name = signal.Signals(signum).name if signum else "a peer rank's signal"
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (checkpointing disabled)"
-        super().__init__(f"received {name}: stopped after step {step}, saved {where}")
+        if before_start:
+            where = f"resumes from {checkpoint}" if checkpoint else "starts from step 1 (no checkpoint yet)"
+            message = f"received {name} during start-up, before step {step + 1}: nothing to save; the requeued job {where}"
+        else:
+            where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (checkpointing disabled)"
+            message = f"received {name}: stopped after step {step}, saved {where}"
+        super().__init__(message)
 
 
 class PreemptionHandler:
@@ -57,6 +63,23 @@ class PreemptionHandler:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+_PROCESS_HANDLER: PreemptionHandler | None = None
+
+
+def install_process_handler() -> PreemptionHandler:
+    """The entry point's handler, installed first thing (before torch is imported), for the
+    whole process: a preemption signal during start-up is remembered, not fatal, and the trainer
+    exits for a requeue before its first step."""
+    global _PROCESS_HANDLER
+    if _PROCESS_HANDLER is None:
+        _PROCESS_HANDLER = PreemptionHandler()
+    return _PROCESS_HANDLER
+
+
+def process_handler() -> PreemptionHandler | None:
+    return _PROCESS_HANDLER
 
 
 def report_requeue_status() -> None:

@@ -16,6 +16,15 @@ One optimizer step, top to bottom:
 
 from __future__ import annotations
 
+# `python -m snoo_train.train`: catch SIGTERM/SIGUSR1 from the first moment, before the slow
+# imports below (torch, transformers: seconds), so a preemption during start-up ends in the
+# requeue status 75 instead of killing the process (snoo_train/preemption.py). The console
+# script does the same in snoo_train/cli.py.
+if __name__ == "__main__":
+    from snoo_train.preemption import install_process_handler
+
+    install_process_handler()
+
 import json
 import logging
 import math
@@ -43,10 +52,12 @@ from torch.distributed.tensor import DTensor
 from snoo_train.checkpoint import (
     Checkpointer,
     CheckpointError,
+    CorruptCheckpoint,
     checkpoint_name,
-    find_resume_checkpoint,
+    no_loadable_checkpoint,
     replica_keys,
     resolve_checkpoint,
+    resume_candidates,
 )
 from snoo_train.config import Config, ConfigError, is_diloco, validate_config
 from snoo_train.data import BatchLoader, DataError, build_datasets, build_tokenizer, eval_batches
@@ -59,6 +70,7 @@ from snoo_train.dist import (
     destroy_distributed,
     env_rank,
     env_world_size,
+    exit_process,
     init_distributed,
 )
 from snoo_train.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_bytes
@@ -75,7 +87,16 @@ from snoo_train.preemption import (
     REQUEUE_EXIT_CODE,
     Preempted,
     PreemptionHandler,
+    process_handler,
     report_requeue_status,
+)
+from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
+from snoo_train.rundir import (
+    RunDirError,
+    RunDirLock,
+    check_free_space,
+    check_writable,
+    guard_fresh_start,
 )
 from snoo_train.schedule import build_scheduler
 
@@ -274,6 +295,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.checkpoint_dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+        self._agree(self._check_checkpoint_space)
         self.checkpointer = Checkpointer(
             self.checkpoint_dir,
             keep_latest=cfg.checkpoint.keep_latest,
@@ -282,9 +304,15 @@ class Trainer:
             rank=dist.rank,
             world_size=dist.world_size,
         )
-        self.resumed_from = self._find_resume_checkpoint()
-        if self.resumed_from is not None:
-            self.load_checkpoint(self.resumed_from)
+        # The optimizer's hyper-parameters as this run's config set them: loading a checkpoint
+        # overwrites them with the saved ones, and a changed one is written back (resume.py).
+        built_groups = param_group_hyperparameters(self.optimizer)
+        self.config_changes = []
+        self.resumed_from = self._resume()
+        if self.config_changes:
+            apply_changes(self.config_changes, self.optimizer, self.scheduler, built_groups)
+            for change in self.config_changes:
+                log.warning("resume: %s (applied from step %d on)", change, self.step + 1)
 
         self.metrics = MetricsLogger(
             cfg.run_dir,
@@ -303,33 +331,79 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def _find_resume_checkpoint(self) -> str | None:
-        """trainer.resume resolved on rank 0 (auto: newest loadable checkpoint in checkpoint.dir,
-        falling back past corrupt ones) and shared, so every rank loads the same one or every
-        rank raises the same error."""
-        resume = self.cfg.trainer.resume
-        if resume == "none":
-            return None
-        found: tuple[str, str | None] = ("ok", None)
+    def _agree(self, decide: Callable[[], Any]) -> Any:
+        """Run `decide` on rank 0 and share its result, or its error, with every rank: all ranks
+        go on with the same value or all raise the same CheckpointError."""
+        outcome: tuple[str, Any] = ("ok", None)
         if self.dist.is_main:
             try:
-                found = ("ok", self._resolve_resume(resume))
+                outcome = ("ok", decide())
             except CheckpointError as e:
-                found = ("error", str(e))
-        kind, value = broadcast_object(found)
-        if kind == "error":
-            raise CheckpointError(value)
+                outcome = (type(e).__name__, str(e))
+        kind, value = broadcast_object(outcome)
+        if kind != "ok":
+            raise {"CorruptCheckpoint": CorruptCheckpoint, "RunDirError": RunDirError}.get(kind, CheckpointError)(value)
         return value
 
-    def _resolve_resume(self, resume: str) -> str | None:
+    def _resume(self) -> str | None:
+        """Load the checkpoint trainer.resume names (auto: the newest loadable one in
+        checkpoint.dir, falling back past damaged ones, including damage found only while
+        loading) and return its path; None when the run starts fresh, which is refused where
+        an earlier run's checkpoints or metrics would be overwritten."""
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            self._agree(lambda: self._guard_fresh_start("trainer.resume=none"))
+            return None
+        problems: list[str] = []
+        candidates = self._agree(lambda: self._resume_candidates(resume, problems))
+        for path in candidates:
+            try:
+                self.load_checkpoint(path)
+                return path
+            except CorruptCheckpoint as e:  # every rank sees the failure (DCP gathers them)
+                if resume != "auto":
+                    raise CorruptCheckpoint(f"trainer.resume: {e}") from e
+                problems.append(str(e))
+                if self.dist.is_main:
+                    log.warning("skipping checkpoint: %s", e)
+        if problems:
+            raise no_loadable_checkpoint(self.checkpoint_dir, problems)
+        self._agree(lambda: self._guard_fresh_start("there is no checkpoint to resume from (trainer.resume=auto)"))
+        return None
+
+    def _resume_candidates(self, resume: str, problems: list[str]) -> list[str]:
         checksum = self.cfg.checkpoint.checksum
         if resume == "auto":
-            path = find_resume_checkpoint(self.checkpoint_dir, checksum=checksum)
-            return str(path) if path is not None else None
+            found = [str(p) for p in resume_candidates(self.checkpoint_dir, checksum=checksum, problems=problems)]
+            if problems and not found:
+                raise no_loadable_checkpoint(self.checkpoint_dir, problems)
+            return found
         try:
-            return str(resolve_checkpoint(resume, checksum=checksum))
+            return [str(resolve_checkpoint(resume, checksum=checksum))]
         except CheckpointError as e:
-            raise CheckpointError(f"trainer.resume: {e}") from e
+            raise type(e)(f"trainer.resume: {e}") from e
+
+    def _guard_fresh_start(self, why: str) -> None:
+        archived = guard_fresh_start(
+            self.cfg.run_dir,
+            self.checkpoint_dir,
+            self.cfg.logging.metrics_file,
+            archive=self.cfg.trainer.archive_previous_run,
+            why=why,
+        )
+        if archived is not None:
+            log.warning("trainer.archive_previous_run: the earlier run is now in %s", archived)
+
+    def _check_checkpoint_space(self) -> None:
+        """Before the first step, not at the first save: the checkpoint directory takes a file,
+        and has room for one checkpoint (the parameters and the optimizer's copies of them, in
+        fp32; a lower bound: the real one also holds small state)."""
+        check_writable(self.checkpoint_dir, "checkpoint.dir")
+        o = self.cfg.optim
+        copies = {"adamw": 2, "muon": 1, "schedule_free_adamw": 2}.get(o.inner, 1)
+        copies += {"snoo": 2, "gpa": 1, "ema_nesterov": 1}.get(o.outer, 0)
+        per_replica = self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
+        check_free_space(self.checkpoint_dir, 4 * self.num_params * (1 + copies) * per_replica, "checkpoint.dir")
 
     def _checkpoint_meta(self) -> dict[str, Any]:
         """What a checkpoint must agree with to be loaded into this run."""
@@ -342,6 +416,14 @@ class Trainer:
         }
 
     def _check_checkpoint_meta(self, saved: dict[str, Any], saved_world_size: int) -> None:
+        """Refuse a checkpoint this run cannot continue (before any tensor is read), and note the
+        hyper-parameters that changed since it was written (applied after loading)."""
+        problem = next(
+            (f"meta.{k}" for k, kind in (("model", dict), ("optim", dict), ("config", dict)) if not isinstance(saved.get(k), kind)),
+            None,
+        ) or next((f"meta.optim.{k}" for k in ("name", "inner", "outer") if k not in saved["optim"]), None)
+        if problem:
+            raise CorruptCheckpoint(f"malformed state.json: {problem} is missing or not what the trainer writes")
         here = self._checkpoint_meta()
         diffs = [
             f"model.{k}={saved['model'].get(k)!r} (this run: {v!r})"
@@ -364,6 +446,13 @@ class Trainer:
                 f"the checkpoint has parallel.replicas={saved.get('replicas', 1)} (this run: "
                 f"{here['replicas']}): each replica's fast weights and inner state are saved apart"
             )
+        if isinstance(saved.get("config"), dict):
+            refusals, self.config_changes = config_changes(saved["config"], here["config"])
+            if refusals:
+                raise CheckpointError(
+                    "cannot resume: the checkpoint was written with " + "; ".join(refusals)
+                    + ". Resume with its values, or start a new run in a new hydra.run.dir"
+                )
         # RNG states are per rank: they only carry over to the same number of ranks.
         self._restore_rng = saved_world_size == self.dist.world_size
 
@@ -483,6 +572,8 @@ class Trainer:
                 f"(trainer.nonfinite_max_skips={t.nonfinite_max_skips}); lower optim.lr (now {self.cfg.optim.lr})"
             )
         hint = " or set trainer.grad_clip (now 0)" if not t.grad_clip else ""
+        if self.cfg.optim.outer == "snoo":
+            hint += f", or lower optim.outer_lr (now {self.cfg.optim.outer_lr})"
         raise TrainingDiverged(
             f"{what} at step {step}; lower optim.lr (now {self.cfg.optim.lr}){hint}, or set "
             "trainer.nonfinite=skip (this step was not applied and nothing was saved from it)"
@@ -552,8 +643,12 @@ class Trainer:
         loss = val_loss = float("nan")
         train_time = eval_time = 0.0
         first_step = self.step + 1
-        preemption = PreemptionHandler()
+        # The entry point installs its handler before anything slow; a library caller gets one here.
+        preemption = process_handler() or PreemptionHandler()
         try:
+            if self._preemption_requested(preemption):
+                # Signalled while starting up: nothing new to save, leave for the requeue at once.
+                raise Preempted(self.step, preemption.signum, self.resumed_from, before_start=True)
             for step in range(first_step, t.max_steps + 1):
                 lr = self.optimizer.param_groups[0]["lr"]
                 loss, grad_norm, skipped = self.train_step(step)
@@ -595,7 +690,8 @@ class Trainer:
                 val_loss = self.evaluate()
             self.checkpointer.wait()
         finally:
-            preemption.close()
+            if preemption is not process_handler():
+                preemption.close()
             self.checkpointer.close()
             self.metrics.close()
         steps_run = max(t.max_steps - first_step + 1, 0)
@@ -691,14 +787,33 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
             log.setLevel(logging.WARNING)
         # Hydra resolves ${now:} per process: rank 0's run directory is the one all ranks use.
         cfg.run_dir = broadcast_object(os.path.abspath(run_dir))
+        # One run per run directory: a second one would write into the first one's saves.
+        locked: tuple[RunDirLock | None, str | None] = (None, None)
         if info.is_main:
-            os.makedirs(cfg.run_dir, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
+            try:
+                check_writable(cfg.run_dir, "the run directory")
+                locked = (RunDirLock(cfg.run_dir).acquire(), None)
+            except RunDirError as e:
+                locked = (None, str(e))
+        error = broadcast_object(locked[1])
+        if error:
+            raise RunDirError(error)
+        lock = locked[0]
         try:
-            summary = Trainer(cfg, info).fit()
-        except (Preempted, TrainingDiverged):
-            clean = True  # every rank stopped at the same step: leave together
+            if lock is not None and lock.stale_holder:
+                log.warning("took over the run directory lock of a run that ended without releasing it (%s)", lock.stale_holder)
+            trainer = Trainer(cfg, info)
+            if info.is_main:
+                # After the resume checks: a refused resume leaves the recorded config as it was.
+                # From here on it is the truth, changed hyper-parameters included.
+                OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
+            summary = trainer.fit()
+        except (Preempted, TrainingDiverged, CheckpointError):
+            clean = True  # every rank stopped at the same step, or took the same decision: leave together
             raise
+        finally:
+            if lock is not None:
+                lock.release()
         if info.is_main:
             with open(os.path.join(cfg.run_dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -770,7 +885,12 @@ def main() -> None:
         # Only rank 0 keeps Hydra's run directory (.hydra/, train.log). The others would create
         # their own, named by their own clock; they learn rank 0's directory after start-up.
         sys.argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
-    _hydra_main()
+    try:
+        _hydra_main()
+        status: int | str | None = 0
+    except SystemExit as e:
+        status = e.code
+    exit_process(status)
 
 
 if __name__ == "__main__":

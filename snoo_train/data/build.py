@@ -48,6 +48,9 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
             f"data.source={cfg.source!r} is not allowed; choose one of stdlib, hf, local"
         )
 
+    for source in (train_source, val_source):
+        if source is not None:
+            source.skip_invalid = cfg.skip_invalid_documents
     named_val = cfg.source == "hf" and bool(cfg.val_split)
     key = None
     if cfg.cache_dir and fingerprints[0] is not None:
@@ -85,7 +88,7 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
 
 
 def _hf(cfg, split: str, *, streaming: bool) -> Source:
-    return load_hf(
+    source = load_hf(
         cfg.path,
         cfg.name,
         split,
@@ -93,6 +96,8 @@ def _hf(cfg, split: str, *, streaming: bool) -> Source:
         streaming=streaming,
         max_documents=cfg.max_documents,
     )
+    source.skip_invalid, source.lazy = cfg.skip_invalid_documents, streaming
+    return source
 
 
 def _build_streaming(cfg, tokenizer: Tokenizer, seed: int):
@@ -102,6 +107,8 @@ def _build_streaming(cfg, tokenizer: Tokenizer, seed: int):
         stream.text_field,
         None,
         stream.describe,
+        skip_invalid=stream.skip_invalid,
+        lazy=True,
     )
     common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
     if cfg.val_split:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import sys
 import sysconfig
@@ -22,6 +23,8 @@ from typing import Optional, Union
 import datasets
 
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 Documents = Union[datasets.Dataset, datasets.IterableDataset]
 
@@ -45,6 +48,12 @@ class Source:
     text_field: str
     fingerprint: Optional[str]  # identifies the input for the token cache; None: do not cache
     describe: str  # for error messages: which config produced these documents
+    # Documents with no text (the field absent or null): an error unless skipped on purpose.
+    skip_invalid: bool = False
+    # Read lazily while training (a hub stream): stop at the first invalid document instead
+    # of counting them all first.
+    lazy: bool = False
+    files: Optional[list[str]] = None  # local files, to point at the line of a bad document
 
 
 def _digest(obj) -> str:
@@ -166,21 +175,39 @@ def load_local(
 ) -> Source:
     paths = resolve_files(files)
     fmt = infer_format(paths, fmt)
+    check_readable(paths, fmt)
     kwargs = {"sample_by": sample_by} if fmt == "text" else {}
     fingerprint = _digest(
         ["local", fmt, sample_by if fmt == "text" else None, [_stat(p) for p in paths]]
     )
     # Streaming reads the files in place: no Arrow copy of the whole corpus in the HF cache,
     # since the tokens end up in our own packed arrays anyway.
-    docs = datasets.load_dataset(
-        _BUILDERS[fmt], data_files=paths, split="train", streaming=True, **kwargs
-    )
+    describe = f"data.files={list(files)} ({fmt})"
+    try:
+        docs = datasets.load_dataset(
+            _BUILDERS[fmt], data_files=paths, split="train", streaming=True, **kwargs
+        )
+    except Exception as err:  # pyarrow, json and datasets each raise their own kinds
+        raise DataError(f"could not read {describe}: {type(err).__name__}: {err}") from err
     if max_documents is not None:
         docs = docs.take(max_documents)
     field = "text" if fmt == "text" else text_field
-    return Source(
-        docs, field, _digest([fingerprint, max_documents]), f"data.files={list(files)} ({fmt})"
-    )
+    return Source(docs, field, _digest([fingerprint, max_documents]), describe, files=paths)
+
+
+def check_readable(paths: list[str], fmt: str) -> None:
+    """Per file, before `datasets` reads them all at once and reports a failure without naming
+    the file: an empty file, or a parquet file whose footer pyarrow cannot read."""
+    for path in paths:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"data.files: {path} is empty")
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                pq.read_metadata(path)
+            except Exception as err:
+                raise DataError(f"data.files: {path} is not a readable parquet file ({err})") from err
 
 
 def load_hf(
@@ -192,13 +219,26 @@ def load_hf(
     streaming: bool,
     max_documents: Optional[int],
 ) -> Source:
+    from .hub import hub_offline, hub_unreachable
+
     where = f"data.path={path!r}" + (f" data.name={name!r}" if name else "") + f" split={split!r}"
+    on_disk = os.path.isdir(os.path.expanduser(path))
+    if not on_disk and not hub_offline():
+        unreachable = hub_unreachable()
+        if unreachable:
+            raise DataError(
+                f"{where}: not a local directory and the hub {unreachable}; for a dataset in "
+                "your HF cache set HF_HUB_OFFLINE=1"
+            )
     try:
         docs = datasets.load_dataset(path, name, split=split, streaming=streaming)
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{where}: dataset not found ({err})") from err
     except ValueError as err:  # e.g. an unknown split or config name
         raise DataError(f"{where}: {err}") from err
+    except (OSError, ConnectionError) as err:  # offline and not cached, or the hub went away
+        offline = " (HF_HUB_OFFLINE is set: only the local cache was searched)" if hub_offline() else ""
+        raise DataError(f"{where}: could not load it{offline}: {type(err).__name__}: {err}") from err
     fingerprint = None
     if isinstance(docs, datasets.Dataset):
         if max_documents is not None:
@@ -211,22 +251,86 @@ def load_hf(
 
 
 def iter_texts(source: Source, batch_size: int = 256) -> Iterator[list[str]]:
-    """Batches of non-empty document texts, in the source's order."""
+    """Batches of non-empty document texts, in the source's order.
+
+    A document whose text field is absent or null is invalid: once the source is read through
+    (at the first one, for a lazy stream) the run stops with their count and the first one's
+    position, unless `source.skip_invalid`, which warns with the same facts and goes on. A text
+    that is not a string stops the run at once. Empty texts carry nothing to train on and are
+    left out."""
     docs = source.documents
+    field = source.text_field
     columns = docs.column_names
-    if columns is not None and source.text_field not in columns:
+    if columns is not None and field not in columns:
         raise DataError(
-            f"data.text_field={source.text_field!r} is not a column of {source.describe}; "
+            f"data.text_field={field!r} is not a column of {source.describe}; "
             f"columns: {', '.join(columns)}"
         )
+    seen = invalid = empty = 0
+    first_invalid: Optional[int] = None  # 0-based document index
     try:
-        for batch in docs.select_columns([source.text_field]).iter(batch_size=batch_size):
-            texts = [t for t in batch[source.text_field] if t]
+        for batch in docs.select_columns([field]).iter(batch_size=batch_size):
+            texts = []
+            for i, text in enumerate(batch[field]):
+                if isinstance(text, str):
+                    if text:
+                        texts.append(text)
+                    else:
+                        empty += 1
+                    continue
+                if text is not None:
+                    raise DataError(
+                        f"data.text_field={field!r} holds a {type(text).__name__} ({str(text)[:40]!r}), "
+                        f"not text, in {_where(source, seen + i)}"
+                    )
+                invalid += 1
+                if first_invalid is None:
+                    first_invalid = seen + i
+                    if source.lazy and not source.skip_invalid:
+                        raise DataError(_invalid_message(source, 1, None, first_invalid))
+            seen += len(batch[field])
             if texts:
                 yield texts
     except KeyError as err:
-        raise DataError(
-            f"data.text_field={source.text_field!r} is missing from documents of {source.describe}"
-        ) from err
-    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as err:
-        raise DataError(f"could not read {source.describe}: {err}") from err
+        raise DataError(f"data.text_field={field!r} is missing from documents of {source.describe}") from err
+    except DataError:
+        raise
+    except (OSError, ValueError, StopIteration, datasets.exceptions.DatasetGenerationError) as err:
+        raise DataError(f"could not read {source.describe}: {type(err).__name__}: {err}") from err
+    if invalid:
+        if not source.skip_invalid:
+            raise DataError(_invalid_message(source, invalid, seen, first_invalid))
+        log.warning("data: %s", _invalid_message(source, invalid, seen, first_invalid))
+    if empty:
+        log.info("data: %d empty documents of %s left out", empty, source.describe)
+
+
+def _invalid_message(source: Source, count: int, total: Optional[int], first: int) -> str:
+    of = f" of {total}" if total is not None else ""
+    head = (
+        f"{count}{of} documents have no {source.text_field!r} (absent or null); "
+        f"the first is {_where(source, first)}"
+    )
+    if source.skip_invalid:
+        return head + "; skipped (data.skip_invalid_documents=true)"
+    return head + (
+        ". Fix the data or set data.text_field, or pass data.skip_invalid_documents=true to "
+        "train on the others"
+    )
+
+
+def _where(source: Source, index: int) -> str:
+    """Where document `index` (0-based, in the source's order) is: a file and line for local
+    JSON lines files, which are read one document per non-blank line; its position otherwise."""
+    files = source.files or []
+    if files and all(p.lower().endswith((".jsonl", ".ndjson")) for p in files):
+        left = index
+        for path in files:
+            with open(path, "rb") as f:
+                for line_number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    if left == 0:
+                        return f"{path} line {line_number}"
+                    left -= 1
+    return f"document {index + 1} of {source.describe}"

@@ -62,7 +62,7 @@ class HFTokenizer:
         path = os.path.expanduser(name_or_path)
         if looks_like_path and not os.path.exists(path):
             raise FileNotFoundError(f"data.tokenizer={name_or_path!r}: no such tokenizer directory")
-        tok = AutoTokenizer.from_pretrained(path if looks_like_path else name_or_path)
+        tok = _load_tokenizer(AutoTokenizer, path if looks_like_path else name_or_path, looks_like_path)
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos is None:
             raise DataError(
@@ -99,6 +99,33 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
+
+
+def _load_tokenizer(auto, name: str, local: bool):
+    """A local directory, or a hub name from the local cache, or from the hub when it answers:
+    never tens of seconds of retries against a network that is not there."""
+    from .hub import hub_offline, hub_unreachable
+
+    try:
+        return auto.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as err:
+        if local:
+            raise DataError(f"data.tokenizer={name!r}: not a loadable tokenizer directory ({_short(err)})") from err
+    if hub_offline():
+        raise DataError(f"data.tokenizer={name!r}: not found locally (HF cache) and HF_HUB_OFFLINE is set")
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise DataError(
+            f"data.tokenizer={name!r}: not found locally (HF cache, or a directory) and the hub {unreachable}"
+        )
+    try:
+        return auto.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise DataError(f"data.tokenizer={name!r}: not found on the hub nor locally ({_short(err)})") from err
+
+
+def _short(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
 
 
 def build_tokenizer(name: str) -> Tokenizer:

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from snoo_train.config import ModelConfig
+from snoo_train.config import ConfigError, ModelConfig
 
 VOCAB_MULTIPLE = 64
 
@@ -33,8 +33,9 @@ def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:
     """
     size = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
     if size < vocab_size:
-        raise ValueError(
-            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary ({vocab_size})"
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({vocab_size} ids); leave model.vocab_size=null to take the tokenizer's size"
         )
     return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 

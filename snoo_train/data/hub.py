@@ -1,0 +1,37 @@
+"""Reaching the Hugging Face hub, or knowing at once that we cannot.
+
+Without a network, `transformers` and `datasets` retry for tens of seconds and end in a
+traceback. Before asking them for anything that is not on local disk, we ask the operating
+system whether the hub's host answers at all (a TCP connect with a short timeout): a missing
+name or a closed network fails in milliseconds, with one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from urllib.parse import urlparse
+
+PROBE_TIMEOUT_S = 3.0
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (the hub library's switch): use the local cache only, never the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if the hub's host accepts a connection; otherwise why not, in a few words."""
+    url = urlparse(hub_endpoint())
+    host = url.hostname or "huggingface.co"
+    port = url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        return f"{hub_endpoint()} is unreachable ({reason})"

@@ -1,0 +1,171 @@
+"""Guarding a run directory: one run at a time, nothing of an earlier run overwritten, and room
+for the checkpoints before the first step rather than a traceback at the first save.
+
+Rank 0 takes these decisions before anything is written into the run directory; the trainer
+shares the outcome with the other ranks, so every rank stops with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from snoo_train.checkpoint import LATEST, CheckpointError, complete_checkpoints
+
+LOCK_FILE = ".lock"
+ARCHIVE_DIR = "archive"
+
+
+class RunDirError(CheckpointError):
+    """The run directory cannot be used as asked (held by another run, holds an earlier run,
+    not writable, too little space). A CheckpointError: it guards what checkpoints rely on."""
+
+
+class RunDirLock:
+    """An exclusive lock on a run directory, held while a run uses it.
+
+    An advisory `flock` on `<run_dir>/.lock`: the kernel drops it when the holder exits, however
+    it exits (kill -9 and node failure included, on file systems that support flock), so a lock
+    left behind by a dead run is stale by construction and is taken over with a warning. The file
+    records the holder's host and pid so that a refusal can name it."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+        self.stale_holder: dict | None = None  # a dead run's record, when one was taken over
+
+    def acquire(self) -> RunDirLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise RunDirError(f"{self.path}: cannot lock the run directory ({e.strerror})") from e
+            who = _describe(holder) if holder else "another process"
+            raise RunDirError(
+                f"{self.path.parent} is in use by {who}: two runs in one run directory would "
+                "overwrite each other's checkpoints and metrics; wait for it to finish, stop it, "
+                "or choose another hydra.run.dir"
+            ) from None
+        # Locked: anything recorded in the file is from a run that has ended without removing it.
+        previous = _read_holder(fd)
+        if previous:
+            self.stale_holder = previous
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.ftruncate(self._fd, 0)  # an empty file: nobody holds it
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        raw = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
+        holder = json.loads(raw) if raw else None
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict) -> str:
+    started = holder.get("started")
+    when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else ""
+    return f"run pid {holder.get('pid')} on host {holder.get('host')}{when}"
+
+
+# -- an earlier run in the directory --------------------------------------------------------------
+
+
+def earlier_run_files(run_dir: str | os.PathLike, ckpt_dir: str | os.PathLike, metrics_file: str) -> list[Path]:
+    """What a fresh start would overwrite or mix with: complete checkpoints (and the `latest`
+    pointer), and a metrics file that holds records."""
+    found: list[Path] = list(complete_checkpoints(ckpt_dir))
+    if found and (Path(ckpt_dir) / LATEST).exists():
+        found.append(Path(ckpt_dir) / LATEST)
+    metrics = Path(run_dir) / metrics_file
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(metrics)
+    return found
+
+
+def guard_fresh_start(
+    run_dir: str | os.PathLike,
+    ckpt_dir: str | os.PathLike,
+    metrics_file: str,
+    *,
+    archive: bool,
+    why: str,
+) -> Path | None:
+    """Before a run starts at step 1 in `run_dir`: refuse if an earlier run's checkpoints or
+    metrics are there (`why` says why this run starts fresh), or with `archive` move them (and
+    the earlier summary) into `<run_dir>/archive/<time>/`. Returns the archive directory."""
+    found = earlier_run_files(run_dir, ckpt_dir, metrics_file)
+    if not found:
+        return None
+    if not archive:
+        names = ", ".join(p.name for p in found[:4]) + (" ..." if len(found) > 4 else "")
+        raise RunDirError(
+            f"{run_dir} holds an earlier run ({names}) and {why}: starting at step 1 here would "
+            "overwrite its checkpoints and mix its metrics. Choose a new hydra.run.dir, resume it "
+            "with trainer.resume=auto, or pass trainer.archive_previous_run=true to move it into "
+            f"{Path(run_dir) / ARCHIVE_DIR}/ first"
+        )
+    dest = Path(run_dir) / ARCHIVE_DIR / time.strftime("%Y-%m-%d_%H-%M-%S")
+    while dest.exists():  # two archives in one second
+        dest = dest.with_name(dest.name + "_")
+    dest.mkdir(parents=True)
+    movable = [Path(ckpt_dir), Path(run_dir) / metrics_file, Path(run_dir) / "summary.json"]
+    for path in movable:
+        if path.exists():
+            os.replace(path, dest / path.name)  # same file system: a rename, nothing copied
+    return dest
+
+
+# -- room to write --------------------------------------------------------------------------------
+
+
+def check_writable(directory: str | os.PathLike, what: str) -> None:
+    """Create `directory` if needed and prove a file can be written in it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        with open(probe, "w") as f:
+            f.write("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"{what} {directory} is not writable: {e.strerror or e}") from None
+
+
+def check_free_space(directory: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes:
+        raise RunDirError(
+            f"{what} {directory} has {free / 2**30:.2f} GiB free; one checkpoint of this run needs "
+            f"about {needed_bytes / 2**30:.2f} GiB. Free some space, or point checkpoint.dir elsewhere"
+        )
