@@ -23,17 +23,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-try:  # DTensor is public from torch 2.5; keep the optimizers importable without it.
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - very old torch
-    DTensor = None  # type: ignore[assignment,misc]
+from snoo_train.optim._dtensor import local as _local
 
 __all__ = ["InnerWrapper", "_local"]
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds: a DTensor's local shard, a plain tensor itself."""
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
 def _forward_to_inner(name: str) -> property:

@@ -39,6 +39,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from snoo_train.optim._dtensor import local as _local
+
 try:
     from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # pragma: no cover - very old torch
@@ -169,10 +171,6 @@ def rms_scale(shape: torch.Size | tuple[int, ...]) -> float:
 # -- sharded orthogonalisation -------------------------------------------------------------------
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
-
-
 def _shard_dim(p: torch.Tensor) -> tuple[int, int] | None:
     """(mesh dim, tensor dim) of a DTensor sharded on exactly one mesh dim; None if replicated
     or not a DTensor. Raises for layouts this optimizer does not gather (e.g. 2 shard dims)."""
@@ -227,7 +225,11 @@ def _orthogonalise_sharded(jobs: list[_Job]) -> int:
         job.owner = min(range(job.size), key=ranks.__getitem__)
         shape = job.param.shape
         ranks[job.owner] += job.param.numel() * min(shape[-2], shape[-1])
+    return _gather_and_orthogonalise(jobs) + _scatter_results(jobs)
 
+
+def _gather_and_orthogonalise(jobs: list[_Job]) -> int:
+    """Each owner gathers its matrices' shards and runs NS on the full matrix; returns bytes sent."""
     sent = 0
     pending = []
     for job in jobs:
@@ -245,7 +247,12 @@ def _orthogonalise_sharded(jobs: list[_Job]) -> int:
         if gathered is not None:
             full = torch.cat(gathered, dim=job.dim).narrow(job.dim, 0, job.length)
             job.result = job.ns(full)
+    return sent
 
+
+def _scatter_results(jobs: list[_Job]) -> int:
+    """Each owner scatters its orthogonalised matrices back as shards; returns bytes sent."""
+    sent = 0
     pending = []
     for job in jobs:
         local_len = job.update.shape[job.dim]

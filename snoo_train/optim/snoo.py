@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
 
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
@@ -58,10 +59,6 @@ def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return out.pin_memory() if pin and torch.cuda.is_available() else out
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _replication_factor(t: torch.Tensor) -> int:
     """How many ranks hold an identical copy of this rank's piece, so that summing every rank's
     squared norm counts each element once. Plain tensors in a process group are replicas."""
@@ -70,8 +67,8 @@ def _replication_factor(t: torch.Tensor) -> int:
         for dim, placement in enumerate(t.placements):
             if isinstance(placement, Replicate):
                 factor *= t.device_mesh.size(dim)
-        return factor * (_world_size() // t.device_mesh.size())
-    return _world_size()
+        return factor * (world_size() // t.device_mesh.size())
+    return world_size()
 
 
 class SNOO(InnerWrapper):
@@ -320,7 +317,7 @@ class SNOO(InnerWrapper):
         sq = torch.stack(
             [torch.stack(self._last_outer_sq_norms[key]).sum() for key in ("pseudo_grad", "slow_weight")]
         ).double()
-        if _world_size() > 1:
+        if world_size() > 1:
             # The collective needs the communication device (NCCL: the GPU), also when the
             # outer state, and with it the norms, lives on CPU.
             sq = sq.to(self._metrics_device)

@@ -1,0 +1,121 @@
+"""From `optim.*` config to an optimizer: a registry of inner optimizers and outer wrappers.
+
+    inner (optim.inner)    adamw | muon | schedule_free_adamw
+    outer (optim.outer)    none | snoo | gpa | ema_nesterov
+
+Adding an optimizer is one `build` function and one registry entry here (plus its YAML in
+`snoo_train/configs/groups/optim/`); the trainer, the checkpoints and export only ever call
+`build_optimizer`. The config's value checks read their choices from the same registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from snoo_train.optim.ema_nesterov import EMANesterov
+from snoo_train.optim.gpa import GPA
+from snoo_train.optim.muon import Muon, muon_param_groups
+from snoo_train.optim.snoo import SNOO
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms, biases and the token embedding (and with it a tied LM head)
+    keep weight_decay=0, the usual choice for transformers."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embeddings else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+# -- inner optimizers: (model, optim config) -> torch.optim.Optimizer ------------------------------
+
+
+def build_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+
+
+def build_muon(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """Muon takes the parameter categories in optim.muon_categories at optim.muon_lr; the rest
+    (embedding, head, norms, router) get its AdamW rule at optim.lr."""
+    groups = muon_param_groups(
+        model,
+        muon_categories=cfg.muon_categories,
+        lr=cfg.muon_lr,
+        adamw_lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+    )
+    return Muon(
+        groups,
+        momentum=cfg.muon_momentum,
+        ns_steps=cfg.ns_steps,
+        period=cfg.muon_period,
+        adamw_betas=tuple(cfg.betas),
+        adamw_eps=cfg.eps,
+    )
+
+
+def build_schedule_free_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
+    """Stands alone (it averages its iterates itself); its warm-up is the trainer's constant
+    schedule's (the same (k + 1) / warmup formula)."""
+    from snoo_train.optim.schedule_free import ScheduleFreeAdamW
+
+    return ScheduleFreeAdamW(
+        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+
+
+INNER: dict[str, Callable[[nn.Module, Any], torch.optim.Optimizer]] = {
+    "adamw": build_adamw,
+    "muon": build_muon,
+    "schedule_free_adamw": build_schedule_free_adamw,
+}
+
+
+# -- outer wrappers: (inner optimizer, optim config, replicate group) -> wrapper --------------------
+
+
+def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch.optim.Optimizer:
+    # replicate_group (DiLoCo, parallel.replicas > 1): SNOO averages the pseudo-gradient over
+    # the replicas at each outer step.
+    return SNOO(
+        inner, k=cfg.k, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
+        replicate_group=replicate_group,
+        reduce_dtype=torch.bfloat16 if cfg.outer_reduce_dtype == "bf16" else None,
+        state_device="cpu" if cfg.outer_state_device == "cpu" else None,
+    )  # fmt: skip
+
+
+def build_gpa(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch.optim.Optimizer:
+    return GPA(inner, mu_x=cfg.gpa_mu_x, mu_y=cfg.gpa_mu_y)
+
+
+def build_ema_nesterov(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch.optim.Optimizer:
+    return EMANesterov(inner, gamma=cfg.ema_gamma, beta=cfg.ema_beta, beta_follows_lr=cfg.ema_beta_follows_lr)
+
+
+OUTER: dict[str, Callable[..., torch.optim.Optimizer] | None] = {
+    "none": None,
+    "snoo": build_snoo,
+    "gpa": build_gpa,
+    "ema_nesterov": build_ema_nesterov,
+}
+
+
+def build_optimizer(model: nn.Module, cfg, *, replicate_group=None) -> torch.optim.Optimizer:
+    """The inner optimizer `optim.inner` on the fast weights, wrapped by `optim.outer`."""
+    inner = INNER[cfg.inner](model, cfg)
+    outer = OUTER[cfg.outer]
+    return inner if outer is None else outer(inner, cfg, replicate_group)
