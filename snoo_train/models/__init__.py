@@ -1,13 +1,9 @@
 """Dense Llama and MoE (Mixtral) models built from config, and their parallelization (FSDP2, AC, compile)."""
 
+from snoo_train.models.build import FAMILIES, build_model, init_weights, materialize
+from snoo_train.models.decoder import padded_vocab_size
 from snoo_train.models.flops import count_parameters, flops_per_token
-from snoo_train.models.llama import (
-    build_model,
-    init_weights,
-    llama_config,
-    materialize,
-    padded_vocab_size,
-)
+from snoo_train.models.llama import llama_config
 from snoo_train.models.moe import RouterStats, mixtral_config
 from snoo_train.models.parallelize import (
     apply_activation_checkpointing,
@@ -19,6 +15,7 @@ from snoo_train.models.parallelize import (
 from snoo_train.models.presets import PRESETS
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "RouterStats",
     "apply_activation_checkpointing",

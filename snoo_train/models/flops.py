@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from snoo_train.config import ModelConfig
-from snoo_train.models.llama import padded_vocab_size
+from snoo_train.models.decoder import padded_vocab_size
 
 
 def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> int:

@@ -23,7 +23,7 @@ import torch
 from transformers import MixtralConfig
 
 from snoo_train.config import ModelConfig
-from snoo_train.models.llama import decoder_config_kwargs
+from snoo_train.models.decoder import decoder_config_kwargs
 
 EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "batched_mm", "eager")
 
