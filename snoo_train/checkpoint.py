@@ -53,6 +53,8 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
+from snoo_train.dist import in_process_group
+
 log = logging.getLogger(__name__)
 
 STEP_PREFIX = "step_"
@@ -417,10 +419,6 @@ def resolve_checkpoint(path: str | os.PathLike, checksum: bool = True) -> Path:
 # -- saving and loading ---------------------------------------------------------------------------
 
 
-def _in_process_group() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 @contextmanager
 def _single_process_quietly() -> Iterator[None]:
     # DCP warns on every call without a process group that it assumes a single process: that
@@ -454,7 +452,7 @@ class Checkpointer:
         self.async_save = async_save
         self.checksum = checksum
         self.rank, self.world_size = rank, world_size
-        self._distributed = _in_process_group()
+        self._distributed = in_process_group()
         # The background writer's collectives run on their own gloo group: sharing the training
         # group would interleave them with the training step's collectives.
         self._async_group = (
@@ -505,18 +503,8 @@ class Checkpointer:
         if rename is not None:
             tensors = {rename(k): v for k, v in tensors.items()}
         self._refuse_non_finite(step, tensors)
-        error = None
-        if self.rank == 0:
-            try:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-                doc = {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size, "meta": meta, "plain": plain}
-                _write_json_durably(tmp / STATE_FILE, doc)
-            except OSError as e:
-                error = self._write_failed(tmp, e)
         # The directory exists before any rank writes into it, or every rank raises rank 0's error.
-        error = self._share(error)
+        error = self._share(self._start_save(step, tmp, meta, plain) if self.rank == 0 else None)
         if error:
             raise CheckpointError(error)
 
@@ -546,6 +534,18 @@ class Checkpointer:
         else:
             self._pending = future
         self.last_saved_step = step
+
+    def _start_save(self, step: int, tmp: Path, meta: dict[str, Any], plain: list) -> str | None:
+        """Rank 0: a fresh `.incomplete` directory holding state.json; an error message if not."""
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            doc = {"format": FORMAT_VERSION, "step": step, "world_size": self.world_size, "meta": meta, "plain": plain}
+            _write_json_durably(tmp / STATE_FILE, doc)
+        except OSError as e:
+            return self._write_failed(tmp, e)
+        return None
 
     def _share(self, error: str | None) -> str | None:
         """Rank 0's outcome on every rank (a barrier too): all ranks go on, or all raise."""
@@ -710,7 +710,7 @@ def load_state(
     # no_dist: one process without a process group (export, world size 1) loads everything.
     try:
         with _single_process_quietly():
-            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=not _in_process_group())
+            dcp.load(tensors, storage_reader=SafeFileSystemReader(path), no_dist=not in_process_group())
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP gathers every rank's failure, raises it on all

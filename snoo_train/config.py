@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A config value is out of range or inconsistent; the message names the key."""
 
 
+# The model families models/build.py registers (it imports this module, so it cannot be read
+# from there; tests/test_models.py checks the two agree).
+MODEL_FAMILIES = ("llama", "moe")
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder. `vocab_size=None` takes the tokenizer's size (padded to 64)."""
@@ -236,7 +241,10 @@ def _float_values(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
 
 
 def validate_config(cfg: Any, world_size: int = 1) -> None:
-    """Check values a type cannot; raise ConfigError naming the key. `cfg` is a Config or DictConfig."""
+    """Check values a type cannot; raise ConfigError naming the key. `cfg` is a Config or DictConfig.
+
+    Each section checks its own values (`_check_<section>`); only the checks that span sections
+    are here."""
     # First: a NaN passes every range check below (nan <= 0 is False) and inf passes most.
     # Only the schema's sections: a composed DictConfig may also hold Hydra's own node.
     for section in dataclasses.fields(Config):
@@ -244,68 +252,13 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
             if not math.isfinite(value):
                 raise ConfigError(f"{key}={value} must be a finite number")
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
-    _choice("model.family", m.family, ("llama", "moe"))
-    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
-        _positive(f"model.{key}", getattr(m, key))
-    if m.hidden_size % m.num_heads:
-        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
-    if m.num_heads % m.num_kv_heads:
-        raise ConfigError(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
-
-    if m.family == "moe":
-        if m.num_experts < 2:
-            raise ConfigError(f"model.num_experts={m.num_experts} must be >= 2 when model.family=moe")
-        if not 1 <= m.num_experts_per_tok <= m.num_experts:
-            raise ConfigError(
-                f"model.num_experts_per_tok={m.num_experts_per_tok} must be in [1, model.num_experts={m.num_experts}]"
-            )
-        if m.moe_intermediate_size is not None:
-            _positive("model.moe_intermediate_size", m.moe_intermediate_size)
-        _positive("model.router_aux_loss_coef", m.router_aux_loss_coef, strict=False)
-        _choice("model.experts_implementation", m.experts_implementation, ("auto", "grouped_mm", "batched_mm", "eager"))
-
-    _choice("optim.inner", o.inner, ("adamw", "muon", "schedule_free_adamw"))
-    if o.inner == "muon":
-        _positive("optim.muon_lr", o.muon_lr)
-        if not 0.0 <= o.muon_momentum < 1.0:
-            raise ConfigError(f"optim.muon_momentum={o.muon_momentum} must be in [0, 1)")
-        _positive("optim.ns_steps", o.ns_steps)
-        _positive("optim.muon_period", o.muon_period)
-        allowed = ("matrix", "expert", "embedding", "head", "router")  # vectors cannot be orthogonalised
-        for c in o.muon_categories:
-            _choice("optim.muon_categories", c, allowed)
-    _choice("optim.outer", o.outer, ("none", "snoo", "gpa", "ema_nesterov"))
-    if o.inner == "schedule_free_adamw":
-        if o.outer != "none":
-            raise ConfigError(
-                f"optim.outer={o.outer!r} cannot wrap optim.inner=schedule_free_adamw (it averages its "
-                "iterates itself); use optim.outer=none"
-            )
-        if t.lr_schedule != "constant":
-            raise ConfigError(
-                f"trainer.lr_schedule={t.lr_schedule!r}: optim.inner=schedule_free_adamw replaces the "
-                "schedule's decay and needs trainer.lr_schedule=constant (warm-up still applies)"
-            )
-    if o.outer == "gpa":
-        for key in ("gpa_mu_x", "gpa_mu_y"):
-            if not 0.0 <= getattr(o, key) < 1.0:
-                raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
-    if o.outer == "ema_nesterov":
-        if not 0.0 <= o.ema_gamma < 1.0:
-            raise ConfigError(f"optim.ema_gamma={o.ema_gamma} must be in [0, 1)")
-        _positive("optim.ema_beta", o.ema_beta, strict=False)
-    _positive("optim.lr", o.lr)
-    _positive("optim.weight_decay", o.weight_decay, strict=False)
-    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
-        raise ConfigError(f"optim.betas={list(o.betas)} must be two values in [0, 1)")
-    if o.outer == "snoo":
-        if o.k < 1:
-            raise ConfigError(f"optim.k={o.k} must be >= 1")
-        _positive("optim.outer_lr", o.outer_lr)
-        if not 0.0 <= o.outer_momentum < 1.0:
-            raise ConfigError(f"optim.outer_momentum={o.outer_momentum} must be in [0, 1)")
-    _choice("optim.outer_reduce_dtype", o.outer_reduce_dtype, ("fp32", "bf16"))
-    _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
+    _check_model(m)
+    _check_optim(o)
+    if o.inner == "schedule_free_adamw" and t.lr_schedule != "constant":
+        raise ConfigError(
+            f"trainer.lr_schedule={t.lr_schedule!r}: optim.inner=schedule_free_adamw replaces the "
+            "schedule's decay and needs trainer.lr_schedule=constant (warm-up still applies)"
+        )
     replicas = cfg.parallel.replicas
     if replicas < 1 or world_size % replicas:
         raise ConfigError(
@@ -316,7 +269,87 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
         raise ConfigError(
             f"parallel.replicas={replicas} needs optim.outer=snoo (DiLoCo) or none (HSDP), got {o.outer!r}"
         )
+    _check_data(d)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _check_trainer(t)
+    per_step = world_size * t.grad_accum
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} must be divisible by world_size x trainer.grad_accum "
+            f"= {world_size} x {t.grad_accum} = {per_step}"
+        )
+    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
+    _positive("checkpoint.interval", cfg.checkpoint.interval, strict=False)
+    _positive("checkpoint.keep_latest", cfg.checkpoint.keep_latest, strict=False)
 
+
+def _check_model(m: Any) -> None:
+    _choice("model.family", m.family, MODEL_FAMILIES)
+    for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        _positive(f"model.{key}", getattr(m, key))
+    if m.hidden_size % m.num_heads:
+        raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+    if m.num_heads % m.num_kv_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} must be divisible by model.num_kv_heads={m.num_kv_heads}")
+    if m.family != "moe":
+        return
+    if m.num_experts < 2:
+        raise ConfigError(f"model.num_experts={m.num_experts} must be >= 2 when model.family=moe")
+    if not 1 <= m.num_experts_per_tok <= m.num_experts:
+        raise ConfigError(
+            f"model.num_experts_per_tok={m.num_experts_per_tok} must be in [1, model.num_experts={m.num_experts}]"
+        )
+    if m.moe_intermediate_size is not None:
+        _positive("model.moe_intermediate_size", m.moe_intermediate_size)
+    _positive("model.router_aux_loss_coef", m.router_aux_loss_coef, strict=False)
+    _choice("model.experts_implementation", m.experts_implementation, ("auto", "grouped_mm", "batched_mm", "eager"))
+
+
+def _unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}={value} must be in [0, 1)")
+
+
+def _check_optim(o: Any) -> None:
+    # The registry is the one list of optimizers (optim/build.py; torch only, no cycle).
+    from snoo_train.optim.build import INNER, OUTER
+
+    _choice("optim.inner", o.inner, tuple(INNER))
+    if o.inner == "muon":
+        _positive("optim.muon_lr", o.muon_lr)
+        _unit_interval("optim.muon_momentum", o.muon_momentum)
+        _positive("optim.ns_steps", o.ns_steps)
+        _positive("optim.muon_period", o.muon_period)
+        allowed = ("matrix", "expert", "embedding", "head", "router")  # vectors cannot be orthogonalised
+        for c in o.muon_categories:
+            _choice("optim.muon_categories", c, allowed)
+    _choice("optim.outer", o.outer, tuple(OUTER))
+    if o.inner == "schedule_free_adamw" and o.outer != "none":
+        raise ConfigError(
+            f"optim.outer={o.outer!r} cannot wrap optim.inner=schedule_free_adamw (it averages its "
+            "iterates itself); use optim.outer=none"
+        )
+    if o.outer == "gpa":
+        for key in ("gpa_mu_x", "gpa_mu_y"):
+            _unit_interval(f"optim.{key}", getattr(o, key))
+    if o.outer == "ema_nesterov":
+        _unit_interval("optim.ema_gamma", o.ema_gamma)
+        _positive("optim.ema_beta", o.ema_beta, strict=False)
+    _positive("optim.lr", o.lr)
+    _positive("optim.weight_decay", o.weight_decay, strict=False)
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"optim.betas={list(o.betas)} must be two values in [0, 1)")
+    if o.outer == "snoo":
+        if o.k < 1:
+            raise ConfigError(f"optim.k={o.k} must be >= 1")
+        _positive("optim.outer_lr", o.outer_lr)
+        _unit_interval("optim.outer_momentum", o.outer_momentum)
+    _choice("optim.outer_reduce_dtype", o.outer_reduce_dtype, ("fp32", "bf16"))
+    _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
+
+
+def _check_data(d: Any) -> None:
     _choice("data.source", d.source, ("stdlib", "hf", "local"))
     if d.source == "hf" and not d.path:
         raise ConfigError("data.path must name a dataset when data.source=hf (e.g. data.path=roneneldan/TinyStories)")
@@ -327,17 +360,14 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
     _choice("data.sample_by", d.sample_by, ("document", "paragraph", "line"))
     _positive("data.shuffle_buffer", d.shuffle_buffer)
     _positive("data.seq_len", d.seq_len)
-    if not 0.0 <= d.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in [0, 1)")
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    _unit_interval("data.val_fraction", d.val_fraction)
 
+
+def _check_trainer(t: Any) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "log_interval"):
         _positive(f"trainer.{key}", getattr(t, key))
-    _positive("trainer.eval_interval", t.eval_interval, strict=False)
-    _positive("trainer.eval_batches", t.eval_batches, strict=False)
-    _positive("trainer.grad_clip", t.grad_clip, strict=False)
-    _positive("trainer.warmup_steps", t.warmup_steps, strict=False)
+    for key in ("eval_interval", "eval_batches", "grad_clip", "warmup_steps"):
+        _positive(f"trainer.{key}", getattr(t, key), strict=False)
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if not 0.0 < t.decay_fraction <= 1.0:
@@ -345,17 +375,7 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
     _choice("trainer.lr_schedule", t.lr_schedule, ("cosine", "wsd", "constant"))
     _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
     _choice("trainer.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
-    per_step = world_size * t.grad_accum
-    if t.batch_size % per_step:
-        raise ConfigError(
-            f"trainer.batch_size={t.batch_size} must be divisible by world_size x trainer.grad_accum "
-            f"= {world_size} x {t.grad_accum} = {per_step}"
-        )
-    _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _choice("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
     _positive("trainer.nonfinite_max_skips", t.nonfinite_max_skips)
     if not t.resume:
         raise ConfigError("trainer.resume is empty; use auto, none or a checkpoint path")
-    c = cfg.checkpoint
-    _positive("checkpoint.interval", c.interval, strict=False)
-    _positive("checkpoint.keep_latest", c.keep_latest, strict=False)

@@ -143,13 +143,15 @@ def exit_process(status: int | str | None = 0) -> None:
     os._exit(status or 0)
 
 
-def _active() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
+def in_process_group() -> bool:
+    """A process group of more than one rank is running (the optimizers, torch-only, have their
+    own: optim/_dtensor.py)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum python floats over all ranks (one collective for the whole list)."""
-    if not _active():
+    if not in_process_group():
         return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -157,13 +159,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
-    if not _active():
+    if not in_process_group():
         return float(value)
     return all_reduce_sum([value], device)[0] / dist.get_world_size()
 
 
 def all_reduce_max(value: float, device: torch.device) -> float:
-    if not _active():
+    if not in_process_group():
         return float(value)
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -172,7 +174,7 @@ def all_reduce_max(value: float, device: torch.device) -> float:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Every rank returns rank `src`'s `obj` (e.g. the run directory it resolved)."""
-    if not _active():
+    if not in_process_group():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)

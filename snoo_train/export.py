@@ -52,7 +52,7 @@ def load_model(path: str | Path, *, weights: str = "eval") -> tuple[torch.nn.Mod
     `eval` (the optimizer's evaluation sequence: SNOO's slow weights) or `params`."""
     # Imported here: `python -m snoo_train.export --help` should not pay for transformers.
     from snoo_train.models import build_model, materialize
-    from snoo_train.train import build_optimizer
+    from snoo_train.optim.build import build_optimizer
 
     path = resolve_checkpoint(path)
     meta = read_state(path)["meta"]

@@ -98,6 +98,9 @@ class MetricsLogger:
         self._redirect = None
         self._want_bar = False
         self._total_steps = total_steps
+        # Every rank needs it: building a record takes collectives (the MoE router's loads).
+        trainer_cfg = getattr(cfg, "trainer", None)
+        self.log_interval = getattr(trainer_cfg, "log_interval", 1)
         if not self.enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -142,6 +145,11 @@ class MetricsLogger:
         # Console log lines go through tqdm.write so they print above the bar, not through it.
         self._redirect = logging_redirect_tqdm()
         self._redirect.__enter__()
+
+    def should_log(self, step: int, first_step: int) -> bool:
+        """A record every trainer.log_interval steps, and at the first step of a session (the
+        evaluator adds its own steps: Evaluator.should_run)."""
+        return step == first_step or step % self.log_interval == 0
 
     def advance(self, step: int) -> None:
         """Move the progress bar to `step` (called every optimizer step)."""

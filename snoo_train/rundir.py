@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from snoo_train.checkpoint import LATEST, CheckpointError, complete_checkpoints
+from snoo_train.dist import DistInfo, broadcast_object
 
 LOCK_FILE = ".lock"
 ARCHIVE_DIR = "archive"
@@ -81,6 +82,22 @@ class RunDirLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def lock_run_dir(run_dir: str, dist: DistInfo) -> RunDirLock | None:
+    """Rank 0 takes the run directory's lock (after proving it writable); every rank raises
+    the same RunDirError if it cannot. Returns the lock on rank 0, None elsewhere."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            check_writable(run_dir, "the run directory")
+            lock = RunDirLock(run_dir).acquire()
+        except RunDirError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error:
+        raise RunDirError(error)
+    return lock
 
 
 def _read_holder(fd: int) -> dict | None:

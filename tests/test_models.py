@@ -166,6 +166,13 @@ def test_meta_build_materializes_like_a_cpu_build():
     torch.testing.assert_close(logits, reference(input_ids=inputs).logits, rtol=0, atol=0)
 
 
+def test_the_config_knows_every_registered_family():
+    from snoo_train.config import MODEL_FAMILIES
+    from snoo_train.models import FAMILIES
+
+    assert tuple(FAMILIES) == MODEL_FAMILIES
+
+
 def test_vocab_size_override_and_errors():
     cfg = dataclasses.replace(TINY, vocab_size=1000)
     assert build_model(cfg, BYTE_VOCAB, seed=0, device="meta").config.vocab_size == 1024

@@ -1,15 +1,15 @@
 """Plot runs against each other and print how much sooner each reaches the baseline's loss.
 
-    python -m snoo_train.plot RUN_DIR... -o out.png
-    python -m snoo_train.plot multirun/2026-11-22_10-00-00 -o sweep.png       # a whole sweep
-    python -m snoo_train.plot runs/a runs/b --metric snoo/pseudo_grad_norm -o pg.png
-    python -m snoo_train.plot runs/moe --metric moe/layer0/load -o load.png   # one line per expert
-    python -m snoo_train.plot runs/* --baseline runs/adamw --x steps -o steps.png
+    python -m snoo_train.analysis.plot RUN_DIR... -o out.png
+    python -m snoo_train.analysis.plot multirun/2026-11-22_10-00-00 -o sweep.png       # a whole sweep
+    python -m snoo_train.analysis.plot runs/a runs/b --metric snoo/pseudo_grad_norm -o pg.png
+    python -m snoo_train.analysis.plot runs/moe --metric moe/layer0/load -o load.png   # one line per expert
+    python -m snoo_train.analysis.plot runs/* --baseline runs/adamw --x steps -o steps.png
 
 One panel per x axis (optimizer steps, training tokens, training FLOPs). For a loss metric
 (the default val_loss) a dotted line marks the baseline's final value and an open circle marks
 where each other run first reaches it; the table printed below gives the speedup at that point
-(baseline's final x / run's crossing x, see snoo_train.speedup). Curves differ in line style
+(baseline's final x / run's crossing x, see snoo_train.analysis.speedup). Curves differ in line style
 and marker as well as colour, so the figure reads in black and white.
 
 The baseline is --baseline, else the first run without an outer optimizer, else the first run.
@@ -28,8 +28,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed (CI, SLURM, ssh)
 import matplotlib.pyplot as plt  # noqa: E402
 
-from snoo_train.runs import Run, load_runs  # noqa: E402
-from snoo_train.speedup import crossing_point, format_speedup  # noqa: E402
+from snoo_train.analysis.runs import Run, load_runs  # noqa: E402
+from snoo_train.analysis.speedup import crossing_point, format_speedup  # noqa: E402
 
 X_AXES = {"steps": ("step", "optimizer steps"), "tokens": ("tokens", "training tokens"),
           "flops": ("flops", "training FLOPs")}
@@ -121,7 +121,7 @@ def print_table(runs: list[Run], baseline: Run, metric: str, table: dict[str, di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m snoo_train.plot", description=__doc__,
+        prog="python -m snoo_train.analysis.plot", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories or sweep directories")
     parser.add_argument("-o", "--out", required=True, help="output image (png, pdf, svg)")

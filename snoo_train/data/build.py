@@ -28,29 +28,7 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
     """
     if cfg.source == "hf" and cfg.streaming:
         return _build_streaming(cfg, tokenizer, seed)
-
-    train_source = val_source = None
-    if cfg.source == "stdlib":
-        # Reading is the costly part: only list and stat the files until the cache misses.
-        listing = list_stdlib(cfg.max_documents)
-        fingerprints = [listing.fingerprint, None]
-    elif cfg.source == "local":
-        train_source = load_local(
-            cfg.files, cfg.format, cfg.text_field, cfg.sample_by, cfg.max_documents
-        )
-        fingerprints = [train_source.fingerprint, None]
-    elif cfg.source == "hf":
-        train_source = _hf(cfg, cfg.split, streaming=False)
-        val_source = _hf(cfg, cfg.val_split, streaming=False) if cfg.val_split else None
-        fingerprints = [train_source.fingerprint, val_source.fingerprint if val_source else None]
-    else:
-        raise DataError(
-            f"data.source={cfg.source!r} is not allowed; choose one of stdlib, hf, local"
-        )
-
-    for source in (train_source, val_source):
-        if source is not None:
-            source.skip_invalid = cfg.skip_invalid_documents
+    listing, train_source, val_source, fingerprints = _open_sources(cfg)
     named_val = cfg.source == "hf" and bool(cfg.val_split)
     key = None
     if cfg.cache_dir and fingerprints[0] is not None:
@@ -85,6 +63,29 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
         PackedDataset(train_tokens, cfg.seq_len, num_documents=n_train),
         PackedDataset(val_tokens, cfg.seq_len, num_documents=n_val),
     )
+
+
+def _open_sources(cfg):
+    """(stdlib listing, train source, named validation source, fingerprints for the cache).
+    The standard library is only listed and stat-ed here: reading it is the costly part, left
+    until the cache misses."""
+    listing = train_source = val_source = None
+    if cfg.source == "stdlib":
+        listing = list_stdlib(cfg.max_documents)
+        fingerprints = [listing.fingerprint, None]
+    elif cfg.source == "local":
+        train_source = load_local(cfg.files, cfg.format, cfg.text_field, cfg.sample_by, cfg.max_documents)
+        fingerprints = [train_source.fingerprint, None]
+    elif cfg.source == "hf":
+        train_source = _hf(cfg, cfg.split, streaming=False)
+        val_source = _hf(cfg, cfg.val_split, streaming=False) if cfg.val_split else None
+        fingerprints = [train_source.fingerprint, val_source.fingerprint if val_source else None]
+    else:
+        raise DataError(f"data.source={cfg.source!r} is not allowed; choose one of stdlib, hf, local")
+    for source in (train_source, val_source):
+        if source is not None:
+            source.skip_invalid = cfg.skip_invalid_documents
+    return listing, train_source, val_source, fingerprints
 
 
 def _hf(cfg, split: str, *, streaming: bool) -> Source:

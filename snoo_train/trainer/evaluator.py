@@ -1,0 +1,89 @@
+"""Held-out evaluation at the optimizer's evaluation weights (SNOO's slow weights, GPA's and
+Schedule-Free's x), on its own interval."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+
+from snoo_train.data import eval_batches
+from snoo_train.dist import DistInfo, all_reduce_sum
+from snoo_train.trainer.step import causal_lm_loss
+
+
+class Evaluator:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        val_set: Any,
+        trainer_cfg,
+        dist: DistInfo,
+        *,
+        autocast: AbstractContextManager,
+        to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    ):
+        self.model, self.optimizer, self.val_set = model, optimizer, val_set
+        self.t, self.dist = trainer_cfg, dist
+        self.autocast, self.to_device = autocast, to_device
+
+    def should_run(self, step: int) -> bool:
+        """Every trainer.eval_interval steps (0: never) and after the last step."""
+        return step == self.t.max_steps or (self.t.eval_interval > 0 and step % self.t.eval_interval == 0)
+
+    @property
+    def eval_sequence(self) -> str:
+        """Which weights evaluation sees: the optimizer's `eval_sequence` (SNOO: "slow"; GPA,
+        Schedule-Free: "x"), "params" for optimizers without one."""
+        return getattr(self.optimizer, "eval_sequence", "params")
+
+    @contextmanager
+    def weights(self) -> Iterator[None]:
+        """The optimizer's evaluation point (`eval_parameters()`) for the duration of an
+        evaluation; plain parameters for AdamW.
+
+        The optimizers swap weights in the sharded parameters. FSDP2 keeps some groups gathered
+        after a forward with no backward (the root and the last layer: reshard_after_forward=False),
+        and a later forward would reuse those gathered copies: resharding on both sides of the
+        swap keeps the slow weights out of training and the fast ones out of evaluation."""
+        self.reshard()
+        swap = getattr(self.optimizer, "eval_parameters", None)
+        with swap() if swap is not None else nullcontext():
+            try:
+                yield
+            finally:
+                self.reshard()
+
+    def reshard(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean held-out loss per token over all ranks, at the evaluation weights."""
+        t = self.t
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dist.device)
+        tokens = 0
+        # Same sequences as eval_batches x batch_size, in training-sized micro-batches.
+        batches = eval_batches(
+            self.val_set,
+            batch_size=t.batch_size // t.grad_accum,
+            num_batches=t.eval_batches * t.grad_accum,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        with self.weights():
+            for batch in batches:
+                batch = self.to_device(batch)
+                with self.autocast:
+                    loss_sum += causal_lm_loss(self.model, batch, reduction="sum")
+                tokens += batch["labels"].numel()
+        total, count = all_reduce_sum([loss_sum.item(), float(tokens)], self.dist.device)
+        return total / count if count else float("nan")  # nan: no held-out data (val_fraction=0)

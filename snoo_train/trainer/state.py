@@ -1,0 +1,263 @@
+"""A run's checkpointed state: the tree a checkpoint holds, when to save it, what a checkpoint
+must agree with to be loaded, and resuming (with fallback past damaged checkpoints, and the
+config changes a resume applies or refuses: snoo_train/resume.py)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from snoo_train.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CorruptCheckpoint,
+    checkpoint_name,
+    no_loadable_checkpoint,
+    replica_keys,
+    resolve_checkpoint,
+    resume_candidates,
+)
+from snoo_train.config import is_diloco
+from snoo_train.dist import broadcast_object
+from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
+from snoo_train.rundir import RunDirError, check_free_space, check_writable, guard_fresh_start
+
+if TYPE_CHECKING:
+    from snoo_train.trainer.trainer import Trainer
+
+log = logging.getLogger("snoo_train")
+
+_ERRORS = {"CorruptCheckpoint": CorruptCheckpoint, "RunDirError": RunDirError}
+
+
+def agree(dist, decide: Callable[[], Any]) -> Any:
+    """Run `decide` on rank 0 and share its result, or its error, with every rank: all ranks
+    go on with the same value or all raise the same CheckpointError."""
+    outcome: tuple[str, Any] = ("ok", None)
+    if dist.is_main:
+        try:
+            outcome = ("ok", decide())
+        except CheckpointError as e:
+            outcome = (type(e).__name__, str(e))
+    kind, value = broadcast_object(outcome)
+    if kind != "ok":
+        raise _ERRORS.get(kind, CheckpointError)(value)
+    return value
+
+
+class RunState:
+    """Owns the trainer's checkpoints: `checkpoint.interval`, the tree, saving, resuming."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        cfg, self.dist = trainer.cfg, trainer.dist
+        self.cfg = cfg
+        self.dir = cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+        agree(self.dist, self._check_space)
+        self.checkpointer = Checkpointer(
+            self.dir,
+            keep_latest=cfg.checkpoint.keep_latest,
+            async_save=cfg.checkpoint.async_save,
+            checksum=cfg.checkpoint.checksum,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.config_changes: list = []
+        self._restore_rng = False
+
+    # -- when --
+
+    def should_save(self, step: int, *, preempted: bool) -> bool:
+        """Every checkpoint.interval steps (0: never) and after the last step; always on preemption."""
+        interval = self.cfg.checkpoint.interval
+        return preempted or (interval > 0 and (step % interval == 0 or step == self.cfg.trainer.max_steps))
+
+    # -- the tree --
+
+    def meta(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be loaded into this run."""
+        cfg = self.cfg
+        return {
+            "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+            "model": {**OmegaConf.to_container(OmegaConf.structured(cfg.model)), "vocab_size": self.trainer.vocab_size},
+            "optim": {"name": cfg.optim.name, "inner": cfg.optim.inner, "outer": cfg.optim.outer},
+            "replicas": cfg.parallel.replicas,
+            "world_size": self.dist.world_size,
+        }
+
+    def tree(self) -> dict[str, Any]:
+        """Everything a checkpoint holds, as one tree of tensors (DTensor shards under FSDP2)
+        and plain values. get_state_dict keys the optimizer state by parameter name, so DCP can
+        reshard it, SNOO's slow weights and momentum included (they live in optimizer.state)."""
+        t = self.trainer
+        model_sd, optim_sd = get_state_dict(t.model, t.optimizer)
+        rng = {"cpu": torch.get_rng_state()}
+        if self.dist.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return {
+            "model": model_sd,
+            "optim": optim_sd,
+            "rng": {f"rank{self.dist.rank}": rng},
+            "trainer": {
+                "step": t.step,
+                "tokens": t.step * t.loader.tokens_per_step,
+                "skipped_steps": t.policy.skipped_steps,
+                "consecutive_skips": t.policy.consecutive_skips,
+                "loader": t.loader.state_dict(),
+                "scheduler": t.scheduler.state_dict(),
+            },
+        }
+
+    @property
+    def _keys(self) -> Callable[[str], str] | None:
+        """Per-replica keys under DiLoCo (checkpoint.replica_keys); the tree's own otherwise."""
+        return replica_keys(self.dist.replica) if is_diloco(self.cfg) else None
+
+    # -- save --
+
+    def save(self, step: int, *, blocking: bool | None = None) -> str:
+        self.checkpointer.save(step, self.tree(), self.meta(), blocking=blocking, rename=self._keys)
+        return os.path.join(self.dir, checkpoint_name(step))
+
+    def _check_space(self) -> None:
+        """Before the first step, not at the first save: the checkpoint directory takes a file,
+        and has room for one checkpoint (the parameters and the optimizer's copies of them, in
+        fp32; a lower bound: the real one also holds small state)."""
+        check_writable(self.dir, "checkpoint.dir")
+        o = self.cfg.optim
+        copies = {"adamw": 2, "muon": 1, "schedule_free_adamw": 2}.get(o.inner, 1)
+        copies += {"snoo": 2, "gpa": 1, "ema_nesterov": 1}.get(o.outer, 0)
+        per_replica = self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
+        check_free_space(self.dir, 4 * self.trainer.num_params * (1 + copies) * per_replica, "checkpoint.dir")
+
+    # -- load --
+
+    def check_meta(self, saved: dict[str, Any], saved_world_size: int) -> None:
+        """Refuse a checkpoint this run cannot continue (before any tensor is read), and note the
+        hyper-parameters that changed since it was written (applied after loading)."""
+        problem = next(
+            (f"meta.{k}" for k in ("model", "optim", "config") if not isinstance(saved.get(k), dict)), None
+        ) or next((f"meta.optim.{k}" for k in ("name", "inner", "outer") if k not in saved["optim"]), None)
+        if problem:
+            raise CorruptCheckpoint(f"malformed state.json: {problem} is missing or not what the trainer writes")
+        here = self.meta()
+        diffs = [
+            f"model.{k}={saved['model'].get(k)!r} (this run: {v!r})"
+            for k, v in here["model"].items()
+            if k != "name" and saved["model"].get(k) != v
+        ]
+        if diffs:
+            raise CheckpointError(
+                f"the checkpoint was written for a different model ({saved['model'].get('name')}): " + ", ".join(diffs)
+            )
+        for key in ("inner", "outer"):
+            if saved["optim"][key] != here["optim"][key]:
+                raise CheckpointError(
+                    f"the checkpoint was written with optim.{key}={saved['optim'][key]} "
+                    f"(this run: {here['optim'][key]}); its optimizer state does not fit"
+                )
+        if saved.get("replicas", 1) != here["replicas"]:
+            raise CheckpointError(
+                f"the checkpoint has parallel.replicas={saved.get('replicas', 1)} (this run: "
+                f"{here['replicas']}): each replica's fast weights and inner state are saved apart"
+            )
+        refusals, self.config_changes = config_changes(saved["config"], here["config"])
+        if refusals:
+            raise CheckpointError(
+                "cannot resume: the checkpoint was written with " + "; ".join(refusals)
+                + ". Resume with its values, or start a new run in a new hydra.run.dir"
+            )
+        # RNG states are per rank: they only carry over to the same number of ranks.
+        self._restore_rng = saved_world_size == self.dist.world_size
+
+    def load(self, path: str) -> None:
+        # The tree to load into; on a fresh optimizer get_state_dict first creates its state
+        # with one zero-learning-rate step, which the loaded values then replace.
+        t = self.trainer
+        tree = self.tree()
+        self._restore_rng = False
+        self.checkpointer.load(
+            path,
+            tree,
+            check_meta=self.check_meta,
+            skip=lambda key: key.startswith("rng/") and not self._restore_rng,
+            rename=self._keys,
+        )
+        set_state_dict(t.model, t.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"])
+        state = tree["trainer"]
+        t.loader.load_state_dict(state["loader"])
+        t.scheduler.load_state_dict(state["scheduler"])
+        t.step = int(state["step"])
+        t.policy.skipped_steps = int(state["skipped_steps"])
+        t.policy.consecutive_skips = int(state["consecutive_skips"])
+        if self._restore_rng:
+            rng = tree["rng"][f"rank{self.dist.rank}"]
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and self.dist.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
+
+    def resume(self) -> str | None:
+        """Load the checkpoint trainer.resume names (auto: the newest loadable one in
+        checkpoint.dir, falling back past damaged ones, including damage found only while
+        loading), apply the config changes since it was written, and return its path; None
+        when the run starts fresh, which is refused where an earlier run would be overwritten."""
+        t = self.trainer
+        # The optimizer's hyper-parameters as this run's config set them: loading a checkpoint
+        # overwrites them with the saved ones, and a changed one is written back (resume.py).
+        built_groups = param_group_hyperparameters(t.optimizer)
+        path = self._load_first_loadable()
+        if self.config_changes:
+            apply_changes(self.config_changes, t.optimizer, t.scheduler, built_groups)
+            for change in self.config_changes:
+                log.warning("resume: %s (applied from step %d on)", change, t.step + 1)
+        return path
+
+    def _load_first_loadable(self) -> str | None:
+        resume = self.cfg.trainer.resume
+        if resume == "none":
+            agree(self.dist, lambda: self._guard_fresh_start("trainer.resume=none"))
+            return None
+        problems: list[str] = []
+        for path in agree(self.dist, lambda: self._candidates(resume, problems)):
+            try:
+                self.load(path)
+                return path
+            except CorruptCheckpoint as e:  # every rank sees the failure (DCP gathers them)
+                if resume != "auto":
+                    raise CorruptCheckpoint(f"trainer.resume: {e}") from e
+                problems.append(str(e))
+                if self.dist.is_main:
+                    log.warning("skipping checkpoint: %s", e)
+        if problems:
+            raise no_loadable_checkpoint(self.dir, problems)
+        agree(self.dist, lambda: self._guard_fresh_start("there is no checkpoint to resume from (trainer.resume=auto)"))
+        return None
+
+    def _candidates(self, resume: str, problems: list[str]) -> list[str]:
+        checksum = self.cfg.checkpoint.checksum
+        if resume == "auto":
+            found = [str(p) for p in resume_candidates(self.dir, checksum=checksum, problems=problems)]
+            if problems and not found:
+                raise no_loadable_checkpoint(self.dir, problems)
+            return found
+        try:
+            return [str(resolve_checkpoint(resume, checksum=checksum))]
+        except CheckpointError as e:
+            raise type(e)(f"trainer.resume: {e}") from e
+
+    def _guard_fresh_start(self, why: str) -> None:
+        archived = guard_fresh_start(
+            self.cfg.run_dir,
+            self.dir,
+            self.cfg.logging.metrics_file,
+            archive=self.cfg.trainer.archive_previous_run,
+            why=why,
+        )
+        if archived is not None:
+            log.warning("trainer.archive_previous_run: the earlier run is now in %s", archived)

@@ -1,0 +1,274 @@
+"""The Trainer: builds data, model, optimizer and its components from a validated Config, then
+runs the loop. Each component decides its own interval:
+
+    for step in ...:
+        StepRunner.run            (step.py)       batch -> loss -> clip -> optimizer -> schedule
+        MetricsLogger.should_log  (metrics.py)    a record every trainer.log_interval steps
+        Evaluator.should_run      (evaluator.py)  held-out loss at the evaluation weights
+        RunState.should_save      (state.py)      a checkpoint every checkpoint.interval steps
+        preemption                                save and leave for a requeue (exit 75)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from snoo_train.config import Config, is_diloco
+from snoo_train.data import BatchLoader, build_datasets, build_tokenizer
+from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
+from snoo_train.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_bytes
+from snoo_train.models import (
+    RouterStats,
+    build_model,
+    count_parameters,
+    flops_per_token,
+    materialize,
+    parallelize,
+)
+from snoo_train.optim import SNOO
+from snoo_train.optim.build import build_optimizer
+from snoo_train.preemption import Preempted, PreemptionHandler, process_handler
+from snoo_train.schedule import build_scheduler
+from snoo_train.trainer.evaluator import Evaluator
+from snoo_train.trainer.state import RunState
+from snoo_train.trainer.step import NonFinitePolicy, StepRunner
+
+log = logging.getLogger("snoo_train")
+
+
+def resolve_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 compute where requested (auto: on CUDA); None keeps fp32."""
+    mp = cfg.trainer.mixed_precision
+    if mp == "bf16" or (mp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    """Builds data, model and optimizer from a validated Config, then trains and evaluates."""
+
+    def __init__(self, cfg: Config, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        torch.manual_seed(cfg.trainer.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        self.step = 0  # optimizer steps taken: the resumed step, then the loop's
+        self.state = RunState(self)
+        self.resumed_from = self.state.resume()
+        self.metrics = MetricsLogger(
+            cfg.run_dir,
+            cfg,
+            dist.rank,
+            total_steps=cfg.trainer.max_steps,
+            resolved_config=OmegaConf.to_container(OmegaConf.structured(cfg)),
+            resume_step=self.step if self.resumed_from is not None else None,
+        )
+        self.metrics.message(
+            f"model {cfg.model.name}: {self.num_params / 1e6:.2f}M params, vocab {self.vocab_size} | "
+            f"optim {cfg.optim.name} | world size {dist.world_size} on {dist.device.type} | "
+            f"{self.loader.tokens_per_step} tokens/step | run dir {cfg.run_dir}"
+            + (f" | resumed at step {self.step} from {self.resumed_from}" if self.resumed_from else "")
+        )
+
+    # -- building --
+
+    def _build_data(self) -> None:
+        t, d = self.cfg.trainer, self.dist
+        self.tokenizer = build_tokenizer(self.cfg.data.tokenizer)
+        self.train_set, self.val_set = build_datasets(self.cfg.data, self.tokenizer, seed=t.seed)
+        self.loader = BatchLoader(
+            self.train_set,
+            global_batch_size=t.batch_size,
+            grad_accum=t.grad_accum,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=t.seed,
+        )
+
+    def _build_model(self) -> None:
+        """Built on the meta device and materialized after sharding: each rank only ever
+        allocates its own shard, and the weights depend on the seed alone."""
+        cfg, t, device = self.cfg, self.cfg.trainer, self.dist.device
+        dtype = resolve_dtype(cfg, device)
+        model = build_model(cfg.model, self.tokenizer.vocab_size, seed=t.seed, device="meta")
+        self.num_params = count_parameters(model)
+        self.vocab_size = model.config.vocab_size
+        self.model = parallelize(
+            model,
+            mesh=self.dist.mesh,
+            param_dtype=dtype if self.dist.mesh is not None else None,
+            activation_checkpointing=t.activation_checkpointing,
+            compile=t.compile,
+            # replicas > 1: DiLoCo shards within each replica only; outer=none is HSDP.
+            diloco=is_diloco(cfg),
+        )
+        materialize(self.model, device=device, seed=t.seed)
+        # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.
+        self.autocast = (
+            torch.autocast(device.type, dtype=dtype) if dtype is not None and self.dist.mesh is None else nullcontext()
+        )
+        self.flops_per_token = flops_per_token(cfg.model, self.vocab_size, cfg.data.seq_len)
+        self.peak_flops = peak_flops(device, t.peak_flops)
+
+    def _build_optimizer(self) -> None:
+        cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
+        self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=self.dist.replicate_group)
+        self.is_snoo = isinstance(self.optimizer, SNOO)
+        self.router = (
+            RouterStats(m.num_experts, m.num_experts_per_tok, m.router_aux_loss_coef) if m.family == "moe" else None
+        )
+        self.scheduler = build_scheduler(self.optimizer, t)
+        self.policy = NonFinitePolicy(t, cfg.optim)
+        self.runner = StepRunner(
+            self.model, self.optimizer, self.scheduler,
+            device=self.dist.device, autocast=self.autocast, router=self.router,
+            grad_clip=t.grad_clip, policy=self.policy,
+        )  # fmt: skip
+        self.evaluator = Evaluator(
+            self.model, self.optimizer, self.val_set, t, self.dist, autocast=self.autocast, to_device=self.runner.to_device
+        )
+
+    # -- the parts a benchmark or a test drives by hand --
+
+    @property
+    def checkpointer(self):
+        return self.state.checkpointer
+
+    def train_step(self, step: int) -> tuple[float, float, bool]:
+        """One optimizer step on the next batch: (loss, grad norm, skipped as non-finite)."""
+        return self.runner.run(step, self.loader.next_step())
+
+    def evaluate(self) -> float:
+        return self.evaluator.evaluate()
+
+    def save_checkpoint(self, *, blocking: bool | None = None) -> str:
+        return self.state.save(self.step, blocking=blocking)
+
+    # -- the loop --
+
+    def fit(self) -> dict[str, Any]:
+        """Train from self.step (0, or the resumed step) to trainer.max_steps, logging, evaluating
+        and checkpointing on their intervals. SIGTERM/SIGUSR1 end the loop after the current
+        step with a checkpoint (raises Preempted)."""
+        t = self.cfg.trainer
+        self._meter, self._window = Throughput(), []
+        self._loss = self._val_loss = float("nan")
+        self._eval_time = 0.0
+        first_step = self.step + 1
+        # The entry point installs its handler before anything slow; a library caller gets one here.
+        preemption = process_handler() or PreemptionHandler()
+        try:
+            if self._preemption_requested(preemption):
+                # Signalled while starting up: nothing new to save, leave for the requeue at once.
+                raise Preempted(self.step, preemption.signum, self.resumed_from, before_start=True)
+            for step in range(first_step, t.max_steps + 1):
+                self._one_step(step, first_step, preemption)
+            train_time = self._meter.elapsed() - self._eval_time
+            if self.step >= t.max_steps and first_step > t.max_steps:
+                log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", t.max_steps)
+                self._val_loss = self.evaluate()
+            self.checkpointer.wait()
+        finally:
+            if preemption is not process_handler():
+                preemption.close()
+            self.checkpointer.close()
+            self.metrics.close()
+        return self._summary(first_step, train_time)
+
+    def _one_step(self, step: int, first_step: int, preemption: PreemptionHandler) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        self._loss, grad_norm, skipped = self.train_step(step)
+        self.step = step
+        self._meter.add(self.loader.tokens_per_step)
+        if not skipped:
+            self._window.append(self._loss)
+        self.metrics.advance(step)
+
+        evaluate = self.evaluator.should_run(step)
+        if evaluate or self.metrics.should_log(step, first_step):
+            record = self._step_record(step, lr, grad_norm)
+            if evaluate:
+                t0 = time.perf_counter()
+                self._val_loss = self.evaluate()
+                dt = time.perf_counter() - t0
+                self._meter.pause(dt)
+                self._eval_time += dt
+                record["val_loss"] = self._val_loss
+                record["val_weights"] = self.evaluator.eval_sequence
+            self.metrics.log(record)
+
+        self.checkpointer.poll()
+        preempted = self._preemption_requested(preemption)
+        if self.state.should_save(step, preempted=preempted):
+            t0 = time.perf_counter()
+            # The preemption and final checkpoints must be on disk before the process exits;
+            # the others may be written in the background (checkpoint.async_save).
+            last = step == self.cfg.trainer.max_steps
+            path = self.save_checkpoint(blocking=True if preempted or last else None)
+            self._meter.pause(time.perf_counter() - t0)
+        if preempted:
+            self.checkpointer.wait()
+            raise Preempted(step, preemption.signum, path)
+
+    def _summary(self, first_step: int, train_time: float) -> dict[str, Any]:
+        t, tokens_per_step = self.cfg.trainer, self.loader.tokens_per_step
+        steps_run = max(t.max_steps - first_step + 1, 0)
+        return {
+            "steps": t.max_steps,
+            "steps_this_session": steps_run,
+            "resumed_from": self.resumed_from,
+            "skipped_steps": self.policy.skipped_steps,
+            "final_loss": self._loss,
+            "final_val_loss": self._val_loss,
+            "tokens": t.max_steps * tokens_per_step,
+            "flops_per_token": self.flops_per_token,
+            "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
+            "train_time_s": train_time,
+            "eval_time_s": self._eval_time,
+            "peak_mem_bytes": peak_memory_bytes(self.dist.device),
+            "params": self.num_params,
+            "world_size": self.dist.world_size,
+            "run_dir": self.cfg.run_dir,
+        }
+
+    def _step_record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
+        tokens_per_step, window = self.loader.tokens_per_step, self._window
+        tokens_per_s = self._meter.tick()
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": sum(window) / len(window) if window else float("nan"),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": step * tokens_per_step,
+            # Model FLOPs so far (the MFU numerator), for plots against compute.
+            "flops": step * tokens_per_step * self.flops_per_token,
+            "tokens_per_s": tokens_per_s,
+            "elapsed_s": self._meter.elapsed(),
+            "peak_mem_bytes": peak_memory_bytes(self.dist.device),
+        }
+        window.clear()
+        if self.peak_flops:
+            record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        if self.policy.skipped_steps:
+            record["skipped_steps"] = self.policy.skipped_steps
+        if self.is_snoo:
+            record.update(self.optimizer.outer_metrics())
+        if self.router is not None:
+            record.update(self.router.metrics(lambda v: all_reduce_sum(v, self.dist.device)))
+        return record
+
+    def _preemption_requested(self, handler: PreemptionHandler) -> bool:
+        """True on every rank if any rank was signalled: all stop after the same step."""
+        if self.dist.world_size == 1:
+            return handler.requested
+        anywhere = all_reduce_max(float(handler.signum), self.dist.device)
+        if anywhere and not handler.requested:
+            handler.signum = int(anywhere)
+        return anywhere > 0
