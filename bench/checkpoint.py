@@ -29,7 +29,7 @@ from common import REPO, compose_config, state_bytes, write_report
 
 from snoo_train.checkpoint import verify_checkpoint
 from snoo_train.dist import init_distributed
-from snoo_train.train import Trainer
+from snoo_train.trainer import Trainer
 
 
 def dir_bytes(path: Path) -> int:
@@ -95,7 +95,7 @@ def main() -> None:
             verify_checkpoint(ckpt)
             verify_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            trainers["sync"].load_checkpoint(str(ckpt))
+            trainers["sync"].state.load(str(ckpt))
             sync_cuda()
             load_s.append(time.perf_counter() - t0)
 

@@ -46,7 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, exit_process, init_distributed
-from snoo_train.train import Trainer
+from snoo_train.trainer import Trainer
 
 _SKIP = ("wait_tensor", "_wrap_tensor_autograd", "barrier", "monitored_barrier")
 

@@ -16,7 +16,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from snoo_train.config import Config
-from snoo_train.train import CONFIG_DIR, Trainer
+from snoo_train.configs import CONFIG_DIR
+from snoo_train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 

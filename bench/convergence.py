@@ -25,7 +25,7 @@ run at once, each with --threads torch threads. Same model, data, seed and batch
 3. Budget speedup: the SNOO winner's settings retrained with max_steps = f x B for
    --fractions (its cosine schedule scaled to the budget), largest f first, --jobs at a time,
    until one misses the target; speedup = 1 / the smallest f that ends at or below the target
-   with every larger f also reaching it (snoo_train.speedup). A figure that is not reached
+   with every larger f also reaching it (snoo_train.analysis.speedup). A figure that is not reached
    is reported as such, never as a number.
 
 Caveat, stated in the JSON too: the winners are chosen on the same validation loss they are
@@ -69,9 +69,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/convergence.py` from a checkout without install
 
-from snoo_train.plot import styles  # noqa: E402
-from snoo_train.runs import load_run  # noqa: E402
-from snoo_train.speedup import (  # noqa: E402
+from snoo_train.analysis.plot import styles  # noqa: E402
+from snoo_train.analysis.runs import load_run  # noqa: E402
+from snoo_train.analysis.speedup import (  # noqa: E402
     budget_speedup,
     crossing_point,
     format_speedup,

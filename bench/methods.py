@@ -19,7 +19,7 @@ at an end afterwards is flagged in the table and JSON (lr_at_grid_edge: low | hi
 Winner of a method: its lowest final validation loss. target = the --baseline (adamw) winner's
 final validation loss. For each method's winner: its final validation loss, the step at which its
 validation curve first reaches the target (interpolated between evaluations,
-snoo_train.speedup.crossing_point) and speedup = B / that step, or "not reached". The baseline's
+snoo_train.analysis.speedup.crossing_point) and speedup = B / that step, or "not reached". The baseline's
 own crossing is B unless its curve dipped to its final value earlier. Validation loss is measured
 on the weights each method reports (val_weights in metrics.jsonl: params for AdamW, the slow
 weights for SNOO and Lookahead, the averaged sequence x for GPA, EMA-Nesterov and Schedule-Free);
@@ -72,9 +72,9 @@ from bench.convergence import (  # noqa: E402
     parse_floats,
     run_all,
 )
-from snoo_train.plot import styles  # noqa: E402
-from snoo_train.runs import load_run  # noqa: E402
-from snoo_train.speedup import crossing_point, format_speedup  # noqa: E402
+from snoo_train.analysis.plot import styles  # noqa: E402
+from snoo_train.analysis.runs import load_run  # noqa: E402
+from snoo_train.analysis.speedup import crossing_point, format_speedup  # noqa: E402
 
 METHODS = "adamw,snoo_adamw,lookahead_adamw,gpa_adamw,ema_nesterov_adamw,schedule_free_adamw"
 NAMES = {

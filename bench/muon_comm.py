@@ -24,14 +24,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from common import REPO, compose_config
 
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, exit_process, init_distributed
-from snoo_train.train import CONFIG_DIR, Trainer
-
-REPO = Path(__file__).resolve().parent.parent
+from snoo_train.trainer import Trainer
 
 
 def make_config(args: argparse.Namespace, period: int, run_dir: str, world_size: int) -> Config:
@@ -40,9 +37,7 @@ def make_config(args: argparse.Namespace, period: int, run_dir: str, world_size:
         f"trainer.max_steps={args.warmup + args.steps}", "trainer.progress=false",
         "trainer.eval_interval=0", "logging.wandb.mode=disabled", *args.overrides,
     ]  # fmt: skip
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    cfg.run_dir = run_dir
+    cfg = compose_config(overrides, run_dir)
     validate_config(cfg, world_size=world_size)
     return cfg
 

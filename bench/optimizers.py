@@ -1,7 +1,7 @@
 """The four inner/outer optimizer pairs side by side: adamw, snoo_adamw, muon, snoo_muon.
 
 For each model, all four train the same model (same seed, same data) through the real training
-code (`snoo_train.train.Trainer`) in ONE process, in rotating blocks of steps (ABCD, DCBA, ...),
+code (`snoo_train.trainer.Trainer`) in ONE process, in rotating blocks of steps (ABCD, DCBA, ...),
 so machine noise hits every side alike; tokens/s are reported as ratios to adamw from that one
 run. After the same number of steps each side's validation loss is measured (at SNOO's slow
 weights). Memory: parameter + optimizer-state bytes counted exactly, plus the peak RSS of a
@@ -36,7 +36,7 @@ from common import (
 
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, init_distributed
-from snoo_train.train import Trainer
+from snoo_train.trainer import Trainer
 
 OPTIMIZERS = ("adamw", "snoo_adamw", "muon", "snoo_muon")
 

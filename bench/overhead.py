@@ -53,7 +53,8 @@ from snoo_train.dist import exit_process, init_distributed  # noqa: E402
 from snoo_train.metrics import peak_memory_bytes  # noqa: E402
 from snoo_train.models import PRESETS, build_model, materialize, parallelize  # noqa: E402
 from snoo_train.optim import SNOO  # noqa: E402
-from snoo_train.train import build_optimizer, causal_lm_loss  # noqa: E402
+from snoo_train.optim.build import build_optimizer  # noqa: E402
+from snoo_train.trainer import causal_lm_loss  # noqa: E402
 
 VOCAB = 257  # the byte tokenizer's
 

@@ -1,7 +1,7 @@
 """What SNOO costs per step: tokens/s, memory and validation loss of adamw vs snoo_adamw.
 
 Both optimizers train the same model (same seed, same data) through the real training code
-(`snoo_train.train.Trainer`), in ONE process, in alternating blocks of steps (ABBA order), so
+(`snoo_train.trainer.Trainer`), in ONE process, in alternating blocks of steps (ABBA order), so
 machine noise hits both sides alike and the ratio is measured in one run.
 
     python bench/throughput.py                                  # llama_small, CPU, world size 1
@@ -40,7 +40,7 @@ from common import (
 from snoo_train.config import Config, validate_config
 from snoo_train.dist import destroy_distributed, exit_process, init_distributed
 from snoo_train.optim import SNOO
-from snoo_train.train import Trainer
+from snoo_train.trainer import Trainer
 
 OPTIMIZERS = ("adamw", "snoo_adamw")
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from snoo_train.models import PRESETS, flops_per_token
-from snoo_train.speedup import (
+from snoo_train.analysis.speedup import (
     budget_speedup,
     crossing_point,
     crossing_speedup,
     format_speedup,
     smallest_sufficient_fraction,
 )
+from snoo_train.models import PRESETS, flops_per_token
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,7 +194,7 @@ def compose_experiment(name: str):
     from hydra import compose, initialize_config_dir
 
     from snoo_train.config import validate_config
-    from snoo_train.train import CONFIG_DIR  # importing it registers the schema
+    from snoo_train.configs import CONFIG_DIR  # importing it registers the schema
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = compose("config", overrides=[f"+experiment={name}"], return_hydra_config=True)

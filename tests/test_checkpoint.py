@@ -19,8 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from snoo_train.checkpoint import (
     LATEST,
@@ -34,44 +32,14 @@ from snoo_train.checkpoint import (
     split_state,
     verify_checkpoint,
 )
-from snoo_train.config import Config, ConfigError, validate_config
+from snoo_train.config import ConfigError
 from snoo_train.dist import init_distributed
 from snoo_train.preemption import REQUEUE_EXIT_CODE
-from snoo_train.train import CONFIG_DIR, Trainer, TrainingDiverged
+from snoo_train.trainer import Trainer, TrainingDiverged
+from tests.conftest import STEPS, TINY, entry_env, make_config, run_entry, run_trainer, train
 from tests.dist_utils import free_port
-from tests.test_train import _env, run_entry, train
 
 REPO = Path(__file__).resolve().parents[1]
-K = 5  # SNOO period in these runs: steps 5 and 10 are outer steps
-STEPS = 12
-# Tiny model, short windows, a slice of the corpus: a run is a second or two in-process.
-TINY = [
-    "model=llama_tiny",
-    "trainer=quick",
-    f"trainer.max_steps={STEPS}",
-    "trainer.batch_size=8",
-    "trainer.log_interval=1",
-    "trainer.eval_interval=6",
-    "trainer.warmup_steps=2",
-    "data.seq_len=64",
-    "data.max_documents=200",
-    "optim=snoo_adamw",
-    f"optim.k={K}",
-]
-
-
-def make_config(run_dir: Path, overrides: list[str] = ()) -> Config:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=TINY + list(overrides)))
-    cfg.run_dir = str(run_dir)
-    validate_config(cfg)
-    return cfg
-
-
-def run_trainer(run_dir: Path, overrides: list[str] = ()) -> Trainer:
-    trainer = Trainer(make_config(run_dir, overrides), init_distributed("cpu"))
-    trainer.fit()
-    return trainer
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -122,7 +90,7 @@ def test_state_tree_splits_into_tensors_and_json_and_back():
 
 
 def test_checkpoint_async_is_accepted_as_the_command_line_spelling():
-    from snoo_train.train import accept_async_alias
+    from snoo_train.configs import accept_async_alias
 
     assert accept_async_alias(["x", "checkpoint.async=true", "+checkpoint.async=false", "checkpoint.async_save=true"]) == [
         "x", "checkpoint.async_save=true", "+checkpoint.async_save=false", "checkpoint.async_save=true"
@@ -261,7 +229,7 @@ def test_every_optimizer_resumes_exactly(tmp_path, optim):
     assert a.keys() == b.keys() and len(a) > sum(1 for _ in full.model.parameters())
     assert not [k for k in a if not torch.equal(a[k], b[k])]
     records = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["val_weights"] == full.eval_sequence
+    assert records[-1]["val_weights"] == full.evaluator.eval_sequence
 
 
 def test_resume_auto_in_the_same_run_dir_truncates_metrics_and_continues(reference_run, tmp_path):
@@ -291,7 +259,7 @@ def test_export_loads_with_automodel_and_matches_the_slow_weights_logits(referen
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         fast_logits = trainer.model(input_ids=ids).logits
-        with trainer._evaluation_weights():
+        with trainer.evaluator.weights():
             slow_logits = trainer.model(input_ids=ids).logits
     export_main([str(ref_dir), str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
@@ -381,7 +349,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
          f"--master_port={free_port()}", str(runner), *args],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240,
+        cwd=tmp_path, env=entry_env(), capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode != 0
     ckpts = run_dir / "checkpoints"
@@ -411,7 +379,7 @@ def _wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout: floa
 def test_sigterm_to_a_torchrun_job_saves_exits_for_requeue_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = TINY + ["trainer.max_steps=2000", "checkpoint.interval=0", f"hydra.run.dir={run_dir}"]
-    env = dict(_env(), NPROC="2")
+    env = dict(entry_env(), NPROC="2")
     proc = subprocess.Popen(
         ["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=tmp_path, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -435,7 +403,7 @@ def test_sigterm_to_one_process_saves_and_exits_for_requeue(tmp_path):
     run_dir = tmp_path / "run"
     args = TINY + ["trainer.max_steps=2000", "checkpoint.interval=0", f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snoo_train.train", *args], cwd=tmp_path, env=_env(),
+        [sys.executable, "-m", "snoo_train.train", *args], cwd=tmp_path, env=entry_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     _wait_for_steps(run_dir, 3, proc)
@@ -449,21 +417,6 @@ def test_sigterm_to_one_process_saves_and_exits_for_requeue(tmp_path):
 
 
 # -- bad input: one clear message, nothing saved is lost ----------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def saved_run(tmp_path_factory):
-    """A finished run with complete checkpoints at steps 6 and 12."""
-    run_dir = tmp_path_factory.mktemp("saved") / "run"
-    run_trainer(run_dir, ["checkpoint.interval=6"])
-    return run_dir
-
-
-@pytest.fixture
-def run_copy(saved_run, tmp_path):
-    run_dir = tmp_path / "run"
-    shutil.copytree(saved_run, run_dir)
-    return run_dir
 
 
 def _rerun_entry(run_dir: Path, extra: list[str]) -> subprocess.CompletedProcess:
@@ -530,9 +483,9 @@ def test_out_of_range_value_is_refused_before_anything_is_touched(run_copy):
 
 def _poison_step(monkeypatch, steps: set[int]) -> None:
     """Make the loss of the given optimizer steps NaN (as a bad batch or an overflow would)."""
-    import snoo_train.train as train_module
+    import snoo_train.trainer.step as step_module
 
-    original = train_module.causal_lm_loss
+    original = step_module.causal_lm_loss
     calls = {"n": 0}
 
     def loss(model, batch, reduction="mean", router=None):
@@ -543,7 +496,7 @@ def _poison_step(monkeypatch, steps: set[int]) -> None:
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", loss)
+    monkeypatch.setattr(step_module, "causal_lm_loss", loss)
 
 
 def test_nonfinite_loss_stop_saves_nothing_corrupt(run_copy, monkeypatch):

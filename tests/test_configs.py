@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+import torch.distributed as dist
 
 from snoo_train.config import Config, ConfigError, validate_config
-from snoo_train.train import reject_unknown_keys  # importing it registers the `base_config` schema
+from snoo_train.configs import (
+    reject_unknown_keys,  # importing it registers the `base_config` schema
+)
+from snoo_train.train import run
+from tests.conftest import compose_config, run_entry, typed
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "snoo_train" / "configs"  # config.yaml; the groups are in groups/
@@ -22,27 +22,6 @@ GROUPS = ("model", "optim", "data", "trainer", "logging", "parallel")
 
 def group_options() -> list[tuple[str, str]]:
     return [(g, p.stem) for g in GROUPS for p in sorted((CONFIGS / "groups" / g).glob("*.yaml"))]
-
-
-def compose_config(overrides: list[str] = (), *, hydra: bool = False):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
-
-
-def typed(overrides: list[str] = ()) -> Config:
-    return OmegaConf.to_object(compose_config(overrides))
-
-
-def run_entry(args: list[str], cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run(
-        [sys.executable, "-m", "snoo_train.train", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_every_group_has_options():
@@ -72,7 +51,9 @@ def test_defaults_validate_and_pick_the_make_train_setup():
 
 
 def test_model_yaml_names_match_file_names():
-    for path in (CONFIGS / "model").glob("*.yaml"):
+    paths = sorted((CONFIGS / "groups" / "model").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
         assert typed([f"model={path.stem}"]).model.name == path.stem
 
 
@@ -189,3 +170,17 @@ def test_entry_point_fails_fast_naming_the_key(tmp_path, override, key):
     # No data, model or run directory was built: only start-up cost.
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.jsonl"))
     assert elapsed < 30, f"took {elapsed:.1f} s to reject a bad override"
+
+
+def test_replicas_not_dividing_the_world_is_one_clear_error(tmp_path, monkeypatch):
+    # What every rank of `torchrun --nproc_per_node=4 ... parallel.replicas=3` does: validate
+    # before joining any process group; the entry point prints a ConfigError as one line
+    # (`error: ...`, tested end to end in test_configs.py).
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = Config()
+    cfg.parallel.replicas = 3
+    with pytest.raises(ConfigError) as info:
+        run(cfg, str(tmp_path / "run"))
+    message = str(info.value)
+    assert message.startswith("parallel.replicas=3") and "world size 4" in message and "\n" not in message
+    assert not dist.is_initialized() and not (tmp_path / "run").exists()

@@ -21,12 +21,12 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from snoo_train import train as train_module
 from snoo_train.config import Config, ConfigError, OptimConfig, validate_config
 from snoo_train.dist import init_distributed
 from snoo_train.models import PRESETS, build_model, materialize, parallelize
 from snoo_train.optim import SNOO
-from snoo_train.train import build_optimizer, clip_grad_norm, weight_decay_groups
+from snoo_train.optim.build import build_optimizer, weight_decay_groups
+from snoo_train.trainer import clip_grad_norm
 from tests.dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -476,24 +476,6 @@ def test_config_accepts_diloco_and_hsdp():
 
 
 # -- end to end ----------------------------------------------------------------------------------
-
-
-
-
-@pytest.mark.slow
 # The end-to-end torchrun run of 2 replicas x 2 shards (and its exact resume) is
-# tests/test_checkpoint.py::test_diloco_two_replicas_resume_exactly_and_export.
-
-
-def test_replicas_not_dividing_the_world_is_one_clear_error(tmp_path, monkeypatch):
-    # What every rank of `torchrun --nproc_per_node=4 ... parallel.replicas=3` does: validate
-    # before joining any process group; the entry point prints a ConfigError as one line
-    # (`error: ...`, tested end to end in test_configs.py).
-    monkeypatch.setenv("WORLD_SIZE", "4")
-    cfg = Config()
-    cfg.parallel.replicas = 3
-    with pytest.raises(ConfigError) as info:
-        train_module.run(cfg, str(tmp_path / "run"))
-    message = str(info.value)
-    assert message.startswith("parallel.replicas=3") and "world size 4" in message and "\n" not in message
-    assert not dist.is_initialized() and not (tmp_path / "run").exists()
+# tests/test_checkpoint.py::test_diloco_two_replicas_resume_exactly_and_export; a replica count
+# that does not divide the world is tested at the entry point (tests/test_configs.py).

@@ -30,31 +30,15 @@ from snoo_train.checkpoint import (
 from snoo_train.dist import init_distributed
 from snoo_train.preemption import REQUEUE_EXIT_CODE
 from snoo_train.rundir import RunDirError
-from snoo_train.train import Trainer
+from snoo_train.trainer import Trainer
+from tests.conftest import TINY, entry_env, make_config, run_entry
 from tests.dist_utils import run_distributed
-from tests.test_checkpoint import TINY, make_config, run_trainer
-from tests.test_train import _env
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT6, CKPT12 = "step_00000006", "step_00000012"
 
 
 # -- shared run and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> Path:
-    """12 steps of SNOO(AdamW), k=5, checkpoints at 6 and 12, trained in-process once."""
-    run_dir = tmp_path_factory.mktemp("faults") / "run"
-    run_trainer(run_dir, ["checkpoint.interval=6"])
-    return run_dir
-
-
-@pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    run_dir = tmp_path / "run"
-    shutil.copytree(finished_run, run_dir)
-    return run_dir
 
 
 def snapshot(*roots: Path) -> dict[str, bytes]:
@@ -72,10 +56,7 @@ def saved_state(run_dir: Path) -> dict[str, bytes]:
 
 
 def entry(args: list[str], cwd: Path, *, timeout: float = 120, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "snoo_train.train", *args],
-        cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=timeout, **popen,
-    )  # fmt: skip
+    return run_entry(args, cwd, timeout=timeout, env=env, **popen)
 
 
 def on(run_dir: Path, *extra: str) -> list[str]:
@@ -178,7 +159,7 @@ def test_a_second_run_on_a_busy_run_directory_is_refused_at_once(tmp_path):
     run_dir = tmp_path / "run"
     args = on(run_dir, "trainer.max_steps=100000", "checkpoint.interval=2", "trainer.log_interval=1")
     first = subprocess.Popen(
-        [sys.executable, "-m", "snoo_train.train", *args], cwd=tmp_path, env=_env(),
+        [sys.executable, "-m", "snoo_train.train", *args], cwd=tmp_path, env=entry_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -292,7 +273,7 @@ def _children(pid: int) -> list[int]:
 
 def test_sigterm_during_start_up_of_one_process_exits_for_requeue(tmp_path):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snoo_train.train", *on(tmp_path / "run")], cwd=tmp_path, env=_env(),
+        [sys.executable, "-m", "snoo_train.train", *on(tmp_path / "run")], cwd=tmp_path, env=entry_env(),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(1.0)  # inside the imports of torch and transformers
@@ -305,7 +286,7 @@ def test_sigterm_during_start_up_of_one_process_exits_for_requeue(tmp_path):
 def test_sigterm_to_torchrun_before_the_first_step_exits_for_requeue(tmp_path):
     run_dir = tmp_path / "run"
     script = subprocess.Popen(
-        ["bash", str(REPO / "launch" / "torchrun.sh"), *on(run_dir)], cwd=tmp_path, env=dict(_env(), NPROC="2"),
+        ["bash", str(REPO / "launch" / "torchrun.sh"), *on(run_dir)], cwd=tmp_path, env=dict(entry_env(), NPROC="2"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 60
@@ -385,7 +366,7 @@ def test_a_failed_save_is_one_line_and_keeps_the_previous_checkpoints(run_copy):
 
 @pytest.mark.parametrize("offline", [False, True])
 def test_an_unknown_tokenizer_without_network_fails_within_seconds(tmp_path, offline):
-    env = dict(_env(), HF_HUB_OFFLINE="1") if offline else {k: v for k, v in _env().items() if k != "HF_HUB_OFFLINE"}
+    env = dict(entry_env(), HF_HUB_OFFLINE="1") if offline else {k: v for k, v in entry_env().items() if k != "HF_HUB_OFFLINE"}
     t0 = time.time()
     proc = entry(on(tmp_path / "run", "data.tokenizer=nonexistent-name"), tmp_path, env=env)
     line = one_error_line(proc, "data.tokenizer='nonexistent-name'", "not found")
@@ -496,7 +477,7 @@ def test_a_latest_pointing_outside_the_checkpoint_dir_is_not_followed(run_copy):
 
 def export(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "snoo_train.export", *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "snoo_train.export", *args], cwd=cwd, env=entry_env(), capture_output=True, text=True, timeout=120
     )
 
 
@@ -540,7 +521,7 @@ def test_a_refusal_under_torchrun_ends_every_rank_with_one_message(run_copy):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "snoo_train.train",
          *on(run_copy, "trainer.resume=none")],
-        cwd=run_copy.parent, env=_env(), capture_output=True, text=True, timeout=120,
+        cwd=run_copy.parent, env=entry_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode != 0
     assert proc.stderr.count("error: ") == 1 and "holds an earlier run" in proc.stderr

@@ -15,9 +15,9 @@ from transformers import MixtralForCausalLM
 
 from snoo_train.config import ConfigError, validate_config
 from snoo_train.models import PRESETS, RouterStats, build_model, count_parameters, flops_per_token
-from snoo_train.train import causal_lm_loss
+from snoo_train.trainer import causal_lm_loss
+from tests.conftest import QUICK, read_records, train
 from tests.records import assert_records_match
-from tests.test_train import QUICK, read_records, train
 
 VOCAB = 257
 TINY = PRESETS["moe_tiny"]

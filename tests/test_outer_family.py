@@ -387,8 +387,8 @@ def test_fresh_optimizer_has_no_state_entries(kind):
 def test_lookahead_config_is_lookahead():
     """snoo_train/configs/groups/optim/lookahead_adamw.yaml against Lookahead (Zhang et al. 2019): every k steps
     slow += alpha (fast - slow), fast = slow."""
-    from snoo_train.train import build_optimizer, weight_decay_groups
-    from tests.test_configs import typed
+    from snoo_train.optim.build import build_optimizer, weight_decay_groups
+    from tests.conftest import typed
 
     cfg = typed(["optim=lookahead_adamw"]).optim
     k, alpha = cfg.k, cfg.outer_lr
@@ -427,8 +427,8 @@ def test_lookahead_config_is_lookahead():
 
 
 def test_configs_build_the_optimizers():
-    from snoo_train.train import build_optimizer
-    from tests.test_configs import typed
+    from snoo_train.optim.build import build_optimizer
+    from tests.conftest import typed
 
     expected = {
         "gpa_adamw": (GPA, "x"),
@@ -463,7 +463,7 @@ def test_configs_build_the_optimizers():
     ],
 )
 def test_bad_values_name_the_key(overrides, key):
-    from tests.test_configs import typed
+    from tests.conftest import typed
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_config(typed(overrides))

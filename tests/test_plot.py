@@ -1,4 +1,4 @@
-"""`python -m snoo_train.plot` on hand-made runs with known crossings, and on a real 2-job Hydra
+"""`python -m snoo_train.analysis.plot` on hand-made runs with known crossings, and on a real 2-job Hydra
 multirun sweep logged to offline wandb (the sweep's runs share a group; each wandb run holds
 the metrics of its metrics.jsonl and the resolved config)."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snoo_train import plot
-from snoo_train.runs import find_run_dirs, load_runs
+from snoo_train.analysis import plot
+from snoo_train.analysis.runs import find_run_dirs, load_runs
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -183,7 +183,7 @@ def test_multirun_sweep_with_offline_wandb_then_plot(tmp_path):
         assert run.display_name.startswith(f"{job} ") and f"optim={optim}" in run.display_name
 
     out = tmp_path / "sweep.png"
-    proc = subprocess.run([sys.executable, "-m", "snoo_train.plot", str(sweep), "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "snoo_train.analysis.plot", str(sweep), "-o", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes()[:8] == PNG_MAGIC

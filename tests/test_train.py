@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,25 +18,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from snoo_train.metrics import MetricsLogger, peak_flops, peak_flops_by_name
 from snoo_train.models import PRESETS, build_model, flops_per_token, materialize, parallelize
 from snoo_train.optim import SNOO
+from snoo_train.optim.build import weight_decay_groups
 from snoo_train.schedule import build_scheduler, lr_multiplier
-from snoo_train.train import causal_lm_loss, clip_grad_norm, weight_decay_groups
-from tests.dist_utils import free_port, run_distributed
+from snoo_train.trainer import causal_lm_loss, clip_grad_norm
+from tests.conftest import PEAK, QUICK, VOCAB, entry_env, read_records, run_entry, train
+from tests.dist_utils import run_distributed
 from tests.records import assert_records_match
 
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 257  # the byte tokenizer's
-PEAK = 1e12  # a made-up device peak, so that the CPU runs report MFU
 
-# A few seconds per run on one CPU core: tiny model, short windows, a slice of the corpus.
-QUICK = [
-    "model=llama_tiny",
-    "trainer=quick",
-    "trainer.max_steps=30",
-    "trainer.batch_size=8",
-    "data.seq_len=64",
-    "data.max_documents=200",
-    f"trainer.peak_flops={PEAK}",
-]
 RECORD_FIELDS = {
     "step",
     "loss",
@@ -220,7 +209,7 @@ assert ("wandb" in sys.modules) == (sys.argv[2] != "disabled")
 
 
 def _log_one_record(run_dir: Path, mode: str) -> None:
-    env = dict(_env(), WANDB_MODE=mode, WANDB_SILENT="true")
+    env = dict(entry_env(), WANDB_MODE=mode, WANDB_SILENT="true")
     cmd = [sys.executable, "-c", _LOGGER_SNIPPET, str(run_dir), mode]
     subprocess.run(cmd, cwd=REPO, env=env, check=True, timeout=120)
     assert read_records(run_dir) == [{"step": 1, "loss": 2.0}]
@@ -238,50 +227,6 @@ def test_wandb_offline_writes_a_local_run(tmp_path):
 
 
 # -- end to end ------------------------------------------------------------------------------
-
-
-def _env() -> dict[str, str]:
-    # One thread per process: the 2-rank run shares 2 cores. The interpreter's own bin/ first on
-    # PATH: launch/*.sh call `torchrun`, which must be this environment's, activated or not.
-    return dict(
-        os.environ,
-        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS="1",
-        WANDB_MODE="disabled",
-    )
-
-
-def run_entry(
-    args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240
-) -> subprocess.CompletedProcess:
-    """`python -m snoo_train.train ARGS` (torchrun with nproc > 1), output captured."""
-    launcher = [sys.executable, "-m", "snoo_train.train"]
-    if nproc > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            f"--master_port={free_port()}",
-            "-m",
-            "snoo_train.train",
-        ]
-    return subprocess.run(
-        launcher + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def train(
-    args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240
-) -> subprocess.CompletedProcess:
-    proc = run_entry(args, cwd, nproc=nproc, timeout=timeout)
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
-    return proc
-
-
-def read_records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def check_run(run_dir: Path, *, snoo: bool) -> list[dict]:

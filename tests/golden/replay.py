@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from tests.conftest import entry_env
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -41,16 +42,6 @@ COMMON = [
 ]
 
 
-def _env() -> dict[str, str]:
-    return dict(
-        os.environ,
-        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
-        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        OMP_NUM_THREADS="1",
-        WANDB_MODE="disabled",
-    )
-
-
 def _losses(run_dir: Path) -> dict[str, list[float]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -60,7 +51,7 @@ def _losses(run_dir: Path) -> dict[str, list[float]]:
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=entry_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
 

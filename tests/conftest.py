@@ -1,0 +1,144 @@
+"""What the tests share: the entry-point runner, the small configs every test trains with, and
+one finished run that the checkpoint and fault tests copy instead of training their own."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from snoo_train.config import Config, validate_config
+from snoo_train.configs import CONFIG_DIR
+from snoo_train.dist import init_distributed
+from snoo_train.trainer import Trainer
+from tests.dist_utils import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = 257  # the byte tokenizer's
+PEAK = 1e12  # a made-up device peak, so that the CPU runs report MFU
+K = 5  # SNOO period in the TINY runs: steps 5 and 10 are outer steps
+STEPS = 12
+
+# A few seconds per run on one CPU core: tiny model, short windows, a slice of the corpus.
+QUICK = [
+    "model=llama_tiny",
+    "trainer=quick",
+    "trainer.max_steps=30",
+    "trainer.batch_size=8",
+    "data.seq_len=64",
+    "data.max_documents=200",
+    f"trainer.peak_flops={PEAK}",
+]
+# Tiny model, short windows, a slice of the corpus: a run is a second or two in-process.
+TINY = [
+    "model=llama_tiny",
+    "trainer=quick",
+    f"trainer.max_steps={STEPS}",
+    "trainer.batch_size=8",
+    "trainer.log_interval=1",
+    "trainer.eval_interval=6",
+    "trainer.warmup_steps=2",
+    "data.seq_len=64",
+    "data.max_documents=200",
+    "optim=snoo_adamw",
+    f"optim.k={K}",
+]
+
+
+def make_config(run_dir: Path, overrides: list[str] = ()) -> Config:
+    """The Config the entry point would run for TINY + overrides, validated."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=TINY + list(overrides)))
+    cfg.run_dir = str(run_dir)
+    validate_config(cfg)
+    return cfg
+
+
+def run_trainer(run_dir: Path, overrides: list[str] = ()) -> Trainer:
+    trainer = Trainer(make_config(run_dir, overrides), init_distributed("cpu"))
+    trainer.fit()
+    return trainer
+
+
+
+# -- the entry point -------------------------------------------------------------------------------
+
+
+def entry_env() -> dict[str, str]:
+    # One thread per process: the 2-rank run shares 2 cores. The interpreter's own bin/ first on
+    # PATH: launch/*.sh call `torchrun`, which must be this environment's, activated or not.
+    return dict(
+        os.environ,
+        PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+        WANDB_MODE="disabled",
+    )
+
+
+def run_entry(
+    args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240, env: dict | None = None, **popen
+) -> subprocess.CompletedProcess:
+    """`python -m snoo_train.train ARGS` (torchrun with nproc > 1), output captured; `env`
+    replaces entry_env(), `popen` goes to subprocess.run (e.g. preexec_fn)."""
+    launcher = [sys.executable, "-m", "snoo_train.train"]
+    if nproc > 1:
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}",
+            "-m",
+            "snoo_train.train",
+        ]
+    return subprocess.run(
+        launcher + args, cwd=cwd, env=env or entry_env(), capture_output=True, text=True, timeout=timeout, **popen
+    )
+
+
+def train(
+    args: list[str], cwd: Path, *, nproc: int = 1, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    proc = run_entry(args, cwd, nproc=nproc, timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def compose_config(overrides: list[str] = (), *, hydra: bool = False):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def typed(overrides: list[str] = ()) -> Config:
+    return OmegaConf.to_object(compose_config(overrides))
+
+
+
+# -- one finished run ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """TINY trained in-process once: 12 steps of SNOO(AdamW), k=5, checkpoints at 6 and 12."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    run_trainer(run_dir, ["checkpoint.interval=6"])
+    return run_dir
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    return run_dir
