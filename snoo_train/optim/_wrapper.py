@@ -104,8 +104,10 @@ class InnerWrapper(Optimizer):
         for group in self.param_groups:
             self._init_group(group)
 
+    _repr_prefix = ""  # a namespace the group keys carry that __repr__ leaves out
+
     def __repr__(self) -> str:
-        outer = ", ".join(f"{k}={v}" for k, v in self._outer_defaults.items())
+        outer = ", ".join(f"{k.removeprefix(self._repr_prefix)}={v}" for k, v in self._outer_defaults.items())
         return f"{type(self).__name__}({outer},\ninner={self._inner!r})"
 
     # -- helpers for subclasses ------------------------------------------------------------

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -166,9 +166,7 @@ class SNOO(InnerWrapper):
                     if key in state and _local(state[key]).device != self.state_device:
                         state[key] = self._to_state_device(state[key], pin=key == SLOW)
 
-    def __repr__(self) -> str:
-        outer = ", ".join(f"{k.removeprefix('snoo_')}={v}" for k, v in self._outer_defaults.items())
-        return f"SNOO({outer},\ninner={self._inner!r})"
+    _repr_prefix = "snoo_"  # SNOO(k=20, lr=0.7, ...): the group keys without their namespace
 
     # -- the update --------------------------------------------------------------------------
 
@@ -326,14 +324,18 @@ class SNOO(InnerWrapper):
         return {"snoo/pseudo_grad_norm": pseudo_grad, "snoo/slow_weight_norm": slow_weight}
 
     # The evaluation interface every optimizer in snoo_train.optim shares: the name of the
-    # sequence evaluation and export should see, and a context manager that swaps it in.
+    # sequence evaluation and export should see, and a context manager that swaps it in
+    # (InnerWrapper._swap_in_eval_point, with the three hooks below).
     eval_sequence = "slow"
+    _buffer_key = SLOW
+
+    def _params_are_eval_point(self, group: dict[str, Any]) -> bool:
+        return group["snoo_step"] % group["snoo_k"] == 0  # right after an outer step fast == slow
+
+    def _write_eval_point(self, group: dict[str, Any], params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(params, buffers)
 
     def eval_parameters(self) -> contextlib.AbstractContextManager[None]:
-        """The parameters that evaluation and export should see: the slow weights."""
-        return self._swap_in_slow()
-
-    def slow_parameters(self) -> contextlib.AbstractContextManager[None]:
         """Context manager: the parameters hold the slow weights inside, the fast ones after.
 
         Evaluation and export should see the slow weights (the paper's reported model). Right
@@ -343,23 +345,7 @@ class SNOO(InnerWrapper):
         (`module.reshard()`) before entering and after leaving, since a forward without backward
         can leave unsharded copies that a later forward would reuse.
         """
-        return self._swap_in_slow()
+        return self._swap_in_eval_point()
 
-    @contextlib.contextmanager
-    def _swap_in_slow(self) -> Iterator[None]:
-        fast_backup: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            for group in self.param_groups:
-                if group["snoo_step"] % group["snoo_k"] == 0:
-                    continue
-                for p in group["params"]:
-                    if SLOW in self.state.get(p, ()):
-                        local = _local(p)
-                        fast_backup.append((local, local.clone()))
-                        local.copy_(_local(self.state[p][SLOW]))
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for local, saved in fast_backup:
-                    local.copy_(saved)
+    # SNOO's own name for it, in the README and in user code since the first release.
+    slow_parameters = eval_parameters
