@@ -67,7 +67,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `python bench/convergence.py` from a checkout without install
 
 from snoo_train.analysis.plot import styles  # noqa: E402
 from snoo_train.analysis.runs import load_run  # noqa: E402

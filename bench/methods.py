@@ -63,15 +63,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # `python bench/methods.py` from a checkout without install
 
-from bench.convergence import (  # noqa: E402
+from convergence import (  # noqa: E402  (a sibling script: bench/ is on sys.path)
     Spec,
     edge_extension,
     finite_or_null,
     parse_floats,
     run_all,
 )
+
 from snoo_train.analysis.plot import styles  # noqa: E402
 from snoo_train.analysis.runs import load_run  # noqa: E402
 from snoo_train.analysis.speedup import crossing_point, format_speedup  # noqa: E402

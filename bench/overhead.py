@@ -46,7 +46,6 @@ import torch.multiprocessing as mp
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from snoo_train.config import OptimConfig  # noqa: E402
 from snoo_train.dist import exit_process, init_distributed  # noqa: E402

@@ -266,7 +266,9 @@ def _synthetic(method, lr, final, steps=(100, 200, 300), status="ok", start=4.0)
 
 
 def test_methods_winners_edges_and_crossings_on_synthetic_curves():
-    from bench.methods import compare, grid_edge, parse_lr_grids, tables
+    # The benchmarks import their siblings as scripts do (bench/ first on sys.path).
+    sys.path.insert(0, str(REPO / "bench"))
+    from methods import compare, grid_edge, parse_lr_grids, tables
 
     runs = [
         # AdamW: best in the middle of its grid; target = 3.0.
