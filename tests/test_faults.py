@@ -295,6 +295,8 @@ def test_sigterm_to_torchrun_before_the_first_step_exits_for_requeue(tmp_path):
         workers = [w for t in _children(script.pid) for w in _children(t)]
         time.sleep(0.05)
     assert len(workers) == 2
+    # Past the interpreter's own start (a few ms no handler can cover), inside the imports.
+    time.sleep(1.0)
     script.send_signal(signal.SIGTERM)
     _, err = script.communicate(timeout=120)
     assert script.returncode == REQUEUE_EXIT_CODE, err[-3000:]
