@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +171,22 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item()
+
+
+def agree(info: DistInfo, decide: Callable[[], Any], errors: tuple[type[Exception], ...]) -> Any:
+    """Run `decide` on rank 0 and give every rank its result, or its error: all ranks go on with
+    the same value or all raise the same exception (one of `errors`, with rank 0's message), so
+    no rank is left waiting in a collective that another rank never reaches."""
+    outcome: tuple[type[Exception] | None, Any] = (None, None)
+    if info.is_main:
+        try:
+            outcome = (None, decide())
+        except errors as e:
+            outcome = (type(e), str(e))
+    kind, value = broadcast_object(outcome)
+    if kind is not None:
+        raise kind(value)
+    return value
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from snoo_train.checkpoint import LATEST, CheckpointError, complete_checkpoints
-from snoo_train.dist import DistInfo, broadcast_object
+from snoo_train.dist import DistInfo, agree
 
 LOCK_FILE = ".lock"
 ARCHIVE_DIR = "archive"
@@ -87,17 +87,14 @@ class RunDirLock:
 def lock_run_dir(run_dir: str, dist: DistInfo) -> RunDirLock | None:
     """Rank 0 takes the run directory's lock (after proving it writable); every rank raises
     the same RunDirError if it cannot. Returns the lock on rank 0, None elsewhere."""
-    lock, error = None, None
-    if dist.is_main:
-        try:
-            check_writable(run_dir, "the run directory")
-            lock = RunDirLock(run_dir).acquire()
-        except RunDirError as e:
-            error = str(e)
-    error = broadcast_object(error)
-    if error:
-        raise RunDirError(error)
-    return lock
+    held: list[RunDirLock] = []  # the lock stays on rank 0: its file descriptor is this process's
+
+    def take() -> None:
+        check_writable(run_dir, "the run directory")
+        held.append(RunDirLock(run_dir).acquire())
+
+    agree(dist, take, (RunDirError,))
+    return held[0] if held else None
 
 
 def _read_holder(fd: int) -> dict | None:

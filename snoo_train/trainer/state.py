@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,31 +24,21 @@ from snoo_train.checkpoint import (
     resume_candidates,
 )
 from snoo_train.config import is_diloco
-from snoo_train.dist import broadcast_object
+from snoo_train.dist import agree as agree_on
 from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
-from snoo_train.rundir import RunDirError, check_free_space, check_writable, guard_fresh_start
+from snoo_train.rundir import check_free_space, check_writable, guard_fresh_start
 
 if TYPE_CHECKING:
     from snoo_train.trainer.trainer import Trainer
 
 log = logging.getLogger("snoo_train")
 
-_ERRORS = {"CorruptCheckpoint": CorruptCheckpoint, "RunDirError": RunDirError}
+# The decisions rank 0 takes for every rank (snoo_train.dist.agree) may fail with these.
+_AGREED_ERRORS = (CheckpointError,)
 
 
 def agree(dist, decide: Callable[[], Any]) -> Any:
-    """Run `decide` on rank 0 and share its result, or its error, with every rank: all ranks
-    go on with the same value or all raise the same CheckpointError."""
-    outcome: tuple[str, Any] = ("ok", None)
-    if dist.is_main:
-        try:
-            outcome = ("ok", decide())
-        except CheckpointError as e:
-            outcome = (type(e).__name__, str(e))
-    kind, value = broadcast_object(outcome)
-    if kind != "ok":
-        raise _ERRORS.get(kind, CheckpointError)(value)
-    return value
+    return agree_on(dist, decide, _AGREED_ERRORS)
 
 
 class RunState:
@@ -224,7 +214,10 @@ class RunState:
             agree(self.dist, lambda: self._guard_fresh_start("trainer.resume=none"))
             return None
         problems: list[str] = []
-        for path in agree(self.dist, lambda: self._candidates(resume, problems)):
+        # A generator that runs on rank 0 only, one candidate at a time: a checkpoint is verified
+        # (CRC of every file) only if the ones before it could not be loaded.
+        candidates = self._candidates(resume, problems)
+        while (path := agree(self.dist, lambda: next(candidates, None))) is not None:
             try:
                 self.load(path)
                 return path
@@ -234,20 +227,20 @@ class RunState:
                 problems.append(str(e))
                 if self.dist.is_main:
                     log.warning("skipping checkpoint: %s", e)
-        if problems:
-            raise no_loadable_checkpoint(self.dir, problems)
         agree(self.dist, lambda: self._guard_fresh_start("there is no checkpoint to resume from (trainer.resume=auto)"))
         return None
 
-    def _candidates(self, resume: str, problems: list[str]) -> list[str]:
+    def _candidates(self, resume: str, problems: list[str]) -> Iterator[str]:
+        """The checkpoints to try, best first; raises when checkpoints exist but none is left
+        (`problems`: why each was skipped or failed to load)."""
         checksum = self.cfg.checkpoint.checksum
         if resume == "auto":
-            found = [str(p) for p in resume_candidates(self.dir, checksum=checksum, problems=problems)]
-            if problems and not found:
+            yield from (str(p) for p in resume_candidates(self.dir, checksum=checksum, problems=problems))
+            if problems:
                 raise no_loadable_checkpoint(self.dir, problems)
-            return found
+            return
         try:
-            return [str(resolve_checkpoint(resume, checksum=checksum))]
+            yield str(resolve_checkpoint(resume, checksum=checksum))
         except CheckpointError as e:
             raise type(e)(f"trainer.resume: {e}") from e
 
