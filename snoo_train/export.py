@@ -136,9 +136,9 @@ def export(
     # The tokenizer the run trained with, loaded before anything is written (it may be missing).
     tokenizer = None
     if cfg.data.tokenizer != "byte":
-        from snoo_train.data.tokenizer import HFTokenizer
+        from snoo_train.data.tokenizer import load_hf_tokenizer
 
-        tokenizer = HFTokenizer(cfg.data.tokenizer)._tok
+        tokenizer = load_hf_tokenizer(cfg.data.tokenizer)
     prepare_out_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         out = export(
             args.checkpoint, args.out_dir, dtype=args.dtype, weights=args.weights, overwrite=args.overwrite
         )
-    except (CheckpointError, ExportError, DataError) as e:
+    except (CheckpointError, ExportError, DataError, FileNotFoundError) as e:  # the last: a tokenizer directory
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:

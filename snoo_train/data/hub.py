@@ -8,25 +8,23 @@ name or a closed network fails in milliseconds, with one line that says what to 
 
 from __future__ import annotations
 
-import os
 import socket
 from urllib.parse import urlparse
+
+from huggingface_hub import constants
 
 PROBE_TIMEOUT_S = 3.0
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
 def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (the hub library's switch): use the local cache only, never the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    """HF_HUB_OFFLINE, as the hub library itself reads it: the local cache only, no network."""
+    return constants.is_offline_mode()
 
 
 def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
-    """None if the hub's host accepts a connection; otherwise why not, in a few words."""
-    url = urlparse(hub_endpoint())
+    """None if the hub's host (HF_ENDPOINT, as the hub library reads it) accepts a connection;
+    otherwise why not, in a few words."""
+    url = urlparse(constants.ENDPOINT)
     host = url.hostname or "huggingface.co"
     port = url.port or (443 if url.scheme != "http" else 80)
     try:
@@ -34,4 +32,4 @@ def hub_unreachable(timeout: float = PROBE_TIMEOUT_S) -> str | None:
             return None
     except OSError as e:
         reason = e.strerror or str(e) or type(e).__name__
-        return f"{hub_endpoint()} is unreachable ({reason})"
+        return f"{constants.ENDPOINT} is unreachable ({reason})"

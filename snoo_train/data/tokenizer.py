@@ -56,13 +56,7 @@ class HFTokenizer:
     tokenizer's own EOS (or SEP, for tokenizers that have no EOS) separates them."""
 
     def __init__(self, name_or_path: str):
-        from transformers import AutoTokenizer
-
-        looks_like_path = name_or_path.startswith(("/", ".", "~")) or os.path.isdir(name_or_path)
-        path = os.path.expanduser(name_or_path)
-        if looks_like_path and not os.path.exists(path):
-            raise FileNotFoundError(f"data.tokenizer={name_or_path!r}: no such tokenizer directory")
-        tok = _load_tokenizer(AutoTokenizer, path if looks_like_path else name_or_path, looks_like_path)
+        tok = load_hf_tokenizer(name_or_path)
         eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
         if eos is None:
             raise DataError(
@@ -101,9 +95,20 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids])
 
 
+def load_hf_tokenizer(name_or_path: str):
+    """The `transformers` tokenizer `data.tokenizer` names (the trainer's and export's): a local
+    directory, or a hub name from the local cache, or from the hub when it answers; never tens
+    of seconds of retries against a network that is not there."""
+    from transformers import AutoTokenizer
+
+    looks_like_path = name_or_path.startswith(("/", ".", "~")) or os.path.isdir(name_or_path)
+    path = os.path.expanduser(name_or_path)
+    if looks_like_path and not os.path.exists(path):
+        raise FileNotFoundError(f"data.tokenizer={name_or_path!r}: no such tokenizer directory")
+    return _load_tokenizer(AutoTokenizer, path if looks_like_path else name_or_path, looks_like_path)
+
+
 def _load_tokenizer(auto, name: str, local: bool):
-    """A local directory, or a hub name from the local cache, or from the hub when it answers:
-    never tens of seconds of retries against a network that is not there."""
     from .hub import hub_offline, hub_unreachable
 
     try:
