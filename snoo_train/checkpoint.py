@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
 
 from snoo_train.dist import in_process_group
+from snoo_train.optim._dtensor import local as local_shard
 
 log = logging.getLogger(__name__)
 
@@ -582,8 +583,7 @@ class Checkpointer:
         keys = list(tensors)
         by_device: dict[torch.device, list[tuple[int, torch.Tensor]]] = {}
         for i, key in enumerate(keys):
-            t = tensors[key]
-            local = t.to_local() if hasattr(t, "to_local") else t
+            local = local_shard(tensors[key])
             if local.is_floating_point() and local.numel():
                 by_device.setdefault(local.device, []).append((i, torch.isfinite(local).all()))
         bad = torch.zeros(len(keys), dtype=torch.int64)

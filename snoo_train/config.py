@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -232,7 +232,7 @@ def _float_values(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
     for key, value in items:
         if isinstance(value, float):
             yield f"{prefix}{key}", value
-        elif isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        elif isinstance(value, Sequence) and not isinstance(value, str):  # lists, ListConfig
             for i, v in enumerate(value):
                 if isinstance(v, float):
                     yield f"{prefix}{key}[{i}]", v
