@@ -89,28 +89,86 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    """Where tokens come from. `source`: stdlib (embedded, no network) | hf | local."""
+    """Where tokens come from. `source`: stdlib (embedded, no network) | hf | local | prepared
+    (token stores written by `python -m snoo_train.data.prepare`, memory-mapped).
+
+    The same keys mean the same to training, to `snoo_train.data.prepare` and to
+    `snoo_train.data.train_tokenizer`: a store records the data config that made it."""
 
     source: str = "stdlib"
-    path: Optional[str] = None  # hf: dataset path on the hub (or a local dataset directory)
+    # hf: dataset path on the hub (or a local dataset directory); prepared: the store directory
+    path: Optional[str] = None
     name: Optional[str] = None  # hf: dataset config name
     split: str = "train"
     val_split: Optional[str] = None  # hf: a named held-out split; None holds out val_fraction
-    streaming: bool = False  # hf: stream instead of downloading the whole split
+    # hf and local: read the source as a stream, tokenized in a background thread, each rank
+    # its own share of the documents (data/streaming.py), instead of tokenizing it all up front
+    streaming: bool = False
     files: list[str] = field(default_factory=list)  # local: text/jsonl/parquet files or globs
     format: Optional[str] = None  # local: text | jsonl | parquet; None infers from extension
     text_field: str = "text"
     sample_by: str = "document"  # local text files: document (one per file) | paragraph | line
-    tokenizer: str = "byte"  # byte | any HF tokenizer name or path
+    # byte | any HF tokenizer name or directory. prepared: None uses the store's own tokenizer;
+    # a value is checked against the one the store was made with.
+    tokenizer: Optional[str] = "byte"
     seq_len: int = 256
     val_fraction: float = 0.02  # documents held out for validation (by a hash of the document)
     max_documents: Optional[int] = None  # cap on documents read (quick runs, tests)
     cache_dir: Optional[str] = None  # where packed token arrays are cached; None: no cache
-    shuffle_buffer: int = 10000  # hf streaming: windows mixed by the seeded shuffle buffer
+    shuffle_buffer: int = 10000  # streaming: windows shuffled together, in seeded blocks
     # Documents whose text field is missing or null stop the run (a corpus where half the
     # lines lack the field would otherwise train on the other half without a word); true skips
     # them with a warning that gives their count and the first one's position.
     skip_invalid_documents: bool = False
+    # prepared: several stores mixed by `weights` (one per store, any positive scale)
+    paths: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    # prepared: shard sizes are always checked at start-up (O(shards)); true also checks every
+    # shard's sha256 (reads the whole store once)
+    verify_checksums: bool = False
+
+
+# DataConfig keys that decide what goes into a token store: a prepared run cannot change them
+# (the store fixed them; its manifest.json records them).
+PREPARE_TIME_KEYS = (
+    "name", "split", "val_split", "files", "format", "text_field", "sample_by",
+    "val_fraction", "max_documents", "cache_dir", "skip_invalid_documents",
+)  # fmt: skip
+
+
+@dataclass
+class PrepareConfig:
+    """`python -m snoo_train.data.prepare`: tokenize a data config once into a token store."""
+
+    out: Optional[str] = None  # the store directory to create
+    workers: int = 1  # tokenizer processes; the store is byte-identical for any number
+    shard_tokens: int = 100_000_000  # a shard closes at the first document end past this size
+    chunk_documents: int = 256  # documents per task handed to a worker (and per progress save)
+    overwrite: bool = False  # replace an existing store at `out`
+    progress: bool = True  # a progress bar on stderr (documents, tokens, ETA)
+
+
+@dataclass
+class PrepareJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    """`python -m snoo_train.data.train_tokenizer`: a byte-level BPE tokenizer from a data config."""
+
+    vocab_size: int = 32000  # including the 256 byte symbols and the special tokens
+    out: Optional[str] = None  # a directory AutoTokenizer.from_pretrained loads
+    min_frequency: int = 2  # a merge must occur at least this often
+    eos_token: str = "<|endoftext|>"
+    overwrite: bool = False
+
+
+@dataclass
+class TokenizerJob:
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerTrainConfig = field(default_factory=TokenizerTrainConfig)
 
 
 @dataclass
@@ -350,7 +408,7 @@ def _check_optim(o: Any) -> None:
 
 
 def _check_data(d: Any) -> None:
-    _choice("data.source", d.source, ("stdlib", "hf", "local"))
+    _choice("data.source", d.source, ("stdlib", "hf", "local", "prepared"))
     if d.source == "hf" and not d.path:
         raise ConfigError("data.path must name a dataset when data.source=hf (e.g. data.path=roneneldan/TinyStories)")
     if d.source == "local" and not d.files:
@@ -361,6 +419,43 @@ def _check_data(d: Any) -> None:
     _positive("data.shuffle_buffer", d.shuffle_buffer)
     _positive("data.seq_len", d.seq_len)
     _unit_interval("data.val_fraction", d.val_fraction)
+    if d.source == "prepared":
+        _check_prepared(d)
+        return
+    if not d.tokenizer:
+        raise ConfigError(f"data.tokenizer is empty; name one (byte, a hub name or a directory) for data.source={d.source}")
+    for key in ("paths", "weights"):
+        if getattr(d, key):
+            raise ConfigError(f"data.{key} mixes token stores and needs data=prepared (data.source={d.source})")
+    if d.streaming and d.source == "stdlib":
+        raise ConfigError("data.streaming=true reads hf or local sources; the embedded corpus is small enough to pack")
+
+
+def _check_prepared(d: Any) -> None:
+    """A prepared run reads one store (data.path) or a mixture (data.paths + data.weights)."""
+    if bool(d.path) == bool(d.paths):
+        raise ConfigError(
+            "data=prepared reads one store, data.path=DIR, or a mixture, 'data.paths=[DIR,...]' "
+            "with 'data.weights=[...]'; set exactly one of data.path and data.paths"
+        )
+    if d.streaming:
+        raise ConfigError("data.streaming=true streams a source while training; a prepared store is memory-mapped instead")
+    if d.paths:
+        if len(d.weights) != len(d.paths):
+            raise ConfigError(
+                f"data.weights has {len(d.weights)} values for {len(d.paths)} stores in data.paths; give one weight per store"
+            )
+        if any(w < 0 for w in d.weights) or not sum(d.weights) > 0:
+            raise ConfigError(f"data.weights={list(d.weights)} must be >= 0 with a positive sum")
+    elif d.weights:
+        raise ConfigError("data.weights weighs the stores of data.paths; with one store (data.path) leave it out")
+    defaults = DataConfig()
+    changed = [k for k in PREPARE_TIME_KEYS if getattr(d, k) != getattr(defaults, k)]
+    if changed:
+        raise ConfigError(
+            f"data.{changed[0]} is fixed when a store is prepared (its manifest.json records it); data=prepared "
+            "cannot change it: prepare another store with it"
+        )
 
 
 def _check_trainer(t: Any) -> None:

@@ -134,17 +134,19 @@ def export(
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     # The tokenizer the run trained with, loaded before anything is written (it may be missing).
-    tokenizer = None
-    if cfg.data.tokenizer != "byte":
+    from snoo_train.data.build import training_tokenizer_name
+
+    tokenizer, tokenizer_name = None, training_tokenizer_name(cfg.data)
+    if tokenizer_name != "byte":
         from snoo_train.data.tokenizer import load_hf_tokenizer
 
-        tokenizer = load_hf_tokenizer(cfg.data.tokenizer)
+        tokenizer = load_hf_tokenizer(tokenizer_name)
     prepare_out_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-        log.info("tokenizer: %s", cfg.data.tokenizer)
+        log.info("tokenizer: %s", tokenizer_name)
     else:
         (out_dir / "TOKENIZER.txt").write_text(BYTE_TOKENIZER_NOTE)
         log.info("tokenizer: byte-level, none to write (see TOKENIZER.txt)")

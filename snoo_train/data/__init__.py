@@ -1,7 +1,8 @@
 """Token data: sources (embedded standard library, hub datasets, local files), tokenizers,
-packing into fixed windows, held-out validation, and per-rank resumable batches."""
+packing into fixed windows, token stores (prepare once, memory-map), held-out validation, and
+per-rank resumable batches."""
 
-from .build import build_datasets
+from .build import build_datasets, resolve_tokenizer
 from .errors import DataError
 from .loader import BatchLoader, eval_batches
 from .packing import PackedDataset, StreamingPackedDataset
@@ -16,6 +17,7 @@ __all__ = [
     "StreamingPackedDataset",
     "Tokenizer",
     "build_datasets",
+    "resolve_tokenizer",
     "build_tokenizer",
     "eval_batches",
 ]

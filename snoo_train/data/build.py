@@ -4,17 +4,103 @@ from __future__ import annotations
 
 from typing import Union
 
+import numpy as np
+
+import os
+
 from . import cache
 from .errors import DataError
+from .mixture import Mixture
 from .packing import PackedDataset, StreamingPackedDataset, pack_documents, pack_split
 from .sources import Source, list_stdlib, load_hf, load_local, read_stdlib
-from .tokenizer import Tokenizer
+from .store import StoreError, TokenStore, read_manifest
+from .tokenizer import Tokenizer, build_tokenizer
 
 Packed = Union[PackedDataset, StreamingPackedDataset]
 
 # Documents mixed by a streamed hub dataset's own shuffle, before packing; the loader then
 # mixes windows in its own buffer (data.shuffle_buffer).
 _STREAM_DOCUMENT_BUFFER = 1000
+
+
+def store_paths(cfg) -> list[str]:
+    """The token stores a data=prepared config reads: data.path, or the mixture's data.paths."""
+    return [cfg.path] if cfg.path else [str(p) for p in cfg.paths]
+
+
+def resolve_tokenizer(cfg) -> Tokenizer:
+    """The tokenizer a data config trains with. For token stores: the one they were made with
+    (saved in the store), and every store of a mixture must share it; a data.tokenizer given as
+    well must be that same tokenizer, or the ids would mean other text."""
+    if cfg.source != "prepared":
+        return build_tokenizer(cfg.tokenizer)
+    paths = store_paths(cfg)
+    manifests = [read_manifest(p) for p in paths]
+    made_with = manifests[0]["tokenizer"]
+    for path, meta in zip(paths[1:], manifests[1:]):
+        if meta["tokenizer"]["fingerprint"] != made_with["fingerprint"]:
+            raise StoreError(
+                f"the stores of data.paths were made with different tokenizers: {paths[0]} with "
+                f"{made_with['name']!r}, {path} with {meta['tokenizer']['name']!r}; prepare them with one tokenizer"
+            )
+    tokenizer = build_tokenizer(cfg.tokenizer or store_tokenizer(paths[0], made_with["name"]))
+    if tokenizer.fingerprint != made_with["fingerprint"]:
+        given = f"data.tokenizer={cfg.tokenizer!r}" if cfg.tokenizer else f"the tokenizer saved in {paths[0]}"
+        raise StoreError(
+            f"{given} is not the tokenizer the store {paths[0]} was made with ({made_with['name']!r}, "
+            f"fingerprint {made_with['fingerprint']}, this one {tokenizer.fingerprint}); leave data.tokenizer "
+            "unset to use the store's, or prepare the store again with this tokenizer"
+        )
+    return tokenizer
+
+
+def store_tokenizer(path: str, name: str) -> str:
+    """What to load as the tokenizer a store was made with: `byte`, or its saved copy."""
+    if name == "byte":
+        return "byte"
+    saved = os.path.join(os.path.expanduser(path), "tokenizer")
+    if not os.path.isdir(saved):
+        raise StoreError(f"{path} has no tokenizer/ directory; set data.tokenizer to {name!r}")
+    return saved
+
+
+def training_tokenizer_name(cfg) -> str:
+    """The data.tokenizer a run trained with, for export: a store's saved copy when unset."""
+    if cfg.source == "prepared" and not cfg.tokenizer:
+        path = store_paths(cfg)[0]
+        return store_tokenizer(path, read_manifest(path)["tokenizer"]["name"])
+    return cfg.tokenizer
+
+
+def build_prepared(cfg, *, seed: int):
+    """(train, val) from token stores: one store's windows, or a Mixture of several stores'
+    training windows with their validation windows evaluated together."""
+    paths = store_paths(cfg)
+    stores = [TokenStore(p, verify_checksums=cfg.verify_checksums) for p in paths]
+    if len(stores) == 1:
+        return stores[0].dataset("train", cfg.seq_len), stores[0].dataset("val", cfg.seq_len)
+    train = Mixture([s.dataset("train", cfg.seq_len) for s in stores], list(cfg.weights), paths, seed=seed)
+    return train, ConcatWindows([s.dataset("val", cfg.seq_len) for s in stores])
+
+
+class ConcatWindows:
+    """Several window sets read as one (the validation windows of a mixture's stores)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.seq_len = parts[0].seq_len
+        self.num_documents = sum(p.num_documents for p in parts)
+        self._ends = np.cumsum([len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self._ends[-1])
+
+    def take(self, indices) -> np.ndarray:
+        out = []
+        for i in np.asarray(indices, dtype=np.int64):
+            part = int(np.searchsorted(self._ends, i, side="right"))
+            out.append(self.parts[part].take([i - (int(self._ends[part - 1]) if part else 0)])[0])
+        return np.stack(out)
 
 
 def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Packed]:
@@ -26,9 +112,11 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
     (`data.val_split`) or the documents whose text hash falls below `data.val_fraction`;
     they never appear in train.
     """
+    if cfg.source == "prepared":
+        return build_prepared(cfg, seed=seed)
     if cfg.source == "hf" and cfg.streaming:
         return _build_streaming(cfg, tokenizer, seed)
-    listing, train_source, val_source, fingerprints = _open_sources(cfg)
+    listing, train_source, val_source, fingerprints = open_sources(cfg)
     named_val = cfg.source == "hf" and bool(cfg.val_split)
     key = None
     if cfg.cache_dir and fingerprints[0] is not None:
@@ -65,7 +153,7 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
     )
 
 
-def _open_sources(cfg):
+def open_sources(cfg):
     """(stdlib listing, train source, named validation source, fingerprints for the cache).
     The standard library is only listed and stat-ed here: reading it is the costly part, left
     until the cache misses."""

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .packing import PackedDataset, StreamingPackedDataset
+from .mixture import Mixture
+from .packing import StreamingPackedDataset
 
 # Validation windows are visited in a fixed shuffled order (not file order, which would
 # evaluate on the alphabetically first few documents only), the same for every training seed.
@@ -73,8 +74,11 @@ class BatchLoader:
         self.micro_batch_size = global_batch_size // (world_size * grad_accum)
         self.tokens_per_step = global_batch_size * train.seq_len
         self.streaming = isinstance(train, StreamingPackedDataset)
+        self.mixture = train if isinstance(train, Mixture) else None
         self.step = 0
-        if self.streaming:
+        if self.mixture is not None:
+            self.num_samples = -1  # per store: the mixture's sizes
+        elif self.streaming:
             self.num_samples = -1
             self._stream: Optional[Iterator[np.ndarray]] = None
             self._stream_pos = 0
@@ -137,7 +141,9 @@ class BatchLoader:
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         per_rank = self.global_batch_size // self.world_size
         lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
-        if self.streaming:
+        if self.mixture is not None:
+            mine = self.mixture.take(self.step, self.global_batch_size, lo, hi)
+        elif self.streaming:
             mine = self._next_stream_batch()[lo:hi]
         else:
             mine = self.train.take(self._global_indices(self.step)[lo:hi])
@@ -145,13 +151,22 @@ class BatchLoader:
         b = self.micro_batch_size
         return [_to_batch(mine[i * b : (i + 1) * b]) for i in range(self.grad_accum)]
 
-    def state_dict(self) -> dict[str, int]:
-        return {
+    def state_dict(self) -> dict:
+        state = {
             "step": self.step,
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "num_samples": self.num_samples,
         }
+        if self.mixture is not None:
+            # Where each store is: the draws of later steps follow from the seed alone.
+            state["mixture_counts"] = [int(c) for c in self.mixture.counts]
+            state["mixture_sizes"] = [int(n) for n in self.mixture.sizes]
+        return state
+
+    def tokens_drawn(self) -> dict[str, int]:
+        """Tokens served by each store of a mixture (empty for one source)."""
+        return self.mixture.tokens_drawn() if self.mixture is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "global_batch_size", "num_samples"):
@@ -160,6 +175,14 @@ class BatchLoader:
                     f"cannot resume the data loader: the checkpoint has {key}={int(state[key])}, "
                     f"this run has {getattr(self, key)} (the data order would not continue)"
                 )
+        if self.mixture is not None:
+            sizes = [int(n) for n in state.get("mixture_sizes", [])]
+            if sizes != [int(n) for n in self.mixture.sizes]:
+                raise DataError(
+                    f"cannot resume the data mixture: the checkpoint's stores had {sizes} training windows, "
+                    f"this run's have {[int(n) for n in self.mixture.sizes]} (other stores, order or data.seq_len)"
+                )
+            self.mixture.counts = np.asarray(state["mixture_counts"], dtype=np.int64)
         self.step = int(state["step"])
         if self.streaming and self._stream_pos > self.step * self.global_batch_size:
             self._stream = None  # behind the current position: replay from the start
@@ -205,7 +228,7 @@ def eval_batches(
             return
         for g in range(num_batches):
             idx = order[(np.arange(g * batch_size + lo, g * batch_size + hi)) % len(order)]
-            if isinstance(windows, PackedDataset):
+            if hasattr(windows, "take"):
                 yield _to_batch(windows.take(idx))
             else:
                 yield _to_batch(np.stack([windows[i] for i in idx]))

@@ -94,6 +94,10 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids])
 
+    def save(self, directory: str) -> None:
+        """Write the tokenizer where AutoTokenizer.from_pretrained (and data.tokenizer=DIR) loads it."""
+        self._tok.save_pretrained(directory)
+
 
 def load_hf_tokenizer(name_or_path: str):
     """The `transformers` tokenizer `data.tokenizer` names (the trainer's and export's): a local

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from snoo_train.config import Config, is_diloco
-from snoo_train.data import BatchLoader, build_datasets, build_tokenizer
+from snoo_train.data import BatchLoader, build_datasets, resolve_tokenizer
 from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from snoo_train.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
@@ -81,7 +81,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         t, d = self.cfg.trainer, self.dist
-        self.tokenizer = build_tokenizer(self.cfg.data.tokenizer)
+        self.tokenizer = resolve_tokenizer(self.cfg.data)
         self.train_set, self.val_set = build_datasets(self.cfg.data, self.tokenizer, seed=t.seed)
         self.loader = BatchLoader(
             self.train_set,
@@ -258,6 +258,8 @@ class Trainer:
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         if self.policy.skipped_steps:
             record["skipped_steps"] = self.policy.skipped_steps
+        for store, tokens in self.loader.tokens_drawn().items():
+            record[f"data/tokens/{store}"] = tokens
         if self.is_snoo:
             record.update(self.optimizer.outer_metrics())
         if self.router is not None:
