@@ -416,48 +416,6 @@ def stream_cfg(root, **kw) -> DataConfig:
     return DataConfig(**base)
 
 
-def test_streaming_sharding_determinism_and_resume(stream_dir):
-    root, _ = stream_dir
-    tok = ByteTokenizer()
-
-    def loaders(seed, world_size, grad_accum=1):
-        train, _ = build_datasets(stream_cfg(root), tok, seed=seed)
-        return [
-            BatchLoader(
-                train,
-                global_batch_size=8,
-                grad_accum=grad_accum,
-                rank=r,
-                world_size=world_size,
-                seed=seed,
-            )
-            for r in range(world_size)
-        ]
-
-    def rows(step):
-        return [tuple(row.tolist()) for mb in step for row in mb["input_ids"]]
-
-    (single,) = loaders(0, 1)
-    want = [rows(single.next_step()) for _ in range(8)]
-    (again,) = loaders(0, 1)
-    assert [rows(again.next_step()) for _ in range(8)] == want
-    (other,) = loaders(1, 1)
-    assert [rows(other.next_step()) for _ in range(8)] != want
-    for ws, ga in ((2, 1), (4, 2)):
-        ranks = loaders(0, ws, ga)
-        for g in range(8):
-            got = [rows(r.next_step()) for r in ranks]
-            assert sum(got, []) == want[g]
-
-    (resumed,) = loaders(0, 1)
-    for _ in range(3):
-        resumed.next_step()
-    state = resumed.state_dict()
-    (fresh,) = loaders(0, 1)
-    fresh.load_state_dict(state)
-    assert [rows(fresh.next_step()) for _ in range(5)] == want[3:8]
-
-
 def test_streaming_heldout_documents_never_reach_training(stream_dir):
     root, docs = stream_dir
     tok = ByteTokenizer()

@@ -14,14 +14,10 @@ from .mixture import Mixture
 from .packing import PackedDataset, StreamingPackedDataset, pack_documents, pack_split
 from .sources import Source, list_stdlib, load_hf, load_local, read_stdlib
 from .store import StoreError, TokenStore, read_manifest
+from .streaming import StreamingTrain
 from .tokenizer import Tokenizer, build_tokenizer
 
-Packed = Union[PackedDataset, StreamingPackedDataset]
-
-# Documents mixed by a streamed hub dataset's own shuffle, before packing; the loader then
-# mixes windows in its own buffer (data.shuffle_buffer).
-_STREAM_DOCUMENT_BUFFER = 1000
-
+Packed = Union[PackedDataset, StreamingPackedDataset, StreamingTrain, Mixture]
 
 def store_paths(cfg) -> list[str]:
     """The token stores a data=prepared config reads: data.path, or the mixture's data.paths."""
@@ -114,8 +110,8 @@ def build_datasets(cfg, tokenizer: Tokenizer, *, seed: int) -> tuple[Packed, Pac
     """
     if cfg.source == "prepared":
         return build_prepared(cfg, seed=seed)
-    if cfg.source == "hf" and cfg.streaming:
-        return _build_streaming(cfg, tokenizer, seed)
+    if cfg.streaming:
+        return _build_streaming(cfg, tokenizer)
     listing, train_source, val_source, fingerprints = open_sources(cfg)
     named_val = cfg.source == "hf" and bool(cfg.val_split)
     key = None
@@ -189,25 +185,20 @@ def _hf(cfg, split: str, *, streaming: bool) -> Source:
     return source
 
 
-def _build_streaming(cfg, tokenizer: Tokenizer, seed: int):
-    stream = _hf(cfg, cfg.split, streaming=True)
-    shuffled = Source(
-        stream.documents.shuffle(seed=seed, buffer_size=_STREAM_DOCUMENT_BUFFER),
-        stream.text_field,
-        None,
-        stream.describe,
-        skip_invalid=stream.skip_invalid,
-        lazy=True,
-    )
-    common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
-    if cfg.val_split:
-        train = StreamingPackedDataset(shuffled, **common)
-        val = StreamingPackedDataset(_hf(cfg, cfg.val_split, streaming=True), **common)
+def _build_streaming(cfg, tokenizer: Tokenizer):
+    """Training windows streamed per rank (streaming.StreamingTrain; the loader starts each
+    rank's stream), and validation windows from the head of the stream (or the named split)."""
+    if cfg.source == "hf":
+        stream = _hf(cfg, cfg.split, streaming=True)
     else:
-        train = StreamingPackedDataset(
-            shuffled, keep_validation=False, val_fraction=cfg.val_fraction, **common
-        )
-        val = StreamingPackedDataset(
-            stream, keep_validation=True, val_fraction=cfg.val_fraction, **common
-        )
+        stream = open_sources(cfg)[1]
+        stream.lazy = True
+    common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
+    if cfg.source == "hf" and cfg.val_split:
+        val = StreamingPackedDataset(_hf(cfg, cfg.val_split, streaming=True), **common)
+        held_out = 0.0  # the named split is the validation set; the train split is all training
+    else:
+        val = StreamingPackedDataset(stream, keep_validation=True, val_fraction=cfg.val_fraction, **common)
+        held_out = cfg.val_fraction
+    train = StreamingTrain(stream, tokenizer, cfg.seq_len, val_fraction=held_out, block_windows=cfg.shuffle_buffer)
     return train, val

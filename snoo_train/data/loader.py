@@ -4,15 +4,17 @@ The global sample order is a function of the seed alone: global step `s` consume
 samples `[s*B, (s+1)*B)`, and rank `r` of `W` keeps the contiguous slice
 `[r*B/W, (r+1)*B/W)` of them, split into `grad_accum` micro-batches. So the ranks are
 disjoint, their union is the single-process batch, and a run can resume on another world
-size. Only the step counter is state: a resumed loader recomputes where it was.
+size. Only the step counter is state: a resumed loader recomputes where it was (a mixture of
+stores adds how many samples each store served; mixture.py).
+
+Streaming data is the exception: each rank reads its own share of the stream (streaming.py), so
+its order depends on the world size and each rank's position is part of the checkpoint.
 """
 
 from __future__ import annotations
 
-import collections
-import itertools
+import json
 from collections.abc import Iterator
-from typing import Optional
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ import torch
 from .errors import DataError
 from .mixture import Mixture
 from .packing import StreamingPackedDataset
+from .streaming import StreamingTrain
 
 # Validation windows are visited in a fixed shuffled order (not file order, which would
 # evaluate on the alphabetically first few documents only), the same for every training seed.
@@ -50,8 +53,8 @@ class BatchLoader:
 
     Map-style data: epoch `e` visits a permutation of all windows seeded by (seed, e); the
     last `len % B` windows of each permutation are skipped so a step never spans epochs.
-    Streaming data: epoch `e` of the stream goes through a shuffle buffer seeded by
-    (seed, e); every rank reads the whole stream and keeps its slice.
+    Mixtures of stores: mixture.py. Streaming data: this rank's share of the stream, in shuffled
+    blocks (streaming.py), `global_batch_size // world_size` windows per step.
     """
 
     def __init__(
@@ -73,15 +76,14 @@ class BatchLoader:
         self.seed = seed
         self.micro_batch_size = global_batch_size // (world_size * grad_accum)
         self.tokens_per_step = global_batch_size * train.seq_len
-        self.streaming = isinstance(train, StreamingPackedDataset)
+        self.streaming = isinstance(train, StreamingTrain)
         self.mixture = train if isinstance(train, Mixture) else None
         self.step = 0
         if self.mixture is not None:
             self.num_samples = -1  # per store: the mixture's sizes
         elif self.streaming:
             self.num_samples = -1
-            self._stream: Optional[Iterator[np.ndarray]] = None
-            self._stream_pos = 0
+            self.stream = train.rank_stream(rank, world_size, seed)
         else:
             self.num_samples = len(train)
             if self.num_samples < global_batch_size:
@@ -109,33 +111,6 @@ class BatchLoader:
         B = self.global_batch_size
         return self._permutation(epoch)[within * B : (within + 1) * B]
 
-    def _global_stream(self) -> Iterator[np.ndarray]:
-        for epoch in itertools.count():
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
-            produced = 0
-            for window in _shuffle_buffer(
-                self.train.windows(epoch), self.train.shuffle_buffer, rng
-            ):
-                produced += 1
-                yield window
-            if produced == 0:
-                raise DataError(f"{self.train.source.describe} yielded no training windows")
-
-    def _next_stream_batch(self) -> np.ndarray:
-        B = self.global_batch_size
-        if self._stream is None:
-            self._stream = self._global_stream()
-            self._stream_pos = 0
-        # After load_state_dict the stream is replayed from its start up to the resume point:
-        # exact, at the price of re-reading what was already consumed.
-        skip = self.step * B - self._stream_pos
-        if skip:
-            collections.deque(itertools.islice(self._stream, skip), maxlen=0)
-            self._stream_pos += skip
-        batch = np.stack(list(itertools.islice(self._stream, B)))
-        self._stream_pos += B
-        return batch
-
     # ---- public -------------------------------------------------------------------------
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
@@ -144,7 +119,7 @@ class BatchLoader:
         if self.mixture is not None:
             mine = self.mixture.take(self.step, self.global_batch_size, lo, hi)
         elif self.streaming:
-            mine = self._next_stream_batch()[lo:hi]
+            mine = self.stream.next_windows(hi - lo)
         else:
             mine = self.train.take(self._global_indices(self.step)[lo:hi])
         self.step += 1
@@ -184,25 +159,19 @@ class BatchLoader:
                 )
             self.mixture.counts = np.asarray(state["mixture_counts"], dtype=np.int64)
         self.step = int(state["step"])
-        if self.streaming and self._stream_pos > self.step * self.global_batch_size:
-            self._stream = None  # behind the current position: replay from the start
 
+    def rank_state(self) -> str:
+        """This rank's own position (streaming only), saved per rank in the checkpoint: one JSON
+        string, since its shape (the datasets stream's nested state) varies with the source."""
+        return json.dumps(self.stream.state_dict() if self.streaming else {})
 
-def _shuffle_buffer(
-    items: Iterator[np.ndarray], size: int, rng: np.random.Generator
-) -> Iterator[np.ndarray]:
-    """A reservoir of `size` items: each incoming item replaces a uniformly drawn one,
-    which is emitted. Deterministic for a given rng state and input order."""
-    buffer: list[np.ndarray] = []
-    for item in items:
-        if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(size))
-        out, buffer[j] = buffer[j], item
-        yield out
-    for j in rng.permutation(len(buffer)):
-        yield buffer[j]
+    def load_rank_state(self, state: str) -> None:
+        if self.streaming:
+            self.stream.load_state_dict(json.loads(state))
+
+    def close(self) -> None:
+        if self.streaming:
+            self.stream.close()
 
 
 def eval_batches(

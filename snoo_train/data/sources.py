@@ -305,7 +305,20 @@ def iter_texts(source: Source, batch_size: int = 256) -> Iterator[list[str]]:
         log.info("data: %d empty documents of %s left out", empty, source.describe)
 
 
-def _invalid_message(source: Source, count: int, total: Optional[int], first: int) -> str:
+def check_text(source: Source, value, index: Optional[int]) -> Optional[str]:
+    """One streamed document's text: the string, None for an empty one or (with
+    data.skip_invalid_documents) an invalid one; a DataError otherwise, as in iter_texts."""
+    if isinstance(value, str):
+        return value or None
+    if value is not None:
+        where = _where(source, index) if index is not None else f"a document of {source.describe}"
+        raise DataError(f"data.text_field={source.text_field!r} holds a {type(value).__name__} ({str(value)[:40]!r}), not text, in {where}")
+    if not source.skip_invalid:
+        raise DataError(_invalid_message(source, 1, None, index))
+    return None
+
+
+def _invalid_message(source: Source, count: int, total: Optional[int], first: Optional[int]) -> str:
     of = f" of {total}" if total is not None else ""
     head = (
         f"{count}{of} documents have no {source.text_field!r} (absent or null); "
@@ -319,9 +332,11 @@ def _invalid_message(source: Source, count: int, total: Optional[int], first: in
     )
 
 
-def _where(source: Source, index: int) -> str:
+def _where(source: Source, index: Optional[int]) -> str:
     """Where document `index` (0-based, in the source's order) is: a file and line for local
     JSON lines files, which are read one document per non-blank line; its position otherwise."""
+    if index is None:  # a rank's share of a stream: its position in the whole is not known
+        return f"a document of {source.describe}"
     files = source.files or []
     if files and all(p.lower().endswith((".jsonl", ".ndjson")) for p in files):
         left = index

@@ -94,6 +94,7 @@ class RunState:
             "model": model_sd,
             "optim": optim_sd,
             "rng": {f"rank{self.dist.rank}": rng},
+            "data": self._stream_positions(),
             "trainer": {
                 "step": t.step,
                 "tokens": t.step * t.loader.tokens_per_step,
@@ -103,6 +104,18 @@ class RunState:
                 "scheduler": t.scheduler.state_dict(),
             },
         }
+
+    def _stream_positions(self) -> dict[str, Any]:
+        """Streaming: every rank's position in its own share of the stream, gathered so that rank 0
+        writes them all (plain values); nothing otherwise (the step is the whole position)."""
+        t = self.trainer
+        if not t.loader.streaming:
+            return {}
+        positions = [t.loader.rank_state()]
+        if self.dist.world_size > 1:
+            positions = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(positions, t.loader.rank_state())
+        return {f"rank{r}": p for r, p in enumerate(positions)}
 
     @property
     def _keys(self) -> Callable[[str], str] | None:
@@ -165,6 +178,12 @@ class RunState:
             )
         # RNG states are per rank: they only carry over to the same number of ranks.
         self._restore_rng = saved_world_size == self.dist.world_size
+        if self.cfg.data.streaming and not self._restore_rng:
+            raise CheckpointError(
+                f"the checkpoint was written by {saved_world_size} ranks streaming their own shares of "
+                f"data.files/data.path; it resumes at that world size only (this run: {self.dist.world_size}). "
+                "data=prepared resumes at any world size"
+            )
 
     def load(self, path: str) -> None:
         # The tree to load into; on a fresh optimizer get_state_dict first creates its state
@@ -182,6 +201,8 @@ class RunState:
         set_state_dict(t.model, t.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"])
         state = tree["trainer"]
         t.loader.load_state_dict(state["loader"])
+        if self._restore_rng and t.loader.streaming:
+            t.loader.load_rank_state(tree["data"][f"rank{self.dist.rank}"])
         t.scheduler.load_state_dict(state["scheduler"])
         t.step = int(state["step"])
         t.policy.skipped_steps = int(state["skipped_steps"])

@@ -180,6 +180,7 @@ class Trainer:
                 preemption.close()
             self.checkpointer.close()
             self.metrics.close()
+            self.loader.close()
         return self._summary(first_step, train_time)
 
     def _one_step(self, step: int, first_step: int, preemption: PreemptionHandler) -> None:
