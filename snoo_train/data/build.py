@@ -41,7 +41,7 @@ def resolve_tokenizer(cfg) -> Tokenizer:
             )
     tokenizer = build_tokenizer(cfg.tokenizer or store_tokenizer(paths[0], made_with["name"]))
     if tokenizer.fingerprint != made_with["fingerprint"]:
-        given = f"data.tokenizer={cfg.tokenizer!r}" if cfg.tokenizer else f"the tokenizer saved in {paths[0]}"
+        given = f"data.tokenizer={cfg.tokenizer}" if cfg.tokenizer else f"the tokenizer saved in {paths[0]}"
         raise StoreError(
             f"{given} is not the tokenizer the store {paths[0]} was made with ({made_with['name']!r}, "
             f"fingerprint {made_with['fingerprint']}, this one {tokenizer.fingerprint}); leave data.tokenizer "
