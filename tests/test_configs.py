@@ -36,6 +36,8 @@ def test_every_option_composes_into_the_schema(group, option):
     overrides = [f"{group}={option}"]
     if (group, option) == ("data", "local"):
         overrides.append("data.files=[corpus.txt]")  # local has no files on purpose
+    if (group, option) == ("data", "prepared"):
+        overrides.append("data.path=tokens/corpus")  # nor does prepared a store
     cfg = typed(overrides)
     assert isinstance(cfg, Config)
     validate_config(cfg)
