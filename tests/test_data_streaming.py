@@ -190,3 +190,32 @@ def test_windows_are_the_packed_documents(corpus):
     want = [tuple(stream[i * SEQ : i * SEQ + SEQ]) for i in range(20)]
     assert got == want
     assert np.array(got).shape == (20, SEQ)
+
+
+def test_a_streaming_run_resumes_exactly_at_two_ranks_and_refuses_another_world_size(tmp_path, corpus):
+    """Through the entry point: every rank's stream position is gathered into the checkpoint;
+    resumed at 2 ranks the losses continue bit for bit; at 1 rank the resume is refused with the
+    reason, and nothing saved changes."""
+    import shutil
+
+    from tests.conftest import TINY, read_records, run_entry
+    from tests.test_faults import one_error_line, saved_state
+
+    files, _ = corpus
+    args = TINY + ["data=local", f"data.files=[{','.join(files)}]", "data.streaming=true", "data.max_documents=null",
+                   "data.shuffle_buffer=16", "data.seq_len=32", "trainer.max_steps=8", "checkpoint.interval=4"]  # fmt: skip
+    full = tmp_path / "full"
+    proc = run_entry(args + [f"hydra.run.dir={full}"], tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "resumed"
+    shutil.copytree(full, run, ignore=shutil.ignore_patterns("step_00000008"))
+    (run / "metrics.jsonl").write_text("".join(line + "\n" for line in (full / "metrics.jsonl").read_text().splitlines()[:4]))
+    before = saved_state(run)
+    refused = run_entry(args + [f"hydra.run.dir={run}", "trainer.resume=auto"], tmp_path, nproc=1)
+    one_error_line(refused, "written by 2 ranks streaming", "resumes at that world size only", "data=prepared")
+    assert saved_state(run) == before
+    proc = run_entry(args + [f"hydra.run.dir={run}", "trainer.resume=auto"], tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = {r["step"]: r["loss"] for r in read_records(full) if r["step"] > 4 and "loss" in r}
+    got = {r["step"]: r["loss"] for r in read_records(run) if r["step"] > 4 and "loss" in r}
+    assert got == want and len(want) == 4

@@ -16,7 +16,6 @@ renamed to `<out>` only once complete, so training never reads a half-written st
 from __future__ import annotations
 
 import collections
-import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from snoo_train.config import ConfigError, PrepareJob, _check_data
+from snoo_train.config import PREPARE_TIME_KEYS, ConfigError, PrepareJob, _check_data
 
 from .build import open_sources
 from .errors import DataError
@@ -101,14 +100,25 @@ def check_job(job: PrepareJob) -> None:
     for key in ("workers", "shard_tokens", "chunk_documents"):
         if getattr(p, key) < 1:
             raise ConfigError(f"prepare.{key}={getattr(p, key)} must be >= 1")
+    if d.cache_dir:
+        raise ConfigError("data.cache_dir caches the in-memory path's tokens; prepare writes a store instead (prepare.out)")
+    if d.verify_checksums:
+        raise ConfigError("data.verify_checksums checks a store when training reads it (data=prepared); prepare writes the checksums")
     _check_data(d)
+
+
+def recorded_data(d) -> dict[str, Any]:
+    """The data keys that decide a store's bytes (recorded in its manifest, and keying an
+    interrupted prepare): not the ones that only shape training (seq_len, shuffle_buffer)."""
+    keys = ("source", "path", "tokenizer") + PREPARE_TIME_KEYS
+    return {k: getattr(d, k) for k in sorted(keys)}
 
 
 def job_key(job: PrepareJob, tokenizer: Tokenizer) -> str:
     """Everything that changes the bytes of the store; an interrupted prepare resumes only under
     the same key. (The number of workers and the chunk size change nothing.)"""
     blob = json.dumps(
-        [VERSION, dataclasses.asdict(job.data), tokenizer.fingerprint, job.prepare.shard_tokens],
+        [VERSION, recorded_data(job.data), tokenizer.fingerprint, job.prepare.shard_tokens],
         sort_keys=True,
         default=str,
     )
@@ -289,7 +299,7 @@ def _finish(job, tokenizer, writers, progress, phases, partial: str) -> dict[str
         "dtype": storage_dtype(tokenizer.vocab_size).name,
         "splits": {"train": train, "val": val},
         "source": describe,
-        "data": dataclasses.asdict(job.data),
+        "data": recorded_data(job.data),
         "prepare": {"shard_tokens": job.prepare.shard_tokens},
     }
     with open(os.path.join(partial, MANIFEST), "w") as f:
