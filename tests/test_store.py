@@ -337,3 +337,24 @@ def test_local_files_and_a_trained_tokenizer_prepare_and_train(tmp_path, bpe_dir
     proc = run_entry(TINY + ["data.max_documents=null", "data=prepared", f"data.path={out}", "data.seq_len=32", "trainer.max_steps=3", f"hydra.run.dir={run}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "vocab 640" in proc.stdout + proc.stderr  # 600 padded to a multiple of 64
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_hub_dataset_prepares_streamed_or_downloaded_to_the_same_store(tmp_path, streaming):
+    """data=hf (a dataset directory in the hub's layout, offline) with a named validation split."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    docs = make_docs(200, seed=7)
+    write_jsonl(root / "train.jsonl", docs[:160])
+    write_jsonl(root / "validation.jsonl", docs[160:])
+    out = tmp_path / f"s{streaming}"
+    prepare(job(out, "data=hf", f"data.path={root}", "data.val_split=validation", f"data.streaming={streaming}", "data.tokenizer=byte", "data.max_documents=null"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["documents"] == 160 and manifest["splits"]["val"]["documents"] == 40
+    val = np.fromfile(out / "val-00000.bin", dtype="<u2")
+    assert val.tolist() == [t for d in docs[160:] for t in list(d.encode()) + [256]]
+    reference = tmp_path / "sFalse"
+    if streaming and reference.exists():
+        assert {k.replace(str(out), ""): v for k, v in snapshot(out).items()} == {
+            k.replace(str(reference), ""): v for k, v in snapshot(reference).items()
+        }

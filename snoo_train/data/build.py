@@ -161,8 +161,8 @@ def open_sources(cfg):
         train_source = load_local(cfg.files, cfg.format, cfg.text_field, cfg.sample_by, cfg.max_documents)
         fingerprints = [train_source.fingerprint, None]
     elif cfg.source == "hf":
-        train_source = _hf(cfg, cfg.split, streaming=False)
-        val_source = _hf(cfg, cfg.val_split, streaming=False) if cfg.val_split else None
+        train_source = open_hf(cfg, cfg.split, streaming=False)
+        val_source = open_hf(cfg, cfg.val_split, streaming=False) if cfg.val_split else None
         fingerprints = [train_source.fingerprint, val_source.fingerprint if val_source else None]
     else:
         raise DataError(f"data.source={cfg.source!r} is not allowed; choose one of stdlib, hf, local")
@@ -172,7 +172,7 @@ def open_sources(cfg):
     return listing, train_source, val_source, fingerprints
 
 
-def _hf(cfg, split: str, *, streaming: bool) -> Source:
+def open_hf(cfg, split: str, *, streaming: bool) -> Source:
     source = load_hf(
         cfg.path,
         cfg.name,
@@ -189,13 +189,13 @@ def _build_streaming(cfg, tokenizer: Tokenizer):
     """Training windows streamed per rank (streaming.StreamingTrain; the loader starts each
     rank's stream), and validation windows from the head of the stream (or the named split)."""
     if cfg.source == "hf":
-        stream = _hf(cfg, cfg.split, streaming=True)
+        stream = open_hf(cfg, cfg.split, streaming=True)
     else:
         stream = open_sources(cfg)[1]
         stream.lazy = True
     common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, shuffle_buffer=cfg.shuffle_buffer)
     if cfg.source == "hf" and cfg.val_split:
-        val = StreamingPackedDataset(_hf(cfg, cfg.val_split, streaming=True), **common)
+        val = StreamingPackedDataset(open_hf(cfg, cfg.val_split, streaming=True), **common)
         held_out = 0.0  # the named split is the validation set; the train split is all training
     else:
         val = StreamingPackedDataset(stream, keep_validation=True, val_fraction=cfg.val_fraction, **common)

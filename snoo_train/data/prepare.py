@@ -31,7 +31,7 @@ import numpy as np
 
 from snoo_train.config import PREPARE_TIME_KEYS, ConfigError, PrepareJob, _check_data
 
-from .build import open_sources
+from .build import open_hf, open_sources
 from .errors import DataError
 from .packing import storage_dtype
 from .sources import Source, iter_texts, read_stdlib
@@ -175,13 +175,21 @@ class Progress:
         os.replace(tmp, self.path)
 
 
-def _phases(job: PrepareJob) -> list[tuple[Optional[Source], bool]]:
-    """(source, all documents held out) in the order they are written: the training source,
-    then a named validation split if there is one."""
-    listing, train, val, _ = open_sources(job.data)
-    if train is None:
-        train = read_stdlib(listing)
-    return [(train, False)] + ([(val, True)] if val is not None else [])
+def _phases(job: PrepareJob) -> list[tuple[Source, float, bool]]:
+    """(source, held-out fraction, all documents held out) in the order they are written: the
+    training source split by the text-hash rule; or, with a named hub validation split, the
+    training split whole and then the validation split whole."""
+    d = job.data
+    if d.source == "hf" and d.streaming:
+        # Stream the hub dataset through the tokenizers instead of downloading the split first.
+        train, val = open_hf(d, d.split, streaming=True), (open_hf(d, d.val_split, streaming=True) if d.val_split else None)
+    else:
+        listing, train, val, _ = open_sources(d)
+        if train is None:
+            train = read_stdlib(listing)
+    if val is None:
+        return [(train, d.val_fraction, False)]
+    return [(train, 0.0, False), (val, 0.0, True)]
 
 
 def _chunks(source: Source, size: int, skip: int) -> Iterator[list[str]]:
@@ -233,14 +241,14 @@ def _start_pool(job: PrepareJob, tokenizer: Tokenizer):
     )
 
 
-def _write_phase(job, phase, source, all_val, skip, writers, progress, pool) -> None:
+def _write_phase(job, phase, source, val_fraction, all_val, skip, writers, progress, pool) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(
         total=_total_documents(source), initial=skip, unit="doc", file=sys.stderr,
         disable=not job.prepare.progress, desc="prepare", dynamic_ncols=True,
     )  # fmt: skip
-    tasks = ((chunk, job.data.val_fraction, all_val) for chunk in _chunks(source, job.prepare.chunk_documents, skip))
+    tasks = ((chunk, val_fraction, all_val) for chunk in _chunks(source, job.prepare.chunk_documents, skip))
     done = skip
     try:
         for result in _results(pool, tasks, job.prepare.workers):
@@ -343,10 +351,10 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
     phases = _phases(job)
     pool = _start_pool(job, tokenizer)
     try:
-        for phase, (source, all_val) in enumerate(phases):
+        for phase, (source, val_fraction, all_val) in enumerate(phases):
             if phase >= progress.state["phase"]:
                 skip = progress.state["documents"] if phase == progress.state["phase"] else 0
-                _write_phase(job, phase, source, all_val, skip, writers, progress, pool)
+                _write_phase(job, phase, source, val_fraction, all_val, skip, writers, progress, pool)
                 progress.save(phase=phase + 1, documents=0)
     finally:
         if pool is not None:

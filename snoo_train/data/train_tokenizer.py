@@ -28,7 +28,7 @@ from typing import Optional
 
 from snoo_train.config import ConfigError, TokenizerJob, _check_data
 
-from .build import _hf, open_sources
+from .build import open_hf, open_sources
 from .errors import DataError
 from .sources import Source, iter_texts, read_stdlib
 from .split import is_validation
@@ -96,7 +96,7 @@ def _training_source(data) -> tuple[Source, bool]:
     a named split, `data.val_split`, holds the validation documents)."""
     if data.source == "hf" and data.streaming:
         # A stream reads the hub dataset as it trains instead of downloading it all first.
-        return _hf(data, data.split, streaming=True), not data.val_split
+        return open_hf(data, data.split, streaming=True), not data.val_split
     listing, source, _, _ = open_sources(data)
     if source is None:  # the standard library is only listed by open_sources
         source = read_stdlib(listing)
