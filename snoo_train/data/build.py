@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Union
 
 import numpy as np
-
-import os
 
 from . import cache
 from .errors import DataError
@@ -18,6 +17,7 @@ from .streaming import StreamingTrain
 from .tokenizer import Tokenizer, build_tokenizer
 
 Packed = Union[PackedDataset, StreamingPackedDataset, StreamingTrain, Mixture]
+
 
 def store_paths(cfg) -> list[str]:
     """The token stores a data=prepared config reads: data.path, or the mixture's data.paths."""

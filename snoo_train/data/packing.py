@@ -113,11 +113,13 @@ def _concat(arrays: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
 
 
 class StreamingPackedDataset:
-    """Windows packed on the fly from a streamed source, in stream order.
+    """Windows packed on the fly from a streamed source, in stream order: the validation side of
+    `data.streaming=true` (`head`: the same first windows at every evaluation, on every rank).
+    Training streams per rank instead (streaming.py).
 
     `keep_validation`: None keeps every document, True only the held-out ones, False only
-    the training ones (by the same text hash as the map-style split). Every rank reads the
-    whole stream; the loader decides which windows a rank keeps.
+    the training ones (by the same text hash as the map-style split); held-out documents are
+    chosen before tokenizing, so the rest are never tokenized here.
     """
 
     def __init__(

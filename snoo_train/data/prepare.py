@@ -71,7 +71,7 @@ def tokenize_chunk(texts: list[str], val_fraction: float, all_val: bool) -> dict
     hashes = [document_hash(t) for t in texts] if val_fraction > 0 and not all_val else [1.0] * len(texts)
     out: dict[str, Any] = {"lowest": None}
     sides: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    for i, (h, ids) in enumerate(zip(hashes, tok.encode_batch(texts))):
+    for h, ids in zip(hashes, tok.encode_batch(texts)):
         side = "val" if all_val or h < val_fraction else "train"
         sides[side].append(np.concatenate([np.asarray(ids).astype(dtype, copy=False), eos]))
         if side == "train" and (out["lowest"] is None or h < out["lowest"][0]):

@@ -51,7 +51,7 @@ class BlockStart:
         return {"epoch": self.epoch, "block": self.block, "position": self.position, "pending": self.pending.tolist()}
 
     @classmethod
-    def from_dict(cls, d: dict, dtype: np.dtype) -> "BlockStart":
+    def from_dict(cls, d: dict, dtype: np.dtype) -> BlockStart:
         return cls(int(d["epoch"]), int(d["block"]), d["position"], np.asarray(d["pending"], dtype=dtype))
 
 
@@ -63,7 +63,7 @@ class StreamingTrain:
         self.source, self.tokenizer, self.seq_len = source, tokenizer, seq_len
         self.val_fraction, self.block_windows = val_fraction, block_windows
 
-    def rank_stream(self, rank: int, world_size: int, seed: int) -> "RankStream":
+    def rank_stream(self, rank: int, world_size: int, seed: int) -> RankStream:
         return RankStream(
             self.source, self.tokenizer, self.seq_len, rank=rank, world_size=world_size, seed=seed,
             val_fraction=self.val_fraction, block_windows=self.block_windows,
