@@ -358,3 +358,11 @@ def test_a_hub_dataset_prepares_streamed_or_downloaded_to_the_same_store(tmp_pat
         assert {k.replace(str(out), ""): v for k, v in snapshot(out).items()} == {
             k.replace(str(reference), ""): v for k, v in snapshot(reference).items()
         }
+
+
+@pytest.mark.parametrize("tool,key", [("prepare", "workers: 1"), ("train_tokenizer", "vocab_size: 32000")])
+def test_the_data_tools_answer_help_with_their_keys(tmp_path, tool, key):
+    proc = subprocess.run([sys.executable, "-m", f"snoo_train.data.{tool}", "--help"], cwd=tmp_path, env=entry_env(),
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and key in proc.stdout and "data:" in proc.stdout, proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # nothing written

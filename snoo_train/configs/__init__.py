@@ -69,3 +69,9 @@ def compose_job(config_name: str, overrides: list[str], schema_class: type):
     dcfg = OmegaConf.masked_copy(dcfg, [f.name for f in dataclasses.fields(schema_class)])
     reject_unknown_keys(dcfg, schema_class)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema_class), dcfg))
+
+
+def job_help(doc: str, schema_class: type) -> str:
+    """`--help` for a data tool: its module docstring, then every key it takes with its default."""
+    defaults = OmegaConf.to_yaml(OmegaConf.structured(schema_class)).rstrip()
+    return f"{doc.strip()}\n\nKeys (Hydra overrides, key=value; data=stdlib|local|hf picks a data preset):\n\n{defaults}\n"

@@ -374,11 +374,15 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from snoo_train.configs import compose_job
+    from snoo_train.configs import compose_job, job_help
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(args):
+        print(job_help(__doc__, PrepareJob))
+        return
     try:
-        prepare(compose_job("prepare", sys.argv[1:] if argv is None else argv, PrepareJob))
+        prepare(compose_job("prepare", args, PrepareJob))
     except (ConfigError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

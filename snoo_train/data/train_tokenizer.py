@@ -242,9 +242,12 @@ def train_tokenizer(job: TokenizerJob) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from snoo_train.configs import compose_job
+    from snoo_train.configs import compose_job, job_help
 
     args = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(args):
+        print(job_help(__doc__, TokenizerJob))
+        return
     try:
         train_tokenizer(compose_job("train_tokenizer", args, TokenizerJob))
     except (ConfigError, DataError, FileNotFoundError) as e:
