@@ -1,14 +1,17 @@
 """Does SNOO reach the baseline's loss with less compute? Both sides tuned, both figures shown.
 
-    python bench/convergence.py                              # llama_small, AdamW baseline
+    python bench/convergence.py                              # llama_small, AdamW baseline, 20 tokens/param
+    python bench/convergence.py --model llama_tiny --seeds 0,1,2      # the winners on three seeds
     python bench/convergence.py --baseline muon --lr-key optim.muon_lr
         --baseline-lrs 0.01,0.02,0.04 --snoo-lrs 0.005,0.01,0.02  # (one line) Muon vs SNOO(Muon)
     python bench/convergence.py --model llama_tiny --steps 40 --jobs 1 data.seq_len=64
 
-Time at the default size on a 2-core CPU: 2 runs at a time, rounds of ~4 minutes when the
-machine is otherwise idle; 4 to 7 rounds (an lr-grid extension and budget runs only when
-needed), so 16 to 29 minutes. bench/results/convergence_llama_small_adamw.json was made with
---steps 600 on a machine shared with other jobs (load average 2 to 7): 49 minutes.
+The budget B: --steps, or by default the steps that give --tokens-per-param (20, the
+compute-optimal ratio the paper measures at and above) training tokens per *non-embedding*
+parameter (decoder layers and final norm, without the token embedding and the tied head:
+snoo_train.models.non_embedding_parameters; Kaplan et al.'s count, which does not move with the
+vocabulary). At llama_small that is 10,636 steps of 8 x 256 tokens, hours on a CPU; llama_tiny
+is 889 steps. bench/scaling.py runs this over several sizes.
 
 Every run is a real `python -m snoo_train.train` process (its metrics.jsonl, config.yaml and
 summary.json stay in the work directory, so each figure traces back to its run); up to --jobs
@@ -23,10 +26,16 @@ run at once, each with --threads torch threads. Same model, data, seed and batch
 2. Crossing speedup: B / the step at which the SNOO winner's validation curve first reaches
    the target (interpolated between evaluations), for every SNOO run.
 3. Budget speedup: the SNOO winner's settings retrained with max_steps = f x B for
-   --fractions (its cosine schedule scaled to the budget), largest f first, --jobs at a time,
+   --fractions (default 0.95 ... 0.7, 0.05 apart, so a 1.1x gain is resolved; its cosine
+   schedule scaled to the budget), largest f first, --jobs at a time,
    until one misses the target; speedup = 1 / the smallest f that ends at or below the target
    with every larger f also reaching it (snoo_train.analysis.speedup). A figure that is not reached
    is reported as such, never as a number.
+
+4. Seeds (--seeds 0,1,2): the sweep runs on the first seed; the two winners' settings are
+   trained again on every other seed, each with its own crossing and budget speedup. The JSON's
+   `seeds` holds every seed's figures and the mean +- sample standard deviation of each final
+   loss and speedup, and says whether SNOO's final-loss gain is larger than the seed noise.
 
 Caveat, stated in the JSON too: the winners are chosen on the same validation loss they are
 compared on, and SNOO gets more settings than the baseline, so a small speedup is within the
@@ -42,6 +51,9 @@ budget) and prints a table. JSON fields:
     lr_at_grid_edge: whether a side's winning lr is still at an end of its (extended) grid
     settings, machine, command, date, caveat
     wall_time_s (this invocation), runs_reused (runs found finished in the work directory)
+    seeds (with --seeds): per_seed [{seed, baseline_final, snoo_final, crossing_speedup,
+          budget_speedup}], the same four keys as {mean, std, min, max, reached, seeds, values},
+          gain {mean_gain, noise, diffs, verdict}
 """
 
 from __future__ import annotations
@@ -68,14 +80,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
+from common import compose_config  # noqa: E402
+
 from snoo_train.analysis.plot import styles  # noqa: E402
 from snoo_train.analysis.runs import load_run  # noqa: E402
 from snoo_train.analysis.speedup import (  # noqa: E402
     budget_speedup,
     crossing_point,
     format_speedup,
+    gain_versus_seed_noise,
+    seed_spread,
     smallest_sufficient_fraction,
 )
+from snoo_train.models.flops import non_embedding_parameters, steps_for_tokens_per_param  # noqa: E402
 
 CAVEAT = (
     "Winners are picked on the validation loss they are compared on, and SNOO tries more "
@@ -102,6 +119,7 @@ class Spec:
     curve: dict = field(default_factory=dict)
     crossing_step: float | None = None
     crossing_speedup: float | None = None
+    seed: int | None = None  # None: --seed (the sweep); set for the --seeds repeats
     reused: bool = False  # found finished in the work directory, not trained by this invocation
     wall_time_s: float | None = None  # the run's own wall time (summary.json: train + eval)
 
@@ -109,7 +127,8 @@ class Spec:
         s = f"{self.optim} lr={self.lr:g}"
         if self.k is not None:
             s += f" k={self.k} eta={self.eta:g} mu={self.mu:g}"
-        return s + (f" f={self.fraction:g}" if self.side == "budget" else "")
+        s += f" f={self.fraction:g}" if self.side == "budget" else ""
+        return s + (f" seed={self.seed}" if self.seed is not None else "")
 
 
 def parse_floats(text: str) -> list[float]:
@@ -133,7 +152,7 @@ def overrides_for(spec: Spec, args: argparse.Namespace) -> list[str]:
         f"trainer.max_steps={spec.steps}",
         f"trainer.batch_size={args.batch_size}",
         f"data.seq_len={args.seq_len}",
-        f"trainer.seed={args.seed}",
+        f"trainer.seed={args.seed if spec.seed is None else spec.seed}",
         # Budget runs are judged by their final loss only: no periodic evaluation to pay for.
         f"trainer.eval_interval={0 if spec.side == 'budget' else args.eval_interval}",
         f"trainer.log_interval={args.eval_interval}",
@@ -230,7 +249,7 @@ def run_budgets(fractions: list[float], win: Spec, target: float, args, work: Pa
     for i in range(0, len(fractions), args.jobs):
         batch = [
             Spec("budget", win.optim, win.lr, max(1, round(f * win.steps)), win.k, win.eta,
-                 win.mu, fraction=f)
+                 win.mu, fraction=f, seed=win.seed)
             for f in fractions[i : i + args.jobs]
         ]
         done += run_all(batch, args, work)
@@ -308,6 +327,55 @@ def print_table(report: dict, specs: list[Spec]) -> None:
     print(f"crossing speedup {format_speedup(report['crossing_speedup'])}, "
           f"budget speedup {format_speedup(report['budget_speedup'])} "
           f"(smallest sufficient fraction {report['budget_fraction']})")
+    if len(report.get("seeds", {}).get("per_seed", [])) > 1:
+        print_seeds(report["seeds"])
+
+
+def format_spread(stats: dict, fmt: str = ".4f") -> str:
+    if stats["mean"] is None:
+        return f"not reached on {stats['seeds']} seeds"
+    tail = "" if stats["reached"] == stats["seeds"] else f" (reached on {stats['reached']}/{stats['seeds']} seeds)"
+    return f"{stats['mean']:{fmt}} +- {stats['std']:{fmt}}{tail}"
+
+
+def print_seeds(seeds: dict) -> None:
+    print(f"\nseeds {seeds['seeds']} (the sweep on the first, the winners' settings on all):")
+    print(f"{'seed':<6}{'baseline final':>15}{'SNOO final':>12}{'crossing':>10}{'budget':>10}")
+    for row in seeds["per_seed"]:
+        print(f"{row['seed']:<6}{row['baseline_final']:>15.4f}{row['snoo_final']:>12.4f}"
+              f"{format_speedup(row['crossing_speedup']):>10}{format_speedup(row['budget_speedup']):>10}")
+    for key in ("baseline_final", "snoo_final", "crossing_speedup", "budget_speedup"):
+        print(f"  {key:<17} {format_spread(seeds[key], '.4f' if 'final' in key else '.2f')}")
+    gain = seeds["gain"]
+    print(f"  final-loss gain of SNOO {gain['mean_gain']:+.4f} vs seed noise {gain['noise']}: {gain['verdict']}")
+
+
+def repeat_on_seeds(report: dict, base_win: Spec, snoo_win: Spec, seeds: list[int], fractions, args, work) -> dict:
+    """The winners' settings on every other seed: each seed's final losses, its crossing speedup
+    (against that seed's baseline) and its budget speedup; then mean and spread of each."""
+    B = base_win.steps
+    per_seed = [{"seed": seeds[0], "baseline_final": base_win.final_val_loss, "snoo_final": snoo_win.final_val_loss,
+                 "crossing_speedup": report["crossing_speedup"], "budget_speedup": report["budget_speedup"]}]  # fmt: skip
+    extra: list[Spec] = []
+    for seed in seeds[1:]:
+        print(f"[seed {seed}] the winners' settings again, then SNOO's budgets", flush=True)
+        b = Spec("baseline", base_win.optim, base_win.lr, B, seed=seed)
+        n = Spec("snoo", snoo_win.optim, snoo_win.lr, B, snoo_win.k, snoo_win.eta, snoo_win.mu, seed=seed)
+        run_all([b, n], args, work)
+        target = b.final_val_loss
+        cross = crossing_point(n.curve.get("step", []), n.curve.get("val_loss", []), target) if n.curve else None
+        n.crossing_step, n.crossing_speedup = cross, (B / cross if cross else None)
+        budget = run_budgets(fractions, n, target, args, work)
+        by_fraction = {1.0: n.final_val_loss, **{s.fraction: s.final_val_loss for s in budget}}
+        per_seed.append({"seed": seed, "baseline_final": b.final_val_loss, "snoo_final": n.final_val_loss,
+                         "crossing_speedup": n.crossing_speedup, "budget_speedup": budget_speedup(by_fraction, target)})  # fmt: skip
+        extra += [b, n, *budget]
+    out = {"seeds": seeds, "per_seed": per_seed}
+    for key in ("baseline_final", "snoo_final", "crossing_speedup", "budget_speedup"):
+        out[key] = seed_spread([row[key] for row in per_seed])
+    out["gain"] = gain_versus_seed_noise([r["baseline_final"] for r in per_seed], [r["snoo_final"] for r in per_seed])
+    report["_seed_specs"] = extra
+    return out
 
 
 def replot(stem: Path) -> dict:
@@ -326,7 +394,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--model", default="llama_small")
     p.add_argument("--baseline", default="adamw", help="optim config of the baseline (adamw, muon)")
     p.add_argument("--snoo-optim", default=None, help="optim config of SNOO (default snoo_<baseline>)")
-    p.add_argument("--steps", type=int, default=500, help="the full budget B")
+    p.add_argument("--steps", type=int, default=None,
+                   help="the full budget B (default: from --tokens-per-param)")
+    p.add_argument("--tokens-per-param", type=float, default=20.0,
+                   help="B gives this many training tokens per non-embedding parameter (20: compute-optimal)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-interval", type=int, default=30)
@@ -338,7 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--snoo-lrs", default="5e-4,1e-3,2e-3", help="SNOO's inner lr")
     p.add_argument("--outer", default="20,0.7,0.5;10,0.7,0.9;28,0.68,0.37",
                    help="k,eta,mu settings separated by ';' (the first one is used for the lr sweep)")
-    p.add_argument("--fractions", default="0.9,0.8,0.7,0.6,0.5", help="budgets below 1.0 to try")
+    p.add_argument("--fractions", default="0.95,0.9,0.85,0.8,0.7",
+                   help="budgets below 1.0 to try (0.05 apart: resolves a 1.1x speedup)")
+    p.add_argument("--seeds", default=None,
+                   help="e.g. 0,1,2: the sweep runs on the first, the winners' settings are repeated on the others")
     p.add_argument("--jobs", type=int, default=2, help="runs at once")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--work-dir", default=None, help="run directories (default <out>_runs/)")
@@ -358,7 +432,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work_dir or f"{stem}_runs")
     work.mkdir(parents=True, exist_ok=True)
     outer = parse_outer(args.outer)
-    B = args.steps
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    args.seed = seeds[0]
+    model_cfg = compose_config([f"model={args.model}", *args.overrides], str(work)).model
+    non_embedding = non_embedding_parameters(model_cfg)
+    B = args.steps or steps_for_tokens_per_param(model_cfg, args.tokens_per_param, args.batch_size, args.seq_len)
+    print(f"{args.model}: {non_embedding:,} non-embedding parameters; B={B} steps x "
+          f"{args.batch_size * args.seq_len} tokens = {B * args.batch_size * args.seq_len / non_embedding:.1f} "
+          "tokens per non-embedding parameter", flush=True)
 
     print(f"[1/3] sweep at B={B}: {args.baseline} lr in {args.baseline_lrs}; {snoo_optim} inner lr "
           f"in {args.snoo_lrs} at (k, eta, mu)={outer[0]}", flush=True)
@@ -407,6 +488,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "load_avg_at_end": os.getloadavg()[0]},
         "model": args.model,
         "settings": {"baseline": args.baseline, "snoo": snoo_optim, "steps": B,
+                     "non_embedding_params": non_embedding,
+                     "tokens_per_param": B * tokens_per_step / non_embedding,
                      "lr_key": args.lr_key,  # what "lr" means in every run's settings
                      "batch_size": args.batch_size, "seq_len": args.seq_len,
                      "tokens_per_step": tokens_per_step, "params": summary["params"],
@@ -431,6 +514,13 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_time_s": time.time() - t0,  # this invocation; reused runs cost it nothing
         "runs_reused": sum(s.reused for s in specs),
     }
+    report["seeds"] = repeat_on_seeds(report, base_win, snoo_win, seeds, fractions, args, work)
+    if seeds[1:]:
+        specs += report.pop("_seed_specs")
+        report["runs"] = [asdict(s) for s in specs]
+        report["wall_time_s"] = time.time() - t0
+        report["runs_reused"] = sum(s.reused for s in specs)
+    report.pop("_seed_specs", None)
     stem.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = stem.with_suffix(".json"), stem.with_suffix(".png")
     json_path.write_text(json.dumps(finite_or_null(report), indent=2) + "\n")

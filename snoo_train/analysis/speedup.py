@@ -71,3 +71,36 @@ def budget_speedup(final_loss_by_fraction: Mapping[float, float], target: float)
 
 def format_speedup(value: float | None) -> str:
     return "not reached" if value is None else f"{value:.2f}x"
+
+
+def seed_spread(values: Sequence[float | None]) -> dict:
+    """Mean and spread of one figure over seeds: mean, sample standard deviation (0 for one
+    value), min, max over the seeds where it exists; `reached` counts them (a speedup that is
+    not reached on a seed is None and is counted, never averaged in as a number)."""
+    got = [float(v) for v in values if v is not None and math.isfinite(v)]
+    out: dict = {"values": list(values), "reached": len(got), "seeds": len(values)}
+    if not got:
+        return {**out, "mean": None, "std": None, "min": None, "max": None}
+    mean = sum(got) / len(got)
+    std = math.sqrt(sum((v - mean) ** 2 for v in got) / (len(got) - 1)) if len(got) > 1 else 0.0
+    return {**out, "mean": mean, "std": std, "min": min(got), "max": max(got)}
+
+
+def gain_versus_seed_noise(baseline: Sequence[float], candidate: Sequence[float]) -> dict:
+    """Is the candidate's lower final loss more than the seed-to-seed noise?
+
+    The paired difference baseline - candidate on each seed (the same seed means the same data
+    order and initialisation) against the spread of the losses themselves: the gain is `within
+    seed noise` when its mean is not larger than the larger of the two sides' standard
+    deviations, or when its sign changes between seeds."""
+    diffs = [b - c for b, c in zip(baseline, candidate)]
+    if len(diffs) < 2:
+        return {"mean_gain": diffs[0] if diffs else None, "noise": None, "verdict": "one seed: noise unknown"}
+    noise = max(seed_spread(baseline)["std"], seed_spread(candidate)["std"])
+    gain = seed_spread(diffs)["mean"]
+    consistent = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    if abs(gain) <= noise or not consistent:
+        verdict = "within seed noise"
+    else:
+        verdict = "candidate lower" if gain > 0 else "baseline lower"
+    return {"mean_gain": gain, "noise": noise, "diffs": diffs, "verdict": verdict}

@@ -22,6 +22,19 @@ from snoo_train.config import Config, ConfigError, PrepareJob, TokenizerJob
 CONFIG_DIR = str(Path(__file__).resolve().parent)
 
 ConfigStore.instance().store(name="base_config", node=Config)
+
+
+def _tokens_per_param_steps(tokens_per_param: float, *, _root_: DictConfig) -> int:
+    """`trainer.max_steps: ${tokens_per_param_steps:20}`: the budget that gives every model of a
+    sweep the same number of training tokens per non-embedding parameter (+experiment=scaling)."""
+    from snoo_train.models.flops import steps_for_tokens_per_param
+
+    model = OmegaConf.to_object(_root_.model)
+    return steps_for_tokens_per_param(model, float(tokens_per_param), int(_root_.trainer.batch_size), int(_root_.data.seq_len))
+
+
+if not OmegaConf.has_resolver("tokens_per_param_steps"):
+    OmegaConf.register_new_resolver("tokens_per_param_steps", _tokens_per_param_steps)
 # The data tools' schemas (prepare.yaml, train_tokenizer.yaml): the same data group, their own section.
 ConfigStore.instance().store(name="base_prepare", node=PrepareJob)
 ConfigStore.instance().store(name="base_train_tokenizer", node=TokenizerJob)

@@ -2,7 +2,7 @@
 
 from snoo_train.models.build import FAMILIES, build_model, init_weights, materialize
 from snoo_train.models.decoder import padded_vocab_size
-from snoo_train.models.flops import count_parameters, flops_per_token
+from snoo_train.models.flops import count_parameters, flops_per_token, non_embedding_parameters
 from snoo_train.models.llama import llama_config
 from snoo_train.models.moe import RouterStats, mixtral_config
 from snoo_train.models.parallelize import (
@@ -25,6 +25,7 @@ __all__ = [
     "count_parameters",
     "expert_shard_placement",
     "flops_per_token",
+    "non_embedding_parameters",
     "init_weights",
     "llama_config",
     "materialize",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from snoo_train.config import ModelConfig
@@ -15,6 +17,27 @@ def count_parameters(model: nn.Module, *, exclude_embeddings: bool = False) -> i
     """
     skip = {id(model.get_input_embeddings().weight)} if exclude_embeddings else set()
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def non_embedding_parameters(cfg: ModelConfig) -> int:
+    """Parameters of a model shape without the token embedding and the output head: the decoder
+    layers and the final norm. The count scaling laws use (Kaplan et al.), and the one
+    bench/convergence.py's --tokens-per-param budget multiplies; it does not depend on the
+    vocabulary. MoE counts every expert (total, not active, parameters)."""
+    hidden = cfg.hidden_size
+    head_dim = hidden // cfg.num_heads
+    attention = hidden * head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)  # q, o, k, v
+    if cfg.family == "moe":
+        mlp = cfg.num_experts * 3 * hidden * (cfg.moe_intermediate_size or cfg.intermediate_size) + hidden * cfg.num_experts
+    else:
+        mlp = 3 * hidden * cfg.intermediate_size
+    return cfg.num_layers * (attention + mlp + 2 * hidden) + hidden
+
+
+def steps_for_tokens_per_param(cfg: ModelConfig, tokens_per_param: float, batch_size: int, seq_len: int) -> int:
+    """Optimizer steps that give `tokens_per_param` training tokens per non-embedding parameter
+    (20: the compute-optimal ratio of Hoffmann et al.) at `batch_size` sequences of `seq_len`."""
+    return max(1, math.ceil(tokens_per_param * non_embedding_parameters(cfg) / (batch_size * seq_len)))
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> float:

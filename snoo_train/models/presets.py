@@ -20,6 +20,26 @@ PRESETS: dict[str, ModelConfig] = {
         num_kv_heads=2,
         max_seq_len=2048,
     ),
+    # The scaling study's rungs between llama_tiny (0.091M non-embedding parameters) and
+    # llama_small (1.09M): 0.20M and 0.36M non-embedding (bench/scaling.py, +experiment=scaling).
+    "llama_mini": ModelConfig(
+        name="llama_mini",
+        hidden_size=96,
+        intermediate_size=256,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=2048,
+    ),
+    "llama_midi": ModelConfig(
+        name="llama_midi",
+        hidden_size=128,
+        intermediate_size=344,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        max_seq_len=2048,
+    ),
     # ~1.1M params at the byte vocab: the CPU benchmark model, ~0.35 s (~6k tokens/s) per
     # 8 x 256-token AdamW training step on one core (torch.set_num_threads(1)).
     "llama_small": ModelConfig(
