@@ -340,14 +340,15 @@ def format_spread(stats: dict, fmt: str = ".4f") -> str:
 
 def print_seeds(seeds: dict) -> None:
     print(f"\nseeds {seeds['seeds']} (the sweep on the first, the winners' settings on all):")
-    print(f"{'seed':<6}{'baseline final':>15}{'SNOO final':>12}{'crossing':>10}{'budget':>10}")
+    print(f"{'seed':<6}{'baseline final':>15}{'SNOO final':>12}{'crossing':>14}{'budget':>14}")
     for row in seeds["per_seed"]:
         print(f"{row['seed']:<6}{row['baseline_final']:>15.4f}{row['snoo_final']:>12.4f}"
-              f"{format_speedup(row['crossing_speedup']):>10}{format_speedup(row['budget_speedup']):>10}")
+              f"{format_speedup(row['crossing_speedup']):>14}{format_speedup(row['budget_speedup']):>14}")
     for key in ("baseline_final", "snoo_final", "crossing_speedup", "budget_speedup"):
         print(f"  {key:<17} {format_spread(seeds[key], '.4f' if 'final' in key else '.2f')}")
     gain = seeds["gain"]
-    print(f"  final-loss gain of SNOO {gain['mean_gain']:+.4f} vs seed noise {gain['noise']}: {gain['verdict']}")
+    noise = "unknown" if gain["noise"] is None else f"{gain['noise']:.4f}"
+    print(f"  final-loss gain of SNOO {gain['mean_gain']:+.4f} vs seed noise (std) {noise}: {gain['verdict']}")
 
 
 def repeat_on_seeds(report: dict, base_win: Spec, snoo_win: Spec, seeds: list[int], fractions, args, work) -> dict:
