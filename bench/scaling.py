@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -86,12 +87,18 @@ def run_size(model: str, args: argparse.Namespace, work: Path) -> dict:
 
 
 def trend(sizes: list[dict], metric: str) -> dict:
-    """A least-squares line of speedup against log10(non-embedding parameters), only when the
-    sizes' mean +- std intervals do not all overlap (otherwise the data cannot tell a trend from
-    noise, and none is claimed)."""
-    pts = [(math.log10(r["non_embedding_params"]), r[metric]["mean"], r[metric]["std"] or 0.0) for r in sizes if r[metric]["mean"] is not None]
+    """A least-squares line of speedup against log10(non-embedding parameters), only when it can
+    be told from noise: every size reached the speedup on every seed (at least two, so that it
+    has a spread), and the sizes' mean +- std intervals do not all overlap."""
+    partial = [r["model"] if "model" in r else r["non_embedding_params"] for r in sizes
+               if r[metric].get("seeds", 2) < 2 or r[metric].get("reached", 2) < r[metric].get("seeds", 2)]  # fmt: skip
+    if partial:
+        return {"metric": metric, "fitted": False,
+                "reason": f"{metric} was not reached on every seed (at least 2) at {', '.join(map(str, partial))}: "
+                          "no spread to tell a trend from noise, none claimed"}  # fmt: skip
+    pts = [(math.log10(r["non_embedding_params"]), r[metric]["mean"], r[metric]["std"] or 0.0) for r in sizes]
     if len(pts) < 2:
-        return {"metric": metric, "fitted": False, "reason": f"{metric} reached at fewer than 2 sizes"}
+        return {"metric": metric, "fitted": False, "reason": f"{metric} at fewer than 2 sizes"}
     lo = max(m - s for _, m, s in pts)
     hi = min(m + s for _, m, s in pts)
     if lo <= hi:
@@ -101,7 +108,7 @@ def trend(sizes: list[dict], metric: str) -> dict:
     sxx = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
     return {"metric": metric, "fitted": True, "slope_per_decade": slope, "intercept": my - slope * mx,
-            "reason": "the error bars do not all overlap"}  # fmt: skip
+            "reason": "every size reached it on every seed and the error bars do not all overlap"}  # fmt: skip
 
 
 def draw(report: dict, out: Path) -> None:
@@ -112,7 +119,12 @@ def draw(report: dict, out: Path) -> None:
             pts = [(r[xkey], r[metric]["mean"], r[metric]["std"] or 0.0) for r in sizes if r[metric]["mean"] is not None]
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker=marker,
-                            color=color, capsize=4, linestyle="-", label=metric.replace("_", " "))  # fmt: skip
+                            color=color, capsize=4, linestyle="-",
+                            label=metric.replace("_", " ") + " (mean of the seeds that reached it)")  # fmt: skip
+                for r in sizes:  # how many seeds each point stands for
+                    if r[metric]["mean"] is not None:
+                        ax.annotate(f"{r[metric]['reached']}/{r[metric]['seeds']} seeds", (r[xkey], r[metric]["mean"]),
+                                    textcoords="offset points", xytext=(4, 6), fontsize=7, color=color)  # fmt: skip
             missed = [r[xkey] for r in sizes if r[metric]["mean"] is None]
             if missed:
                 ax.plot(missed, [1.0] * len(missed), marker="x", color=color, linestyle="none", label=f"{metric.split('_')[0]}: not reached")
@@ -126,7 +138,7 @@ def draw(report: dict, out: Path) -> None:
         ax.set(xlabel=xlabel, ylabel="SNOO speedup over the baseline")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    note = "" if report["trend"]["fitted"] else " - " + report["trend"]["reason"]
+    note = "" if report["trend"]["fitted"] else "\n" + textwrap.shorten(report["trend"]["reason"], 150)
     fig.suptitle(f"SNOO vs {report['settings']['baseline']} at {report['settings']['tokens_per_param']:g} tokens per "
                  f"non-embedding parameter (mean +- std over seeds {report['settings']['seeds']}){note}", fontsize=9)  # fmt: skip
     fig.tight_layout()
@@ -139,16 +151,25 @@ def spread(stats: dict, fmt: str) -> str:
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{'size':<12}{'non-emb':>10}{'tokens':>12}{'baseline final':>20}{'SNOO final':>20}{'crossing':>16}{'budget':>16}  gain vs noise")
+    print(f"\n{'size':<12}{'non-emb':>10}{'tokens':>12}{'baseline final':>20}{'SNOO final':>20}{'crossing':>38}{'budget':>38}  gain vs noise")
     for r in report["sizes"]:
         print(f"{r['model']:<12}{r['non_embedding_params']:>10,}{r['tokens']:>12,}{spread(r['baseline_final'], '.4f'):>20}"
-              f"{spread(r['snoo_final'], '.4f'):>20}{spread(r['crossing_speedup'], '.2f'):>16}{spread(r['budget_speedup'], '.2f'):>16}"
+              f"{spread(r['snoo_final'], '.4f'):>20}{spread(r['crossing_speedup'], '.2f'):>38}{spread(r['budget_speedup'], '.2f'):>38}"
               f"  {r['gain']['verdict']}")  # fmt: skip
     fit = report["trend"]
     if fit["fitted"]:
         print(f"trend: {fit['metric']} {fit['slope_per_decade']:+.3f} per decade of non-embedding parameters")
     else:
         print(f"trend: none claimed ({fit['reason']})")
+
+
+def replot(out: Path) -> dict:
+    report = json.loads(out.with_suffix(".json").read_text())
+    report["trend"] = trend(report["sizes"], report["trend"]["metric"])
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    draw(report, out.with_suffix(".png"))
+    print_table(report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -172,7 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work", default=None, help="run directories (default <out>_runs/)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "scaling"))
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
+    p.add_argument("--replot", action="store_true", help="recompute the trend, redraw and reprint from <out>.json; train nothing")
     args = p.parse_intermixed_args(argv)
+    if args.replot:
+        return replot(Path(args.out))
     if args.device:
         args.overrides = [*args.overrides, f"trainer.device={args.device}"]
     t0 = time.time()

@@ -70,15 +70,18 @@ def test_a_trend_is_fitted_only_when_the_error_bars_do_not_overlap():
     sys.path.insert(0, str(REPO / "bench"))
     from scaling import trend
 
-    def size(params, mean, std):
-        return {"non_embedding_params": params, "crossing_speedup": {"mean": mean, "std": std}}
+    def size(params, mean, std, reached=2):
+        return {"non_embedding_params": params, "crossing_speedup": {"mean": mean, "std": std, "reached": reached, "seeds": 2}}
 
     apart = trend([size(1e5, 1.0, 0.01), size(1e6, 1.2, 0.01), size(1e7, 1.4, 0.01)], "crossing_speedup")
     assert apart["fitted"] and math.isclose(apart["slope_per_decade"], 0.2)
     overlapping = trend([size(1e5, 1.0, 0.2), size(1e6, 1.2, 0.2)], "crossing_speedup")
     assert not overlapping["fitted"] and "overlap" in overlapping["reason"]
-    one = trend([size(1e5, 1.0, 0.1), size(1e6, None, None)], "crossing_speedup")
-    assert not one["fitted"] and "fewer than 2" in one["reason"]
+    # Reached on one seed of two: its std of 0 says nothing about the noise, so no trend.
+    one = trend([size(1e5, 1.05, 0.0, reached=1), size(1e6, 1.02, 0.0, reached=1)], "crossing_speedup")
+    assert not one["fitted"] and "not reached on every seed" in one["reason"]
+    missing = trend([size(1e5, 1.0, 0.1), size(1e6, None, None, reached=0)], "crossing_speedup")
+    assert not missing["fitted"]
 
 
 @pytest.fixture(scope="module")
