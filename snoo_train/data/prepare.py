@@ -39,6 +39,7 @@ from .split import document_hash
 from .store import FORMAT, MANIFEST, TOKENIZER_DIR, VERSION, partial_dir
 from .store_writer import SplitWriter
 from .tokenizer import Tokenizer, build_tokenizer
+from .tool import run_tool
 
 log = logging.getLogger("snoo_train.prepare")
 
@@ -374,21 +375,10 @@ def prepare(job: PrepareJob) -> dict[str, Any]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from snoo_train.configs import compose_job, job_help
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = sys.argv[1:] if argv is None else list(argv)
-    if {"-h", "--help"} & set(args):
-        print(job_help(__doc__, PrepareJob))
-        return
-    try:
-        prepare(compose_job("prepare", args, PrepareJob))
-    except (ConfigError, DataError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: the committed chunks are kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    run_tool(
+        "prepare", PrepareJob, __doc__, prepare, argv,
+        interrupted="interrupted: the committed chunks are kept; run the same command again to resume",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

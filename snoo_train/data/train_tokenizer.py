@@ -32,6 +32,7 @@ from .build import open_hf, open_sources
 from .errors import DataError
 from .sources import Source, iter_texts, read_stdlib
 from .split import is_validation
+from .tool import run_tool
 
 log = logging.getLogger(__name__)
 
@@ -241,19 +242,7 @@ def train_tokenizer(job: TokenizerJob) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from snoo_train.configs import compose_job, job_help
-
-    args = sys.argv[1:] if argv is None else list(argv)
-    if {"-h", "--help"} & set(args):
-        print(job_help(__doc__, TokenizerJob))
-        return
-    try:
-        train_tokenizer(compose_job("train_tokenizer", args, TokenizerJob))
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        # Bad input is one line, as from the training entry point, not a traceback.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_tool("train_tokenizer", TokenizerJob, __doc__, train_tokenizer, argv)
 
 
 if __name__ == "__main__":
