@@ -24,6 +24,11 @@ class ConfigError(ValueError):
 MODEL_FAMILIES = ("llama", "moe")
 
 
+# The vocabulary is padded to a multiple of this (models/decoder.py), so that tensor parallelism
+# can split it over any power-of-two tp up to it.
+VOCAB_MULTIPLE = 64
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder. `vocab_size=None` takes the tokenizer's size (padded to 64)."""
@@ -234,10 +239,11 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world of ranks is laid out: `replicas` x shards (torchrun --nproc_per_node=R*S).
+    """How the world of ranks is laid out: replicas x shards x tp (torchrun --nproc_per_node=R*S*T),
+    with expert parallelism borrowing `ep` of the S shard ranks (snoo_train/dist.py draws it).
 
-    replicas=1: FSDP over all ranks. replicas=R > 1: a 2-D (replicate, shard) mesh, the model
-    fully sharded within each replica of S = world_size / R consecutive ranks, and
+    replicas=1: FSDP over all ranks. replicas=R > 1: the model fully sharded within each replica
+    of world_size / R consecutive ranks, and
       * optim.outer=snoo: DiLoCo. Replicas train independently on their own data (no
         communication between them during the inner steps); every optim.k steps the
         pseudo-gradient is averaged over the replicas (one all-reduce) and SNOO's Nesterov step
@@ -245,9 +251,16 @@ class ParallelConfig:
       * optim.outer=none: HSDP. Gradients are reduce-scattered within a replica and all-reduced
         across replicas every step: the same training as FSDP over all ranks, with the
         parameters sharded over S ranks instead of R x S.
+    tp=T > 1: tensor parallelism (Megatron-style, with sequence parallelism for the norms) over T
+    consecutive ranks, which see the same batch; FSDP then shards over the rest.
+    ep=E > 1 (family=moe): each rank holds num_experts / E whole experts and tokens travel to
+    their experts' ranks by all-to-all; expert weights are fully sharded over the S / E ranks that
+    hold the same experts, everything else over all S.
     """
 
     replicas: int = 1
+    tp: int = 1
+    ep: int = 1
 
 
 @dataclass
@@ -317,29 +330,83 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
             f"trainer.lr_schedule={t.lr_schedule!r}: optim.inner=schedule_free_adamw replaces the "
             "schedule's decay and needs trainer.lr_schedule=constant (warm-up still applies)"
         )
-    replicas = cfg.parallel.replicas
-    if replicas < 1 or world_size % replicas:
-        raise ConfigError(
-            f"parallel.replicas={replicas} must be >= 1 and divide the world size {world_size} "
-            "(torchrun --nproc_per_node x nodes = replicas x shards per replica)"
-        )
-    if replicas > 1 and o.outer not in ("snoo", "none"):
-        raise ConfigError(
-            f"parallel.replicas={replicas} needs optim.outer=snoo (DiLoCo) or none (HSDP), got {o.outer!r}"
-        )
+    _check_parallel(cfg, world_size)
     _check_data(d)
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check_trainer(t)
-    per_step = world_size * t.grad_accum
+    # Ranks of one tensor-parallel group share a batch: the batch splits over the others.
+    dp_size = world_size // cfg.parallel.tp
+    per_step = dp_size * t.grad_accum
     if t.batch_size % per_step:
         raise ConfigError(
-            f"trainer.batch_size={t.batch_size} must be divisible by world_size x trainer.grad_accum "
-            f"= {world_size} x {t.grad_accum} = {per_step}"
+            f"trainer.batch_size={t.batch_size} must be divisible by data-parallel ranks x trainer.grad_accum "
+            f"= {dp_size} x {t.grad_accum} = {per_step} (data-parallel ranks = world size / parallel.tp)"
         )
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _positive("checkpoint.interval", cfg.checkpoint.interval, strict=False)
     _positive("checkpoint.keep_latest", cfg.checkpoint.keep_latest, strict=False)
+
+
+def mesh_dims(world_size: int, replicas: int = 1, tp: int = 1, ep: int = 1) -> dict[str, int]:
+    """The root mesh's named dimensions and sizes; ConfigError naming the key when a size does
+    not divide. `shard` is always present (FSDP over one rank is a no-op layout)."""
+    for key, size in (("parallel.replicas", replicas), ("parallel.tp", tp), ("parallel.ep", ep)):
+        if size < 1:
+            raise ConfigError(f"{key}={size} must be >= 1")
+    if world_size % replicas:
+        raise ConfigError(
+            f"parallel.replicas={replicas} must divide the world size {world_size} "
+            "(torchrun --nproc_per_node x nodes = replicas x shards x tp)"
+        )
+    if (world_size // replicas) % tp:
+        raise ConfigError(
+            f"parallel.tp={tp} must divide the ranks of one replica, world / replicas = "
+            f"{world_size} / {replicas} = {world_size // replicas}"
+        )
+    shard = world_size // (replicas * tp)
+    if shard % ep:
+        raise ConfigError(
+            f"parallel.ep={ep} must divide the FSDP dimension world / (replicas x tp) = "
+            f"{world_size} / ({replicas} x {tp}) = {shard}: expert parallelism borrows its ranks from it"
+        )
+    dims = {"replicate": replicas} if replicas > 1 else {}
+    dims["shard"] = shard
+    if tp > 1:
+        dims["tp"] = tp
+    return dims
+
+
+def _check_parallel(cfg: Any, world_size: int) -> None:
+    """Every size the mesh and the sharded model need, before any process group starts."""
+    p, m, o = cfg.parallel, cfg.model, cfg.optim
+    mesh_dims(world_size, p.replicas, p.tp, p.ep)
+    if p.replicas > 1 and o.outer not in ("snoo", "none"):
+        raise ConfigError(
+            f"parallel.replicas={p.replicas} needs optim.outer=snoo (DiLoCo) or none (HSDP), got {o.outer!r}"
+        )
+    if p.tp > 1:
+        # Colwise q/k/v/gate/up and rowwise o/down split heads and the MLP width; the embedding
+        # and head split the vocabulary, which is padded to a multiple of VOCAB_MULTIPLE.
+        widths = {"model.num_heads": m.num_heads, "model.num_kv_heads": m.num_kv_heads}
+        if m.family != "moe":
+            widths["model.intermediate_size"] = m.intermediate_size
+        for key, size in widths.items():
+            if size % p.tp:
+                raise ConfigError(f"parallel.tp={p.tp} must divide {key}={size}: each tp rank takes an equal share")
+        if VOCAB_MULTIPLE % p.tp:
+            raise ConfigError(
+                f"parallel.tp={p.tp} must divide {VOCAB_MULTIPLE} (the vocabulary is padded to a multiple "
+                "of it and split over the tp ranks): use a power of two"
+            )
+    if p.ep > 1:
+        if m.family != "moe":
+            raise ConfigError(f"parallel.ep={p.ep} needs a mixture-of-experts model (model.family=moe), got {m.family!r}")
+        if m.num_experts % p.ep:
+            raise ConfigError(
+                f"parallel.ep={p.ep} must divide model.num_experts={m.num_experts}: each rank holds an equal "
+                "number of whole experts"
+            )
 
 
 def _check_model(m: Any) -> None:

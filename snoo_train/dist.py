@@ -1,17 +1,26 @@
-"""Process group and device set-up from the torchrun environment.
+"""Process group and device set-up from the torchrun environment, and the N-D device mesh.
 
 `python -m snoo_train.train` (no RANK/WORLD_SIZE in the environment) is world size 1 and starts
 no process group: the model stays a plain module and every collective helper below is a no-op.
 Under `torchrun` each rank joins a NCCL group on its own GPU (LOCAL_RANK) or a gloo group on
-CPU, and gets a 1-D DeviceMesh for fully_shard. The mesh exists only when world_size > 1,
+CPU, and gets one device mesh with named dimensions. The mesh exists only when world_size > 1,
 because a world-size-1 mesh would need a process group for nothing.
 
-With `replicas=R > 1` (config `parallel.replicas`) the world of R x S ranks is a 2-D mesh
-(`replicate`, `shard`): rank r is shard r % S of replica r // S, and the ranks of one replica are
-consecutive (on one node when S divides the GPUs per node, so FSDP's per-step traffic stays on
-the fast links and only the replicate dimension crosses nodes). The trainer shards the model over
-`shard_mesh` for DiLoCo (replicas drift apart between outer steps and SNOO averages them over
-`replicate_group`) or over the whole 2-D mesh for HSDP (gradients averaged every step).
+The mesh (`parallel.replicas` R, `parallel.tp` T, `parallel.ep` E; the FSDP dimension S takes the
+rest of the world, S = world / (R x T)):
+
+    replicate x shard x tp        dimensions of size 1 are left out, except `shard`
+                 `-- efsdp x ep   expert parallelism borrows its ranks from `shard` (as torchtitan)
+
+`tp` is innermost so a tensor-parallel group is consecutive ranks (one node's NVLink); `replicate`
+is outermost so only the outer step crosses the slowest links. Rank r is tp rank r % T of
+data-parallel rank r // T: the ranks of one TP group see the same batch. Expert weights are
+sharded over `ep` (each rank holds whole experts) and fully sharded over `efsdp` (the ranks of
+`shard` holding the same experts); everything else is fully sharded over `shard`.
+
+With R > 1 the trainer shards the model over `shard` for DiLoCo (replicas drift apart between
+outer steps and SNOO averages them over `replicate_group`) or over (replicate, shard) for HSDP
+(gradients averaged every step).
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed import ProcessGroup
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from snoo_train.config import ConfigError
+from snoo_train.config import ConfigError, mesh_dims
 
 
 @dataclass
@@ -37,26 +46,63 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh | None  # 1-D ("shard",), or 2-D ("replicate", "shard") when replicas > 1
+    mesh: DeviceMesh | None  # the root mesh: (replicate,) shard (, tp); None at world size 1
     replicas: int = 1
+    tp: int = 1
+    ep: int = 1
+    # ep > 1: the `shard` dimension unflattened into (efsdp, ep). Kept here because a dimension
+    # made by (un)flattening must be book-kept by its owner, not sliced again from the root.
+    expert_mesh: DeviceMesh | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks (replicate x shard): how many different batches a step sees."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's batch: the ranks of one tensor-parallel group share it."""
+        return self.rank // self.tp
+
+    def _dim(self, name: str) -> DeviceMesh | None:
+        if self.mesh is None or name not in (self.mesh.mesh_dim_names or ()):
+            return None
+        return self.mesh[name]
+
+    @property
     def shard_mesh(self) -> DeviceMesh | None:
-        """The ranks of this rank's replica (the whole world when replicas == 1)."""
-        if self.mesh is None or self.mesh.ndim == 1:
-            return self.mesh
-        return self.mesh["shard"]
+        """The FSDP dimension: this replica's data-parallel ranks (all of them with one replica)."""
+        return self._dim("shard")
+
+    @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        """Every data-parallel dimension: (replicate, shard), or shard alone with one replica."""
+        if self.mesh is None or self.replicas == 1:
+            return self.shard_mesh
+        return self.mesh["replicate", "shard"]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        return self._dim("tp")
+
+    @property
+    def ep_mesh(self) -> DeviceMesh | None:
+        return None if self.expert_mesh is None else self.expert_mesh["ep"]
+
+    @property
+    def efsdp_mesh(self) -> DeviceMesh | None:
+        """The ranks of `shard` holding the same experts (`shard` itself without EP)."""
+        return self.shard_mesh if self.expert_mesh is None else self.expert_mesh["efsdp"]
 
     @property
     def replicate_group(self) -> ProcessGroup | None:
         """The ranks holding the same shard in every replica; None with one replica."""
-        if self.mesh is None or self.mesh.ndim == 1:
-            return None
-        return self.mesh.get_group("replicate")
+        mesh = self._dim("replicate")
+        return None if mesh is None else mesh.get_group()
 
     @property
     def replica(self) -> int:
@@ -86,35 +132,29 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", replicas: int = 1) -> DistInfo:
-    """Join the torchrun process group (if any) and pick this rank's device. `replicas > 1`
-    builds the 2-D (replicate, shard) mesh; the world size must be a multiple of it."""
+def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: int = 1) -> DistInfo:
+    """Join the torchrun process group (if any), pick this rank's device and build the mesh
+    (see the module docstring); sizes that do not divide the world raise ConfigError."""
     rank, world_size = env_rank(), env_world_size()
-    if replicas < 1 or world_size % replicas:
-        raise ConfigError(
-            f"parallel.replicas={replicas} must be >= 1 and divide the world size {world_size} "
-            "(torchrun --nproc_per_node x nodes = replicas x shards per replica)"
-        )
+    dims = mesh_dims(world_size, replicas, tp, ep)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    mesh = None
+    mesh = expert_mesh = None
     if world_size > 1:
         if not dist.is_initialized():
             backend = "nccl" if dev.type == "cuda" else "gloo"
             # device_id binds NCCL's communicator to this GPU eagerly (no guessing on first use).
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group(backend=backend, **kwargs)
-        if replicas > 1:
-            mesh = init_device_mesh(
-                dev.type, (replicas, world_size // replicas), mesh_dim_names=("replicate", "shard")
-            )
-        else:
-            mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("shard",))
+        mesh = init_device_mesh(dev.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
+        if ep > 1:
+            expert_mesh = mesh["shard"]._unflatten(0, (dims["shard"] // ep, ep), ("efsdp", "ep"))
     return DistInfo(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh, replicas=replicas
-    )
+        rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
+        replicas=replicas, tp=tp, ep=ep, expert_mesh=expert_mesh,
+    )  # fmt: skip
 
 
 def destroy_distributed(*, clean: bool = True) -> None:

@@ -35,9 +35,12 @@ STRUCTURAL = {
 STRUCTURAL_PREFIXES = {"data.": "other data or another data order"}
 STRUCTURAL_EXEMPT = {"data.cache_dir"}  # where tokens are cached, not what they are
 # Not compared: the model (checked against the checkpoint itself), where things are written,
-# and how a run is resumed or displayed.
+# how a run is resumed or displayed, and the layout within a replica (tensor and expert
+# parallelism: DCP reshards every DTensor, optimizer state included, onto the new layout).
 IGNORED_PREFIXES = ("model.", "logging.", "checkpoint.")
-IGNORED = {"run_dir", "trainer.resume", "trainer.archive_previous_run", "trainer.progress"}
+IGNORED = {
+    "run_dir", "trainer.resume", "trainer.archive_previous_run", "trainer.progress", "parallel.tp", "parallel.ep"
+}
 
 # Optimizer hyper-parameters: config key -> the param-group keys that hold it. optim.lr and
 # optim.muon_lr are the schedule's peaks and are rebased through the scheduler instead.

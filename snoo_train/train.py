@@ -51,7 +51,8 @@ log = logging.getLogger("snoo_train")
 def run(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Validate, join the process group, train, and leave the group. Rank 0 writes the files."""
     validate_config(cfg, world_size=env_world_size())
-    info = init_distributed(cfg.trainer.device, replicas=cfg.parallel.replicas)
+    p = cfg.parallel
+    info = init_distributed(cfg.trainer.device, replicas=p.replicas, tp=p.tp, ep=p.ep)
     clean = False
     try:
         if not info.is_main:

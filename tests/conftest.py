@@ -52,12 +52,12 @@ TINY = [
 ]
 
 
-def make_config(run_dir: Path, overrides: list[str] = ()) -> Config:
-    """The Config the entry point would run for TINY + overrides, validated."""
+def make_config(run_dir: Path, overrides: list[str] = (), *, world_size: int = 1) -> Config:
+    """The Config the entry point would run for TINY + overrides, validated for `world_size`."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg: Config = OmegaConf.to_object(compose(config_name="config", overrides=TINY + list(overrides)))
     cfg.run_dir = str(run_dir)
-    validate_config(cfg)
+    validate_config(cfg, world_size=world_size)
     return cfg
 
 

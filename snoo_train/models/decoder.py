@@ -4,9 +4,7 @@ embedding). Both families' config builders import this module, never each other.
 
 from __future__ import annotations
 
-from snoo_train.config import ConfigError, ModelConfig
-
-VOCAB_MULTIPLE = 64
+from snoo_train.config import VOCAB_MULTIPLE, ConfigError, ModelConfig
 
 
 def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:

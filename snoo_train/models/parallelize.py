@@ -1,8 +1,13 @@
-"""Apply activation checkpointing, torch.compile and FSDP2 to a LlamaForCausalLM, in that order.
+"""Apply tensor parallelism, activation checkpointing, torch.compile and FSDP2 to a decoder
+model, in that order (torchtitan's).
 
-The order matters: checkpointing wraps a decoder layer, compile then traces the wrapped layer
+The order matters: tensor parallelism (models/tensor_parallel.py) turns the layer's weights into
+DTensors on the tp mesh and its inputs/outputs into sequence shards, so everything after it sees
+the final modules; checkpointing wraps a decoder layer, compile then traces the wrapped layer
 (recompute included), and `fully_shard` goes outermost so its all-gather / reduce-scatter hooks
-run once per layer and stay outside both the checkpointed region and the compiled graph.
+run once per layer and stay outside both the checkpointed region and the compiled graph. FSDP
+shards the tp-local weights over the data-parallel mesh (a weight sharded on both is a DTensor
+on the 2-D (shard, tp) mesh).
 
 Meshes: a 1-D mesh is plain FSDP over all its ranks. A 2-D (replicate, shard) mesh is either
 HSDP (`fully_shard` on the 2-D mesh: parameters sharded within a replica, gradients
@@ -19,6 +24,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
+
+from snoo_train.models.tensor_parallel import apply_tensor_parallel
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -106,8 +113,11 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool = False,
     diloco: bool = False,
+    tp_mesh: DeviceMesh | None = None,
 ) -> nn.Module:
-    """Checkpointing -> compile -> FSDP, each optional; `mesh=None` means one process, no FSDP.
+    """TP -> checkpointing -> compile -> FSDP, each optional; `mesh=None` means one process, no
+    FSDP. `mesh` is the data-parallel mesh only (`DistInfo.dp_mesh`); `tp_mesh` (a 1-D mesh of
+    the same root) turns on tensor parallelism.
 
     With a 2-D (replicate, shard) mesh: HSDP, or with `diloco=True` FSDP within each replica
     (on `mesh["shard"]`); `diloco` changes nothing on a 1-D mesh.
@@ -120,6 +130,8 @@ def parallelize(
             f"param_dtype={param_dtype} needs FSDP: pass a device mesh (a 1-rank mesh works) "
             "or keep fp32 parameters and use torch.autocast"
         )
+    if tp_mesh is not None and tp_mesh.size() > 1:
+        apply_tensor_parallel(model, tp_mesh, moe=model.config.model_type == "mixtral")
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

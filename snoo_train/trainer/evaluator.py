@@ -76,8 +76,8 @@ class Evaluator:
             self.val_set,
             batch_size=t.batch_size // t.grad_accum,
             num_batches=t.eval_batches * t.grad_accum,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
+            rank=self.dist.dp_rank,
+            world_size=self.dist.dp_size,
         )
         with self.weights():
             for batch in batches:

@@ -87,8 +87,9 @@ class Trainer:
             self.train_set,
             global_batch_size=t.batch_size,
             grad_accum=t.grad_accum,
-            rank=d.rank,
-            world_size=d.world_size,
+            # The ranks of one tensor-parallel group read the same batch.
+            rank=d.dp_rank,
+            world_size=d.dp_size,
             seed=t.seed,
         )
 
@@ -102,12 +103,13 @@ class Trainer:
         self.vocab_size = model.config.vocab_size
         self.model = parallelize(
             model,
-            mesh=self.dist.mesh,
+            mesh=self.dist.dp_mesh,
             param_dtype=dtype if self.dist.mesh is not None else None,
             activation_checkpointing=t.activation_checkpointing,
             compile=t.compile,
             # replicas > 1: DiLoCo shards within each replica only; outer=none is HSDP.
             diloco=is_diloco(cfg),
+            tp_mesh=self.dist.tp_mesh,
         )
         materialize(self.model, device=device, seed=t.seed)
         # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.

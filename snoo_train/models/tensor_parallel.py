@@ -1,0 +1,116 @@
+"""Tensor parallelism (Megatron-style, with sequence parallelism) for the HF decoder classes.
+
+Applied with torch's `parallelize_module` before activation checkpointing, compile and FSDP
+(the order torchtitan uses: FSDP then shards the TP-local parameters over the data-parallel
+ranks, and its hooks stay outermost). Per decoder layer:
+
+    input_layernorm            sequence parallel: each tp rank normalises S / T positions
+    self_attn                  gathers the sequence (all-gather), then
+      q/k/v_proj               column-parallel: each rank computes num_heads / T heads
+      o_proj                   row-parallel: partial sums reduce-scattered back to S / T positions
+    post_attention_layernorm   sequence parallel
+    mlp (dense)                gathers the sequence, gate/up column-parallel, down row-parallel
+    mlp (MoE)                  gathers the sequence and runs the whole block on it (experts are
+                               sharded by FSDP or expert parallelism, not by tp), then keeps this
+                               rank's S / T positions
+
+The embedding is vocabulary-parallel (each rank holds V / T rows; partial lookups are summed and
+scattered over the sequence), the final norm sequence-parallel, and the head column-parallel
+with its logits gathered (replicated), so the loss and everything after the model is unchanged.
+A tied head is the embedding's own parameter: both are sharded on the vocabulary dimension, so
+the tie is restored on the one DTensor.
+
+Why not transformers' own `tp_plan`: it is applied while loading weights (`from_pretrained(...,
+tp_plan="auto")`) on a 1-D mesh of all ranks, while we build on the meta device, initialise from
+our own seeded init and compose with FSDP2 on the other mesh dimensions; its plan also keeps the
+norms replicated (no sequence parallelism).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def _attention_plan() -> dict:
+    return {
+        "input_layernorm": SequenceParallel(),
+        # HF's decoder layer calls self_attn(hidden_states=..., position_embeddings=..., ...):
+        # only the hidden states are sharded; cos/sin and the mask are plain full-length tensors.
+        "self_attn": PrepareModuleInput(
+            input_kwarg_layouts={"hidden_states": Shard(1)},
+            desired_input_kwarg_layouts={"hidden_states": Replicate()},
+            use_local_output=True,
+        ),
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        # Outputs stay DTensors: the residual stream they are added to is one (see the embedding).
+        "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "post_attention_layernorm": SequenceParallel(),
+    }
+
+
+def _dense_mlp_plan() -> dict:
+    return {
+        "mlp": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True
+        ),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+    }
+
+
+def _moe_block_plan() -> dict:
+    # The MoE block sees the whole sequence as a plain tensor (same on every tp rank, so the
+    # router, its balancing loss and expert parallelism work unchanged) and hands back this
+    # rank's sequence shard. Its gradient arrives as that shard and is gathered, so every tp rank
+    # computes the same expert gradients and the tp ranks never reduce them.
+    return {
+        "mlp": PrepareModuleInputOutput(
+            input_layouts=(Shard(1),),
+            desired_input_layouts=(Replicate(),),
+            use_local_input=True,
+            output_layouts=(Replicate(),),
+            desired_output_layouts=(Shard(1),),
+            use_local_output=False,
+        )
+    }
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, moe: bool = False) -> None:
+    """Shard `model` (a LlamaForCausalLM or MixtralForCausalLM, possibly on the meta device)
+    over the 1-D `tp_mesh` in place; see the module docstring for the layout."""
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            # input_ids are the same on every tp rank; the output is sequence-sharded for the
+            # first layer's sequence-parallel norm, and stays a DTensor so that the HF model
+            # reads the full sequence length from it (positions, rotary, causal mask).
+            "model.embed_tokens": RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+            ),
+            "model.norm": SequenceParallel(),
+            # Logits gathered over the vocabulary: the loss, evaluation and export see plain
+            # [batch, seq, vocab] logits.
+            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+        },
+    )
+    layer_plan = {**_attention_plan(), **(_moe_block_plan() if moe else _dense_mlp_plan())}
+    for layer in model.model.layers:
+        parallelize_module(layer, tp_mesh, layer_plan)
+    if tied:
+        # parallelize_module registered a new Parameter on each module; make them one again.
+        model.lm_head.weight = model.model.embed_tokens.weight

@@ -1,0 +1,229 @@
+"""Tensor parallelism on real gloo process groups (world size 4), against one process.
+
+One spawn of 4 ranks runs every distributed case through the real Trainer (and DiLoCo x TP
+through the optimizer directly, the way tests/test_diloco.py does); the tests below compare
+what it wrote with references computed here in one process:
+
+* TP 2 x FSDP 2 with SNOO(AdamW) and SNOO(Muon): the same losses and gradient norms as one
+  process, step by step through several outer steps;
+* DiLoCo 2 replicas x TP 2: the same weights, slow weights and momentum as two hand-averaged
+  replicas (tests/test_diloco.py: reference_diloco, DESIGN.md section 2);
+* checkpoints across layouts: FSDP 4 -> FSDP 2 x TP 2 -> one process continues the
+  uninterrupted single-process run;
+* the mesh and the optimizer state's placements; config errors for sizes that do not divide.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from snoo_train.config import ConfigError, mesh_dims, validate_config
+from snoo_train.dist import init_distributed
+from snoo_train.models import PRESETS, build_model, materialize, parallelize
+from snoo_train.optim import SNOO
+from snoo_train.trainer import Trainer, clip_grad_norm
+from tests import test_diloco as diloco
+from tests.conftest import make_config, read_records, run_trainer, typed
+from tests.dist_utils import run_distributed
+from tests.records import assert_records_match
+
+WS = 4
+TP = ["parallel.tp=2"]
+# The equality runs: 12 steps, SNOO k=5 (outer steps at 5 and 10), logged every step.
+CASES = {"tp_snoo_adamw": TP}
+# The layout chain: FSDP 4 for 6 steps, FSDP 2 x TP 2 to step 9, then one process to step 12.
+# A constant LR: each leg stops at its own trainer.max_steps, which a decaying schedule reads.
+CHAIN_FIRST, CHAIN_SECOND = 6, 9
+CHAIN = ["trainer.lr_schedule=constant"]
+
+
+def _fit(run_dir: str, overrides: list[str]) -> Trainer:
+    """What the entry point does on each rank, for a Config validated at world size 4."""
+    cfg = make_config(Path(run_dir), overrides, world_size=WS)
+    p = cfg.parallel
+    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep))
+    trainer.fit()
+    return trainer
+
+
+def _layout_of(trainer: Trainer) -> dict:
+    """Mesh dimensions of the parameters and whether every SNOO state tensor shares its
+    parameter's mesh and placements."""
+    opt, same, meshes, placements = trainer.optimizer, True, set(), {}
+    for name, p in trainer.model.named_parameters():
+        meshes.add(p.device_mesh.mesh_dim_names)
+        placements[name] = str(p.placements)
+        for value in opt.state[p].values():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                same &= isinstance(value, DTensor) and value.device_mesh == p.device_mesh \
+                    and value.placements == p.placements  # fmt: skip
+    return {"meshes": sorted(meshes), "placements": placements, "state_like_params": same}
+
+
+def _diloco_tp(rank: int) -> dict:
+    """DiLoCo with 2 replicas, each a TP 2 group: tests/test_diloco.py's loop with its batches,
+    constants and optimizer, on the mesh the trainer builds for replicas=2 tp=2."""
+    info = init_distributed("cpu", replicas=diloco.R, tp=2)
+    model = build_model(PRESETS["llama_tiny"], diloco.VOCAB, seed=0, device="meta")
+    parallelize(model, mesh=info.dp_mesh, diloco=True, tp_mesh=info.tp_mesh)
+    materialize(model, device="cpu", seed=0)
+    opt = SNOO(diloco.inner_adamw(model), k=diloco.K, lr=diloco.ETA, momentum=diloco.MU,
+               replicate_group=info.replicate_group)  # fmt: skip
+    rows = diloco.GLOBAL_BATCH // diloco.R
+    losses = []
+    for ids in diloco.global_batches():
+        loss = diloco.loss_of(model, ids[info.dp_rank * rows:(info.dp_rank + 1) * rows])
+        loss.backward()
+        clip_grad_norm(model.parameters(), diloco.CLIP)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {
+        "replica": info.replica,
+        "losses": losses,
+        "params": {n: diloco._full(p) for n, p in model.named_parameters()},
+        "slow": {n: diloco._full(opt.state[p]["snoo_slow"]) for n, p in model.named_parameters()},
+        "momentum": {n: diloco._full(opt.state[p]["snoo_momentum"]) for n, p in model.named_parameters()},
+    }
+
+
+def _all_cases(rank: int, world_size: int, out: str) -> None:
+    torch.manual_seed(0)
+    info = init_distributed("cpu", tp=2)
+    mesh = {"dims": info.mesh.mesh_dim_names, "shape": list(info.mesh.shape), "dp_rank": info.dp_rank,
+            "tp_ranks": info.tp_mesh.mesh.tolist(), "shard_ranks": info.shard_mesh.mesh.tolist()}  # fmt: skip
+    layouts = {}
+    for name, overrides in CASES.items():
+        layouts[name] = _layout_of(_fit(f"{out}/{name}", overrides))
+    _fit(f"{out}/chain_fsdp4", CHAIN + [f"trainer.max_steps={CHAIN_FIRST}", f"checkpoint.interval={CHAIN_FIRST}"])
+    _fit(f"{out}/chain_tp", CHAIN + TP + [
+        f"trainer.resume={out}/chain_fsdp4/checkpoints/step_{CHAIN_FIRST:08d}",
+        f"trainer.max_steps={CHAIN_SECOND}", f"checkpoint.interval={CHAIN_SECOND}",
+    ])  # fmt: skip
+    torch.save(_diloco_tp(rank), f"{out}/diloco_tp_rank{rank}.pt")
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump({"mesh": mesh, "layouts": layouts}, f)
+
+
+@pytest.fixture(scope="module")
+def tp_runs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tp")
+    run_distributed(_all_cases, WS, str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict[str, Path]:
+    """The single-process runs of the same configs."""
+    root = tmp_path_factory.mktemp("tp_ref")
+    runs = {}
+    for name, overrides in {**CASES, "chain": CHAIN}.items():
+        runs[name] = root / name
+        run_trainer(runs[name], [o for o in overrides if not o.startswith("parallel.")])
+    return runs
+
+
+def _rank(tp_runs: Path, rank: int) -> dict:
+    return json.loads((tp_runs / f"rank{rank}.json").read_text())
+
+
+@pytest.mark.slow
+def test_mesh_puts_tp_innermost_and_tp_ranks_share_a_batch(tp_runs):
+    for rank in range(WS):
+        mesh = _rank(tp_runs, rank)["mesh"]
+        assert mesh["dims"] == ["shard", "tp"] and mesh["shape"] == [2, 2]
+        assert mesh["dp_rank"] == rank // 2
+        assert mesh["tp_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1]
+        assert mesh["shard_ranks"] == [rank % 2, rank % 2 + 2]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp_x_fsdp_matches_one_process(tp_runs, one_process, case):
+    got, want = read_records(tp_runs / case), read_records(one_process[case])
+    assert [r["step"] for r in got] == list(range(1, 13))
+    assert_records_match(got, want, ["loss", "grad_norm", "val_loss", "snoo/pseudo_grad_norm"], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_optimizer_state_keeps_the_tp_placements(tp_runs):
+    for rank in range(WS):
+        for case, layout in _rank(tp_runs, rank)["layouts"].items():
+            assert layout["meshes"] == [["shard", "tp"]], case
+            assert layout["state_like_params"], case
+            p = layout["placements"]
+            # Column-parallel q (Shard(0) on tp, FSDP on the rows within it: strided), row-parallel
+            # o (Shard(1) on tp), vocab-parallel tied embedding, sequence-parallel norm.
+            assert "Shard(dim=0)" in p["model.layers.0.self_attn.q_proj.weight"].split(",")[-1], p
+            assert p["model.layers.0.self_attn.o_proj.weight"].endswith("Shard(dim=1))"), p
+            assert p["model.layers.0.input_layernorm.weight"].endswith("Replicate())"), p
+            assert "lm_head.weight" not in p  # tied: one parameter
+
+
+@pytest.mark.slow
+def test_diloco_x_tp_matches_hand_averaged_replicas(tp_runs):
+    ref = diloco.reference_diloco()
+    for rank in range(WS):
+        run = torch.load(tp_runs / f"diloco_tp_rank{rank}.pt", weights_only=False)
+        replica = run["replica"]
+        assert replica == rank // 2
+        assert run["losses"] == pytest.approx(ref["losses"][replica], abs=1e-5)
+        diloco.assert_params(run["params"], ref["params"][replica], what=f"rank {rank} fast")
+        diloco.assert_params(run["slow"], ref["slow"], what=f"rank {rank} slow")
+        diloco.assert_params(run["momentum"], ref["momentum"], what=f"rank {rank} momentum")
+
+
+@pytest.mark.slow
+def test_checkpoint_moves_fsdp4_to_tp2_to_one_process(tp_runs, one_process, tmp_path):
+    """Each layout resumes the previous one's checkpoint and continues the uninterrupted run."""
+    last = tmp_path / "chain_one"
+    resume = f"trainer.resume={tp_runs}/chain_tp/checkpoints/step_{CHAIN_SECOND:08d}"
+    run_trainer(last, CHAIN + [resume, "checkpoint.interval=0"])
+    want = {r["step"]: r for r in read_records(one_process["chain"])}
+    chain = read_records(tp_runs / "chain_fsdp4") + read_records(tp_runs / "chain_tp") + read_records(last)
+    assert sorted(r["step"] for r in chain if "loss" in r) == list(range(1, 13))
+    assert_records_match([r for r in chain if "loss" in r], [want[s] for s in range(1, 13)],
+                         ["loss", "grad_norm"], rel=1e-5, abs=1e-5)  # fmt: skip
+
+
+# -- config errors: before any process group, naming the key -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        (["parallel.tp=3"], 4, "parallel.tp=3 must divide the ranks of one replica"),
+        (["parallel.tp=2", "parallel.replicas=2"], 2, "parallel.tp=2 must divide"),
+        (["parallel.tp=8"], 8, "parallel.tp=8 must divide model.num_heads=4"),
+        (["parallel.tp=4"], 4, "parallel.tp=4 must divide model.num_kv_heads=2"),
+        (["parallel.tp=2", "model.intermediate_size=171"], 2, "model.intermediate_size=171"),
+        (["parallel.tp=2", "trainer.batch_size=6", "trainer.grad_accum=2"], 4, "trainer.batch_size=6"),
+        (["parallel.ep=2"], 2, "parallel.ep=2 needs a mixture-of-experts model"),
+        (["model=moe_tiny", "parallel.ep=3"], 3, "parallel.ep=3 must divide model.num_experts=4"),
+        (["model=moe_tiny", "parallel.ep=4"], 2, "parallel.ep=4 must divide the FSDP dimension"),
+        (["model=moe_tiny", "parallel.ep=2", "parallel.tp=2"], 2, "parallel.ep=2 must divide the FSDP"),
+    ],
+)
+def test_sizes_that_do_not_divide_are_one_config_error(overrides, world_size, message):
+    cfg = typed(["model=llama_tiny", "trainer.batch_size=8", *overrides])
+    with pytest.raises(ConfigError) as info:
+        validate_config(cfg, world_size=world_size)
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+
+
+def test_mesh_dims_name_every_dimension():
+    assert mesh_dims(8, replicas=2, tp=2, ep=2) == {"replicate": 2, "shard": 2, "tp": 2}
+    assert mesh_dims(4) == {"shard": 4}
+    assert mesh_dims(1) == {"shard": 1}
+
+
+def test_tp_is_bitwise_invisible_on_one_rank():
+    """tp=1 and world size 1: the model has no DTensor (the golden losses rely on it)."""
+    model = parallelize(build_model(PRESETS["llama_tiny"], 257, seed=0), mesh=None, tp_mesh=None)
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
