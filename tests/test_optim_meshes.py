@@ -19,11 +19,16 @@ All cases share one spawn of four gloo processes.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.distributed.tensor.placement_types import _StridedShard
 
 from snoo_train.optim import GPA, SNOO, EMANesterov, Muon, ScheduleFreeAdamW
@@ -238,6 +243,31 @@ def check_muon_communication(mesh) -> None:
         assert ops and groups == [] and all("all_gather" in op for op in ops), (name, ops)
 
 
+# -- a module parallelised by torch: TP, then FSDP over it --------------------------------------
+
+
+def run_module_case(mesh, case: str) -> None:
+    """The placements come from parallelize_module + fully_shard, the gradients from a real
+    backward (TP's partial sums, FSDP's reduce-scatter); every rank sees the same batch."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8))
+    model = copy.deepcopy(plain)
+    parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["shard"])
+    build, build_ref, _ = OPTIMIZERS[case]
+    opt, ref = build(list(model.parameters())), build_ref(list(plain.parameters()))
+    for step in range(STEPS):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+        for m, o in ((model, opt), (plain, ref)):
+            m(x).square().mean().backward()
+            o.step()
+            for p in m.parameters():
+                p.grad = None
+    names = [n for n, _ in model.named_parameters()]
+    assert any(isinstance(p.placements[0], _StridedShard) for p in model.parameters())
+    assert_equal_full(list(model.parameters()), list(plain.parameters()), names, f"module {case}")
+
+
 # -- DiLoCo: replicas of a TP/FSDP-sharded model ------------------------------------------------
 
 
@@ -281,6 +311,8 @@ def _worker(rank: int, world_size: int) -> None:
     for case in OPTIMIZERS:
         run_case(mesh, case)
     check_muon_communication(mesh)
+    for case in ("snoo_adamw", "snoo_muon"):
+        run_module_case(mesh, case)
     fsdp_layouts = {
         "rows": ((8, 6), (Shard(0),)),
         "cols_uneven": ((5, 7), (Shard(1),)),
