@@ -9,9 +9,10 @@ distributed checkpointing work without special code:
   * `param_groups`, `state` and `defaults` are properties that always read the inner optimizer,
     so a wrapper cannot go stale when `load_state_dict` replaces the inner optimizer's groups.
 
-Under FSDP2 the per-parameter tensors are clones of the (sharded) parameters, hence DTensors with
-the parameter's mesh and placements, and all arithmetic runs on each rank's local shard
-(`_local`): a step issues no collective.
+On any device mesh (FSDP2, TP, EP and their N-D mixes) the per-parameter tensors are clones of
+the (sharded) parameters, hence DTensors with the parameter's mesh and placements, and all
+arithmetic runs on each rank's local shard (`_local`): a step issues no collective
+(tests/test_optim_meshes.py checks both on a (shard, tp) mesh).
 """
 
 from __future__ import annotations

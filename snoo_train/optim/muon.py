@@ -9,19 +9,27 @@ the categories into param groups with `use_muon=True/False`; the AdamW groups (e
 norms and biases, router gates by default) are updated by the AdamW rule inside this optimizer,
 so one `Muon` object holds all state and works with schedulers, `state_dict()` and SNOO.
 
-Sharded parameters (FSDP2 DTensors). Newton-Schulz needs the whole matrix, while each rank
-holds a slice. Every step the matrices are dealt out to the ranks of the shard group (largest
-first, to the least-loaded rank), each matrix is *gathered to its owner only*, the owner
-orthogonalises it, and *scatters* the slices back: each rank does about 1/N of the work and
-receives only the matrices it owns (the scheme of microsoft/dion and torchtitan's DistMuon,
-written here with plain gather/scatter so that it runs on gloo and NCCL alike). The result
-equals single-process Muon up to floating-point reassociation.
+Sharded parameters (DTensors on any mesh). Newton-Schulz needs the whole matrix, while each
+rank may hold a slice; `_layout` decides per parameter how NS sees it whole:
+  * local: every matrix is whole on this rank (plain tensors, replicated parameters, expert
+    stacks [E, rows, cols] split only on the expert dim, i.e. EP): NS runs locally, no
+    communication; experts are orthogonalised one by one (batched).
+  * owner: one mesh dim splits one matrix dim (FSDP on a 1-D mesh, HSDP, experts FSDP-sharded
+    besides EP). Every step the matrices are dealt out to the ranks of that dim's group
+    (largest first, to the least-loaded rank), each matrix is *gathered to its owner only*, the
+    owner orthogonalises it, and *scatters* the slices back: each rank does about 1/N of the
+    work and receives only the matrices it owns (the scheme of microsoft/dion and torchtitan's
+    DistMuon, written here with plain gather/scatter so that it runs on gloo and NCCL alike).
+  * gather: several mesh dims split the matrix (TP x FSDP: Shard/_StridedShard on two dims):
+    the update is all-gathered over exactly those dims, NS runs on the whole matrix and each
+    rank keeps its own slice (`_orthogonalise_gathered` says why and what it costs).
+The result equals single-process Muon up to floating-point reassociation.
 
 MuonBP (block-periodic, arXiv 2510.16981): with `period=P > 1`, on steps where step % P != 0
 each rank orthogonalises its local slice as a block of its own (no communication), and every
 P-th step the full matrix as above. `period=1` is plain Muon. Expert stacks sharded on the expert
-dimension need no gather at all: each expert matrix is already whole on one rank. The RMS scale uses the block's
-shape on block steps. On one process a block is the whole matrix, so MuonBP equals Muon.
+dimension need no gather at all: each expert matrix is already whole on one rank. The RMS scale
+uses the block's shape on block steps. On one process a block is the whole matrix, so MuonBP equals Muon.
 
 State follows torch.optim conventions: hyper-parameters in `param_groups`, per-parameter tensors
 in `state[p]` (`momentum_buffer` for Muon; `exp_avg`, `exp_avg_sq` for AdamW; `step`), created
@@ -32,7 +40,7 @@ in the same dict. Depends on torch only.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,10 +50,10 @@ from torch.optim import Optimizer
 from snoo_train.optim._dtensor import local as _local
 
 try:
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 except ImportError:  # pragma: no cover - very old torch
     DTensor = None  # type: ignore[assignment,misc]
-    Shard = None  # type: ignore[assignment,misc]
 
 # Keller Jordan's quintic coefficients: 5 steps drive every singular value into roughly
 # [0.7, 1.2] (not exactly 1; faster than a converging iteration, and as good for training).
@@ -171,19 +179,79 @@ def rms_scale(shape: torch.Size | tuple[int, ...]) -> float:
 # -- sharded orthogonalisation -------------------------------------------------------------------
 
 
-def _shard_dim(p: torch.Tensor) -> tuple[int, int] | None:
-    """(mesh dim, tensor dim) of a DTensor sharded on exactly one mesh dim; None if replicated
-    or not a DTensor. Raises for layouts this optimizer does not gather (e.g. 2 shard dims)."""
+class _Layout(NamedTuple):
+    """How a parameter's matrices lie over the ranks (see the module docstring)."""
+
+    kind: str  # "local" | "owner" | "gather"
+    mesh_dim: int = -1  # owner: the mesh dim whose group holds the slices of each matrix
+    dim: int = -1  # owner: the tensor dim that mesh dim splits
+    whole: tuple = ()  # gather: the placements with every matrix dim whole
+
+
+def _split_dim(placement: Any, ndim: int) -> int | None:
+    """The tensor dim a placement splits (Shard or _StridedShard), None if it splits none."""
+    if isinstance(placement, (Shard, _StridedShard)):
+        return placement.dim % ndim
+    if placement.is_partial():
+        raise NotImplementedError(f"Muon: a parameter with a Partial placement ({placement})")
+    return None
+
+
+def _layout(p: torch.Tensor) -> _Layout:
+    """local, owner or gather for this parameter. The last two dims are the matrix; leading dims
+    (experts) split over ranks leave every matrix whole, so EP needs no communication."""
     if DTensor is None or not isinstance(p, DTensor):
-        return None
-    shards = [(i, pl.dim) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
-    if len(shards) > 1:
-        raise NotImplementedError(
-            f"Muon: a parameter sharded on {len(shards)} mesh dims ({p.placements})"
-        )
-    if shards and p.ndim == 3 and shards[0][1] == 2:
-        raise NotImplementedError("Muon: a 3-D parameter sharded on its last dim")
-    return shards[0] if shards and p.device_mesh.size(shards[0][0]) > 1 else None
+        return _Layout("local")
+    matrix_dims = (p.ndim - 2, p.ndim - 1)
+    splitting = [
+        (mesh_dim, placement)
+        for mesh_dim, placement in enumerate(p.placements)
+        if _split_dim(placement, p.ndim) in matrix_dims and p.device_mesh.size(mesh_dim) > 1
+    ]
+    if not splitting:
+        return _Layout("local")
+    if len(splitting) == 1 and type(splitting[0][1]) is Shard:
+        mesh_dim, placement = splitting[0]
+        return _Layout("owner", mesh_dim=mesh_dim, dim=placement.dim % p.ndim)
+    split_mesh_dims = {mesh_dim for mesh_dim, _ in splitting}
+    whole = tuple(
+        Replicate() if mesh_dim in split_mesh_dims else placement
+        for mesh_dim, placement in enumerate(p.placements)
+    )
+    return _Layout("gather", whole=whole)
+
+
+def _orthogonalise_gathered(
+    p: torch.Tensor, update: torch.Tensor, whole: tuple, ns: Callable
+) -> tuple[torch.Tensor, int]:
+    """NS of the whole matrices of a parameter split over several mesh dims; returns this rank's
+    slice of the result and the bytes this rank sent.
+
+    Why gather here: Newton-Schulz needs each whole matrix, and under TP x FSDP no single process
+    group holds one matrix in contiguous pieces (two mesh dims split it, FSDP's _StridedShard
+    interleaves its rows with TP's), so the owner scheme's gather along one dim cannot rebuild
+    it. DTensor's redistribute all-gathers the update over exactly the mesh dims that split a
+    matrix dim, undoing _StridedShard (a dim that splits only experts stays split: EP adds no
+    communication). Every rank of those groups then has the same whole update and computes the
+    same NS once; each keeps its own slice (Replicate -> Shard is a local narrow, no
+    communication back). Cost per step, with g ranks sharing the matrix: each rank sends its
+    slice to the g - 1 others, (g - 1) x its slice's bytes (the owner scheme: about 2 x, averaged
+    over matrices), receives the matrix's other (g - 1) / g, and NS runs on all g ranks instead of
+    one. TP x FSDP groups are small (g = tp x fsdp ranks within a node), and TP-sharded
+    matrices are a fraction of the model; the owner scheme stays for everything split on one dim.
+    """
+    mesh, placements = p.device_mesh, p.placements
+    gathered = DTensor.from_local(
+        update, mesh, placements, run_check=False, shape=p.shape, stride=p.stride()
+    ).redistribute(mesh, whole)
+    ortho = DTensor.from_local(
+        ns(gathered.to_local()), mesh, whole, run_check=False, shape=p.shape, stride=p.stride()
+    ).redistribute(mesh, placements)
+    ranks = 1
+    for mesh_dim, (before, after) in enumerate(zip(placements, whole)):
+        if before != after:
+            ranks *= mesh.size(mesh_dim)
+    return ortho.to_local(), (ranks - 1) * update.numel() * update.element_size()
 
 
 class _Job:
@@ -365,12 +433,13 @@ class Muon(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         jobs: list[_Job] = []
+        self.last_comm_bytes = 0  # the gather layout adds its bytes as it goes
         for group in self.param_groups:
             if group["use_muon"]:
                 jobs += self._muon_updates(group)
             else:
                 self._adamw(group)
-        self.last_comm_bytes = _orthogonalise_sharded(jobs) if jobs else 0
+        self.last_comm_bytes += _orthogonalise_sharded(jobs) if jobs else 0
         for job in jobs:
             self._apply(job.param, job.result, job.lr, job.wd, rms_scale(job.param.shape))
         return loss
@@ -383,37 +452,42 @@ class Muon(Optimizer):
         return ns
 
     def _muon_updates(self, group: dict[str, Any]) -> list[_Job]:
-        """Momentum on local shards; local (or MuonBP block) NS applied at once; full-matrix
-        NS of sharded parameters returned as jobs for `_orthogonalise_sharded`."""
-        mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+        """Momentum on local shards; local (or MuonBP block) and gathered NS applied at once;
+        full-matrix NS of owner-layout parameters returned as jobs for `_orthogonalise_sharded`."""
+        lr, wd = group["lr"], group["weight_decay"]
         ns = self._ns(group)
         jobs = []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:  # by key: a wrapper may already own keys here
-                state["momentum_buffer"] = torch.zeros_like(p)
-                state["step"] = torch.tensor(0.0)
-            state["step"] += 1
-            grad, buf = _local(p.grad), _local(state["momentum_buffer"])
-            buf.mul_(mu).add_(grad)
-            update = grad.add(buf, alpha=mu) if group["nesterov"] else buf
-            sharded = _shard_dim(p)
-            if sharded is not None and p.ndim == 3 and sharded[1] == 0:
-                # Experts sharded on the expert dim: every expert matrix is whole on one rank,
-                # so the full per-expert NS is local (no gather, and the work is already spread).
-                sharded = None
-            full_step = int(state["step"].item()) % group["period"] == 0
-            if sharded is not None and full_step:
-                job = _Job(p, update, *sharded, ns)
+            update = self._momentum_update(p, group)
+            layout = _layout(p)
+            full_step = int(self.state[p]["step"].item()) % group["period"] == 0
+            if layout.kind == "owner" and full_step:
+                job = _Job(p, update, layout.mesh_dim, layout.dim, ns)
                 job.lr, job.wd = lr, wd
                 jobs.append(job)
+            elif layout.kind == "gather" and full_step:
+                ortho, sent = _orthogonalise_gathered(p, update, layout.whole, ns)
+                self.last_comm_bytes += sent
+                self._apply(p, ortho, lr, wd, rms_scale(p.shape))
             elif update.numel():
-                # Unsharded: the whole matrix is local. MuonBP block step: this rank's slice,
-                # orthogonalised on its own, scaled by its own shape.
+                # Local layout: every matrix is whole here. MuonBP block step: this rank's
+                # slice, orthogonalised on its own, scaled by its own shape.
                 self._apply(p, ns(update), lr, wd, rms_scale(update.shape))
         return jobs
+
+    def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """Advance the momentum of `p` on its local shard; the update NS will orthogonalise."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:  # by key: a wrapper may already own keys here
+            state["momentum_buffer"] = torch.zeros_like(p)
+            state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+        mu = group["momentum"]
+        grad, buf = _local(p.grad), _local(state["momentum_buffer"])
+        buf.mul_(mu).add_(grad)
+        return grad.add(buf, alpha=mu) if group["nesterov"] else buf
 
     @staticmethod
     def _apply(p: torch.Tensor, ortho: torch.Tensor, lr: float, wd: float, scale: float) -> None:

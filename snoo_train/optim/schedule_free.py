@@ -23,7 +23,7 @@ What the adapter adds:
     (`torch._foreach_*`, `lerp_`) on tensors that are DTensors with the parameter's placements,
     and it keeps no global norms, so it runs on sharded parameters as they are, with no
     collective (tests/test_outer_family.py checks it against a single-process run at world
-    size 2).
+    size 2, tests/test_optim_meshes.py on TP x FSDP and EP layouts at world size 4).
 
 Learning rate: schedule-free replaces the decay of a schedule, so the trainer's schedule must be
 `constant`. The warm-up of our constant schedule (lr x (k + 1) / warmup_steps for k < warmup)

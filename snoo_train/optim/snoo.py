@@ -8,9 +8,10 @@ momentum to it, moves the slow weights, and restarts the fast weights from them:
 
 That is `torch.optim.SGD(lr=eta, momentum=mu, nesterov=True)` applied to `w` with gradient `s`
 (the tests check it against torch's SGD). The math is written with `torch._foreach_*` on each
-parameter's *local* tensor: under FSDP2 the slow weights and momentum are DTensors with exactly
-the parameter's mesh and placements, so the outer step is purely element-wise on the local
-shard and issues no collective.
+parameter's *local* tensor: on any device mesh (FSDP2, TP x FSDP, EP, their N-D mixes) the
+slow weights and momentum are DTensors with exactly the parameter's mesh and placements, so the
+outer step is purely element-wise on the local shard and issues no collective
+(tests/test_optim_meshes.py counts them).
 
 Where things live, so that schedulers, `state_dict()` and distributed checkpointing work
 without special code (the pattern of timm's Lookahead):
