@@ -35,7 +35,7 @@ from tests.records import assert_records_match
 WS = 4
 TP = ["parallel.tp=2"]
 # The equality runs: 12 steps, SNOO k=5 (outer steps at 5 and 10), logged every step.
-CASES = {"tp_snoo_adamw": TP}
+CASES = {"tp_snoo_adamw": TP, "tp_snoo_muon": TP + ["optim=snoo_muon"]}
 # The layout chain: FSDP 4 for 6 steps, FSDP 2 x TP 2 to step 9, then one process to step 12.
 # A constant LR: each leg stops at its own trainer.max_steps, which a decaying schedule reads.
 CHAIN_FIRST, CHAIN_SECOND = 6, 9
