@@ -24,6 +24,14 @@ over all ranks spans every block; DiLoCo crosses blocks only in the outer all-re
 trainer's per-step loss scalar).
 
 Writes bench/results/comm_<model>.json and prints a table.
+
+`--layouts` compares layouts of one model inside a replica instead (parallel.tp, parallel.ep):
+    torchrun --nproc_per_node=4 bench/comm.py --layouts --model llama_small   # FSDP 4, FSDP 2 x TP 2
+    torchrun --nproc_per_node=4 bench/comm.py --layouts --model moe_small     # FSDP 4, EP 2 x FSDP 2, EP 4
+Each layout trains through the real trainer in the same job: K recorded steps (bytes by kind of
+collective: all-gather, reduce-scatter, all-reduce, all-to-all), then timed steps interleaved
+ABBA across the layouts, so the step-time ratios come from one run. Writes
+bench/results/comm_layouts_<model>.json.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import REPO, compose_config
+from common import REPO, compose_config, time_interleaved
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -74,8 +82,9 @@ def _nbytes(x) -> int:
     return 0
 
 
-def payload_and_sent(name: str, args, n: int) -> tuple[int, float, str]:
-    """(payload bytes, bytes a ring algorithm sends per rank, kind) of one collective."""
+def payload_and_sent(name: str, args, n: int, me: int = 0) -> tuple[int, float, str]:
+    """(payload bytes, bytes a ring algorithm sends per rank, kind) of one collective; `me` is
+    this rank's index in the group."""
     if name in ("_allgather_base_", "all_gather_into_tensor"):
         payload = _nbytes(args[0]) if name == "_allgather_base_" else _nbytes(args[0]) * n
         return payload, payload * (n - 1) / n, "all_gather"
@@ -88,6 +97,14 @@ def payload_and_sent(name: str, args, n: int) -> tuple[int, float, str]:
     if name in ("allreduce_", "all_reduce", "allreduce_coalesced_", "all_reduce_coalesced", "all_reduce_"):
         payload = _nbytes(args[0])
         return payload, 2 * payload * (n - 1) / n, "all_reduce"
+    if name in ("alltoall_base_", "all_to_all_single"):
+        # Uneven splits: what leaves this rank is its input minus the rows it keeps for itself.
+        inp, splits = (args[1], args[4]) if name == "alltoall_base_" else (args[0], args[2])
+        payload = _nbytes(inp)
+        kept = payload / n
+        if splits and inp.shape[0]:
+            kept = payload * splits[me] / inp.shape[0]
+        return payload, payload - kept, "all_to_all"
     if name in ("broadcast_", "broadcast"):
         payload = _nbytes(args[0])
         return payload, float(payload), "broadcast"
@@ -113,18 +130,20 @@ class CommRecorder(TorchDispatchMode):
             name = func.overloadpacket.__name__
             if name not in _SKIP:
                 ranks = _group_ranks(func, args, kwargs)
-                payload, sent, kind = payload_and_sent(name, args, len(ranks))
+                me = ranks.index(dist.get_rank()) if dist.get_rank() in ranks else 0
+                payload, sent, kind = payload_and_sent(name, args, len(ranks), me)
                 self.ops.append({"name": name, "kind": kind, "ranks": ranks, "payload": payload,
                                  "sent": sent, "tag": self.tag()})  # fmt: skip
         return func(*args, **(kwargs or {}))
 
 
 def make_config(
-    args: argparse.Namespace, optim: str, replicas: int, reduce_dtype: str, run_dir: str, world_size: int
+    args: argparse.Namespace, optim: str, replicas: int, reduce_dtype: str, run_dir: str, world_size: int,
+    extra: list[str] = (),
 ) -> Config:
     overrides = [
-        f"model={args.model}", f"optim={optim}", f"parallel.replicas={replicas}",
-        f"trainer.max_steps={args.k + 1}", f"trainer.batch_size={args.batch_size}",
+        f"model={args.model}", f"optim={optim}", f"parallel.replicas={replicas}", *extra,
+        f"trainer.max_steps={args.k + 1 + args.timed_steps}", f"trainer.batch_size={args.batch_size}",
         f"data.seq_len={args.seq_len}", "trainer.progress=false", "trainer.eval_interval=0",
         "logging.wandb.mode=disabled", *args.overrides,
     ]  # fmt: skip
@@ -178,12 +197,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="global sequences per step")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--layouts", action="store_true", help="compare FSDP / TP / EP layouts of --model")
+    parser.add_argument("--optim", default="snoo_adamw", help="--layouts: the optimizer of every layout")
+    parser.add_argument("--timed-steps", type=int, default=0, help="--layouts: timed steps per layout (default 2K)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every side")
     args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
     t_start = time.perf_counter()
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.layouts:
+        args.timed_steps = args.timed_steps or 2 * args.k
+        compare_layouts(args, world_size, t_start)
+        return
     if world_size < 2 or world_size % args.replicas:
         parser.error(f"run under torchrun with a multiple of --replicas={args.replicas} ranks (>= 2)")
     tmp = tempfile.mkdtemp(prefix="snoo_comm_")
@@ -270,6 +296,106 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+# Layouts inside one replica, per model family: name -> overrides.
+LAYOUTS = {
+    "llama": {"fsdp": [], "fsdp_x_tp2": ["parallel.tp=2"]},
+    "moe": {"fsdp": [], "ep2_x_fsdp": ["parallel.ep=2"], "ep4": ["parallel.ep=4"]},
+}
+KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+
+
+def compare_layouts(args: argparse.Namespace, world_size: int, t_start: float) -> None:
+    """Bytes per rank per step by kind of collective, and step time, for each layout of --model."""
+    tmp = tempfile.mkdtemp(prefix="snoo_layouts_")
+    family = compose_config([f"model={args.model}"], tmp).model.family
+    layouts = {name: extra for name, extra in LAYOUTS[family].items()}
+    trainers, results = {}, {}
+    for name, extra in layouts.items():
+        cfg = make_config(args, args.optim, 1, "fp32", os.path.join(tmp, name), world_size, extra)
+        info = init_distributed(cfg.trainer.device, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+        trainers[name] = Trainer(cfg, info)
+        dist.barrier()
+        results[name] = measure(trainers[name], args.k, tuple(range(world_size)))
+        results[name]["param_bytes_this_rank"] = sum(
+            (p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in trainers[name].model.parameters()
+        )
+    # Timed after the recorded steps, which the recorder slows; ABBA order over the layouts.
+    for trainer in trainers.values():
+        trainer.train_step = _continuing(trainer, args.k + 1)
+    _, elapsed, timed = time_interleaved(trainers, warmup=1, steps=args.timed_steps, block=max(1, args.k // 2),
+                                         sync=dist.barrier)  # fmt: skip
+    for name in layouts:
+        results[name]["step_s"] = elapsed[name] / timed
+    gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
+    dist.all_gather_object(gathered, results)
+    num_params, rank = next(iter(trainers.values())).num_params, dist.get_rank()
+    del trainers
+    destroy_distributed()
+    if rank != 0:
+        return
+    report = _layouts_report(args, world_size, layouts, gathered, num_params, t_start)
+    print_layouts(report)
+    out = Path(args.out or REPO / "bench" / "results" / f"comm_layouts_{args.model}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def _continuing(trainer: Trainer, done: int):
+    """train_step numbered after the steps `measure` already took (time_interleaved counts from 1)."""
+    step = trainer.train_step
+    return lambda n: step(done + n)
+
+
+def _layouts_report(args, world_size: int, layouts: dict, gathered: list[dict], num_params: int, t_start: float) -> dict:
+    mean = lambda name, f: sum(f(g[name]) for g in gathered) / world_size  # noqa: E731
+    first = next(iter(layouts))
+    results = {}
+    for name, extra in layouts.items():
+        sent = {kind: mean(name, lambda r, k=kind: r["bytes_per_step"].get(f"sent_{k}_intra", 0.0)) for kind in KINDS}
+        results[name] = {
+            "overrides": extra,
+            "sent_bytes_per_step_per_rank": {"total": sum(sent.values()), **sent},
+            "param_bytes_per_rank": mean(name, lambda r: r["param_bytes_this_rank"]),
+            # The slowest rank sets the pace of a synchronous step.
+            "step_s": max(g[name]["step_s"] for g in gathered),
+        }
+    for name in layouts:
+        r, base = results[name], results[first]
+        r["sent_vs_" + first] = r["sent_bytes_per_step_per_rank"]["total"] / base["sent_bytes_per_step_per_rank"]["total"]
+        r["step_time_vs_" + first] = r["step_s"] / base["step_s"]
+    return {
+        "benchmark": "comm_layouts",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join(["torchrun", f"--nproc_per_node={world_size}", "bench/comm.py", *sys.argv[1:]]),
+        "machine": {"world_size": world_size, "cpu_count": os.cpu_count(),
+                    "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
+        "model": args.model, "params": num_params, "optim": args.optim,
+        "settings": {"k": args.k, "batch_size": args.batch_size, "seq_len": args.seq_len,
+                     "recorded_steps": args.k, "timed_steps": args.timed_steps},
+        "definitions": {"sent": "bytes a ring algorithm makes each rank send (all-to-all: its input minus "
+                                "the rows it keeps), mean over ranks, per training step"},
+        "results": results,
+        "wall_time_s": time.perf_counter() - t_start,
+    }  # fmt: skip
+
+
+def print_layouts(report: dict) -> None:
+    mib, s = 2**20, report["settings"]
+    first = next(iter(report["results"]))
+    print(f"\n{report['model']} ({report['params'] / 1e6:.2f}M params), {report['optim']}, world size "
+          f"{report['machine']['world_size']}, batch {s['batch_size']} x {s['seq_len']}: MiB sent per rank per step")
+    head = (f"{'layout':<13}{'total':>9}" + "".join(f"{k:>16}" for k in KINDS)
+            + f"{'param MiB/rank':>16}{'step s':>9}{'sent vs ' + first:>15}{'time vs ' + first:>15}")  # fmt: skip
+    print(head)
+    print("-" * len(head))
+    for name, r in report["results"].items():
+        b = r["sent_bytes_per_step_per_rank"]
+        print(f"{name:<13}{b['total'] / mib:>9.3f}" + "".join(f"{b[k] / mib:>16.3f}" for k in KINDS)
+              + f"{r['param_bytes_per_rank'] / mib:>16.3f}{r['step_s']:>9.3f}"
+              + f"{r['sent_vs_' + first]:>15.3f}{r['step_time_vs_' + first]:>15.3f}")  # fmt: skip
 
 
 def print_table(report: dict) -> None:
