@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor
 
 from snoo_train.config import ConfigError, mesh_dims, validate_config
@@ -122,7 +123,8 @@ def one_process(tmp_path_factory) -> dict[str, Path]:
     """The single-process runs of the same configs."""
     root = tmp_path_factory.mktemp("tp_ref")
     runs = {}
-    for name, overrides in {**CASES, "chain": CHAIN}.items():
+    # The chain's reference also saves at CHAIN_SECOND, to compare exports with.
+    for name, overrides in {**CASES, "chain": CHAIN + [f"checkpoint.interval={CHAIN_SECOND}"]}.items():
         runs[name] = root / name
         run_trainer(runs[name], [o for o in overrides if not o.startswith("parallel.")])
     return runs
@@ -189,6 +191,19 @@ def test_checkpoint_moves_fsdp4_to_tp2_to_one_process(tp_runs, one_process, tmp_
     assert sorted(r["step"] for r in chain if "loss" in r) == list(range(1, 13))
     assert_records_match([r for r in chain if "loss" in r], [want[s] for s in range(1, 13)],
                          ["loss", "grad_norm"], rel=1e-5, abs=1e-5)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_export_from_a_tp_checkpoint_equals_export_from_one_process(tp_runs, one_process, tmp_path):
+    from snoo_train.export import main as export_main
+
+    step = f"checkpoints/step_{CHAIN_SECOND:08d}"
+    export_main([str(tp_runs / "chain_tp" / step), str(tmp_path / "tp")])
+    export_main([str(one_process["chain"] / step), str(tmp_path / "one")])
+    got, want = (load_file(tmp_path / side / "model.safetensors") for side in ("tp", "one"))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
 # -- config errors: before any process group, naming the key -------------------------------------
