@@ -93,11 +93,35 @@ def _diloco_tp(rank: int) -> dict:
     }
 
 
+def _checkpointed_compiled_tp(info) -> float:
+    """TP 2 x FSDP 2 with activation checkpointing and compile (aot_eager: no C++ compiler
+    needed) against the plain model: the largest difference of loss and gradients."""
+    ref = build_model(PRESETS["llama_tiny"], diloco.VOCAB, seed=0)
+    model = build_model(PRESETS["llama_tiny"], diloco.VOCAB, seed=0, device="meta")
+    parallelize(model, mesh=info.dp_mesh, tp_mesh=info.tp_mesh, activation_checkpointing=True, compile=True,
+                compile_backend="aot_eager")  # fmt: skip
+    materialize(model, device="cpu", seed=0)
+    ids = diloco.global_batches()[0]
+    rows = len(ids) // info.dp_size
+    want, got = diloco.loss_of(ref, ids), diloco.loss_of(model, ids[info.dp_rank * rows:(info.dp_rank + 1) * rows])
+    want.backward()
+    got.backward()
+    got = got.detach().clone()
+    torch.distributed.all_reduce(got)
+    worst = abs(got.item() / info.world_size - want.item())
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for name, p in model.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "")
+        worst = max(worst, (diloco._full(p.grad) - grads[name]).abs().max().item())
+    return worst
+
+
 def _all_cases(rank: int, world_size: int, out: str) -> None:
     torch.manual_seed(0)
     info = init_distributed("cpu", tp=2)
     mesh = {"dims": info.mesh.mesh_dim_names, "shape": list(info.mesh.shape), "dp_rank": info.dp_rank,
             "tp_ranks": info.tp_mesh.mesh.tolist(), "shard_ranks": info.shard_mesh.mesh.tolist()}  # fmt: skip
+    mesh["checkpointed_compiled_worst"] = _checkpointed_compiled_tp(info)
     layouts = {}
     for name, overrides in CASES.items():
         layouts[name] = _layout_of(_fit(f"{out}/{name}", overrides))
@@ -142,6 +166,12 @@ def test_mesh_puts_tp_innermost_and_tp_ranks_share_a_batch(tp_runs):
         assert mesh["dp_rank"] == rank // 2
         assert mesh["tp_ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1]
         assert mesh["shard_ranks"] == [rank % 2, rank % 2 + 2]
+
+
+@pytest.mark.slow
+def test_tp_with_checkpointing_and_compile_equals_the_plain_model(tp_runs):
+    for rank in range(WS):
+        assert _rank(tp_runs, rank)["mesh"]["checkpointed_compiled_worst"] < 1e-5
 
 
 @pytest.mark.slow

@@ -114,6 +114,7 @@ def parallelize(
     compile: bool = False,
     diloco: bool = False,
     tp_mesh: DeviceMesh | None = None,
+    compile_backend: str = "inductor",
 ) -> nn.Module:
     """TP -> checkpointing -> compile -> FSDP, each optional; `mesh=None` means one process, no
     FSDP. `mesh` is the data-parallel mesh only (`DistInfo.dp_mesh`); `tp_mesh` (a 1-D mesh of
@@ -130,12 +131,21 @@ def parallelize(
             f"param_dtype={param_dtype} needs FSDP: pass a device mesh (a 1-rank mesh works) "
             "or keep fp32 parameters and use torch.autocast"
         )
-    if tp_mesh is not None and tp_mesh.size() > 1:
+    tp = tp_mesh is not None and tp_mesh.size() > 1
+    if tp:
         apply_tensor_parallel(model, tp_mesh, moe=model.config.model_type == "mixtral")
-    if activation_checkpointing:
+    if tp and activation_checkpointing and compile:
+        # torch 2.13 cannot trace a checkpointed layer that holds DTensors: AOTAutograd saves the
+        # DeviceMesh of a sequence-parallel redistribute as if it were a tensor and fails
+        # ("expected all tensors_saved_with_vc_check to be Tensors"). Checkpointing the compiled
+        # layer instead recomputes the same compiled forward in backward, at the same cost.
+        apply_compile(model, backend=compile_backend)
         apply_activation_checkpointing(model)
-    if compile:
-        apply_compile(model)
+    else:
+        if activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if compile:
+            apply_compile(model, backend=compile_backend)
     if mesh is not None:
         if diloco and mesh.ndim == 2:
             mesh = mesh["shard"]
