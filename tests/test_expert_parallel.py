@@ -14,6 +14,7 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Shard
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from snoo_train.config import Config, ConfigError, validate_config
@@ -24,7 +25,9 @@ from snoo_train.models import (
     apply_expert_parallel,
     biased_routers,
     build_model,
+    clip_grads_with_norm,
     fully_shard_experts,
+    grad_norm,
     materialize,
     moe_experts,
     update_router_bias,
@@ -38,6 +41,7 @@ ROWS, SEQ, STEPS = 2, 12, 3  # per rank
 # Adam divides by sqrt(v): where a gradient is ~0, float noise of 1e-9 moves a weight by up to
 # ~lr, so a small lr keeps "equal within 1e-5" about the parallelism, not that amplification.
 LR = 1e-3
+MAX_NORM = 1.0  # below the first steps' gradient norms: clipping runs
 # A bias this size outweighs any probability difference: every token picks experts 0 and 1, so
 # the ranks holding experts 2 and 3 receive no tokens at all.
 FORCE_FIRST_TWO = torch.tensor([1.0, 1.0, 0.0, 0.0])
@@ -113,6 +117,10 @@ def _run_case(rank, world, efsdp, cfg, bias):
         out = _forward(model, ids[rank * ROWS : (rank + 1) * ROWS])
         out.loss.backward()
         ref_out = _reference_step(ref, ids, world)[rank]
+        norm, ref_norm = grad_norm(model.parameters()), get_total_norm([q.grad for q in ref.parameters()])
+        _assert_close(norm, ref_norm, "grad norm")
+        clip_grads_with_norm(model.parameters(), MAX_NORM, norm)
+        clip_grads_with_norm_(ref.parameters(), MAX_NORM, ref_norm)
         _assert_close(out.loss, ref_out.loss, "loss")
         _assert_close(out.aux_loss, ref_out.aux_loss, "aux_loss")
         for i, (mine, theirs) in enumerate(zip(out.router_logits, ref_out.router_logits)):

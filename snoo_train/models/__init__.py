@@ -4,7 +4,9 @@ from snoo_train.models.build import FAMILIES, build_model, init_weights, materia
 from snoo_train.models.decoder import padded_vocab_size
 from snoo_train.models.expert_parallel import (
     apply_expert_parallel,
+    clip_grads_with_norm,
     fully_shard_experts,
+    grad_norm,
     moe_experts,
 )
 from snoo_train.models.flops import count_parameters, flops_per_token, non_embedding_parameters
@@ -34,12 +36,14 @@ __all__ = [
     "apply_compile",
     "apply_expert_parallel",
     "biased_routers",
+    "clip_grads_with_norm",
     "apply_fsdp",
     "build_model",
     "count_parameters",
     "expert_shard_placement",
     "flops_per_token",
     "fully_shard_experts",
+    "grad_norm",
     "non_embedding_parameters",
     "init_weights",
     "llama_config",

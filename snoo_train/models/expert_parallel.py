@@ -21,6 +21,9 @@ FSDP over "efsdp" alone would average the expert gradients over efsdp ranks only
 all-to-all's backward has already summed the contributions of the ep ranks' tokens: the
 gradient would be ep times too large. The divide factor is therefore every data-parallel rank.
 
+Also ours: `grad_norm` and `clip_grads_with_norm`, because the gradients now live on two
+meshes and torch's clipping helpers stack or foreach across all of them at once.
+
 Costs and limits: the split sizes are read back to the host once per layer (an uneven
 all-to-all needs them as integers), so an EP step does wait for the device, and a layer with
 EP does not compile with `fullgraph=True`. TP x EP is refused: under TP the ranks of a tp group
@@ -29,6 +32,7 @@ would each run a slice of the same tokens and their expert gradients would need 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -132,3 +136,38 @@ def fully_shard_experts(
             # dimension: there FSDP skips the reduce-scatter and divides in its copy, and with
             # a forced sum (torch 2.13) it would divide a second time.
             experts.set_force_sum_reduction_for_comms(True)
+
+
+
+def _grads_by_mesh(parameters) -> list[tuple[list[nn.Parameter], list[torch.Tensor]]]:
+    groups: dict[object, tuple[list, list]] = {}
+    for p in parameters:
+        if p.grad is not None:
+            key = p.grad.device_mesh if isinstance(p.grad, DTensor) else None
+            params, grads = groups.setdefault(key, ([], []))
+            params.append(p)
+            grads.append(p.grad)
+    return list(groups.values())
+
+
+def grad_norm(parameters) -> torch.Tensor:
+    """The L2 norm of all gradients: a plain tensor, equal on every rank, no host sync.
+
+    Under EP the gradients live on two meshes (experts on efsdp x ep, the rest on the FSDP
+    mesh) and `torch.nn.utils.get_total_norm` refuses to stack norms from different meshes:
+    each mesh's norm is reduced over its own ranks first, then the parts combine.
+    """
+    parts = []
+    for _, grads in _grads_by_mesh(parameters):
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+        parts.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    if not parts:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack(parts))
+
+
+def clip_grads_with_norm(parameters, max_norm: float, total_norm: torch.Tensor) -> None:
+    """`torch.nn.utils.clip_grads_with_norm_` one mesh at a time (a foreach op cannot mix
+    meshes); `total_norm` from `grad_norm`."""
+    for params, _ in _grads_by_mesh(parameters):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm)
