@@ -26,7 +26,8 @@ meshes and torch's clipping helpers stack or foreach across all of them at once.
 
 Costs and limits: the split sizes are read back to the host once per layer (an uneven
 all-to-all needs them as integers), so an EP step does wait for the device, and a layer with
-EP does not compile with `fullgraph=True`. TP x EP is refused: under TP the ranks of a tp group
+EP does not compile with `fullgraph=True` (dynamo: "Unsupported method call" in the dispatch;
+`fullgraph=False` compiles, with graph breaks around it). TP x EP is refused: under TP the ranks of a tp group
 would each run a slice of the same tokens and their expert gradients would need a sum over tp.
 """
 
