@@ -52,6 +52,10 @@ class ModelConfig:
     moe_intermediate_size: Optional[int] = None  # one expert's width; None: intermediate_size
     router_aux_loss_coef: float = 0.01  # weight of the load-balancing loss in the training loss
     experts_implementation: str = "auto"  # auto (grouped_mm) | grouped_mm | batched_mm | eager
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias on the router's scores for
+    # the top-k choice only, moved by this much towards balance after every optimizer step
+    # (snoo_train/models/moe.py: update_router_bias); 0 turns it off.
+    router_bias_update_rate: float = 0.0
 
 
 @dataclass
@@ -428,6 +432,7 @@ def _check_model(m: Any) -> None:
     if m.moe_intermediate_size is not None:
         _positive("model.moe_intermediate_size", m.moe_intermediate_size)
     _positive("model.router_aux_loss_coef", m.router_aux_loss_coef, strict=False)
+    _positive("model.router_bias_update_rate", m.router_bias_update_rate, strict=False)
     _choice("model.experts_implementation", m.experts_implementation, ("auto", "grouped_mm", "batched_mm", "eager"))
 
 

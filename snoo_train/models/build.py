@@ -30,11 +30,9 @@ _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 def _mixtral(cfg: ModelConfig, vocab_size: int) -> nn.Module:
     # Imported on use: the dense path does not pay for the MoE module's transformers imports.
-    from transformers import MixtralForCausalLM
+    from snoo_train.models.moe import build_mixtral
 
-    from snoo_train.models.moe import mixtral_config
-
-    return MixtralForCausalLM(mixtral_config(cfg, padded_vocab_size(cfg, vocab_size)))
+    return build_mixtral(cfg, padded_vocab_size(cfg, vocab_size))
 
 
 def _llama(cfg: ModelConfig, vocab_size: int) -> nn.Module:
@@ -71,9 +69,12 @@ def materialize(
 
     `to_empty` leaves garbage in every tensor, buffers included: the rotary `inv_freq` is not a
     parameter, so a plain re-init would miss it and the model would train with random position
-    frequencies. It also unties a tied head on plain tensors, which is re-tied here.
+    frequencies. It also unties a tied head on plain tensors, which is re-tied here. Buffers
+    that are not recomputed (the MoE routing bias) start at zero.
     """
     model.to_empty(device=device)
+    for buffer in model.buffers():
+        buffer.zero_()
     if (
         model.config.tie_word_embeddings
         and model.lm_head.weight is not model.model.embed_tokens.weight

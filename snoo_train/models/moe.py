@@ -15,12 +15,22 @@ The router's load-balancing loss (Switch Transformer, transformers' `load_balanc
 comes back as `outputs.aux_loss` when the forward is asked for router logits; `RouterStats`
 adds it to the training loss with `router_aux_loss_coef` and keeps per-layer expert load for
 the metrics file.
+
+Auxiliary-loss-free balancing (DeepSeek-V3; `model.router_bias_update_rate` > 0) swaps each
+router for a `BiasedTopKRouter`: a per-expert bias added to the router's probabilities for the
+top-k choice only, nudged after every optimizer step towards the under-loaded experts
+(`update_router_bias`). The combine weights and the balancing loss still come from the
+unbiased router, so `aux_loss` keeps its meaning and both mechanisms can run together.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import MixtralConfig
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from transformers import MixtralConfig, MixtralForCausalLM
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
 
 from snoo_train.config import ModelConfig
 from snoo_train.models.decoder import decoder_config_kwargs
@@ -65,16 +75,93 @@ def mixtral_config(cfg: ModelConfig, vocab_size: int) -> MixtralConfig:
     )
 
 
+def build_mixtral(cfg: ModelConfig, vocab_size: int) -> MixtralForCausalLM:
+    """The MoE model (on the current default device); biased routers when
+    `cfg.router_bias_update_rate` > 0. `vocab_size` is already padded."""
+    model = MixtralForCausalLM(mixtral_config(cfg, vocab_size))
+    if cfg.router_bias_update_rate > 0:
+        for layer in model.model.layers:
+            # Same parameter name (`mlp.gate.weight`), so the seeded init is unchanged.
+            layer.mlp.gate = BiasedTopKRouter(model.config, cfg.router_bias_update_rate)
+    return model
+
+
+def select_experts(probs: torch.Tensor, bias: torch.Tensor | None, top_k: int) -> torch.Tensor:
+    """Indices of the top-k experts per token: of the probabilities, plus `bias` when given."""
+    scores = probs if bias is None else probs + bias
+    return scores.topk(top_k, dim=-1).indices
+
+
+class BiasedTopKRouter(MixtralTopKRouter):
+    """Mixtral's router with a routing bias for the choice of experts only (DeepSeek-V3).
+
+    `expert_bias` is a persistent buffer: checkpoints carry it, and `update_router_bias` keeps
+    it identical on every rank. `expert_load` counts the tokens routed to each expert in
+    training forwards since the last update (not saved: it restarts every step). An activation
+    checkpointing recompute counts a micro-batch twice, which scales every expert's load alike
+    and so leaves the update (a sign) unchanged.
+    """
+
+    def __init__(self, config: MixtralConfig, update_rate: float):
+        super().__init__(config)
+        self.update_rate = update_rate
+        self.register_buffer("expert_bias", torch.zeros(self.num_experts), persistent=True)
+        self.register_buffer("expert_load", torch.zeros(self.num_experts), persistent=False)
+
+    def forward(self, hidden_states: torch.Tensor):
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        router_logits = F.linear(hidden_states, self.weight)
+        probs = torch.softmax(router_logits.float(), dim=-1)
+        indices = select_experts(probs, self.expert_bias, self.top_k)
+        # The combine weights come from the unbiased probabilities: the bias only steers the choice.
+        weights = probs.gather(-1, indices)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                ones = torch.ones(indices.numel(), dtype=self.expert_load.dtype, device=indices.device)
+                self.expert_load.index_add_(0, indices.flatten(), ones)
+        return router_logits, weights, indices
+
+
+def biased_routers(model: nn.Module) -> list[BiasedTopKRouter]:
+    """The model's biased routers in layer order (empty without auxiliary-loss-free balancing)."""
+    return [m for m in model.modules() if isinstance(m, BiasedTopKRouter)]
+
+
+@torch.no_grad()
+def update_router_bias(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """After optimizer.step(): bias += rate x sign(mean load - load) per layer, then reset the loads.
+
+    The loads are summed over `group` (default: every rank; ranks that see the same tokens, as
+    under TP, only scale the loads, which the sign ignores) in one all-reduce on the device, so
+    the host does not wait and every rank applies the same update. Every rank must call it.
+    """
+    routers = biased_routers(model)
+    if not routers:
+        return
+    loads = torch.stack([r.expert_load for r in routers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(loads, group=group)
+    steps = torch.sign(loads.mean(dim=-1, keepdim=True) - loads)
+    for router, step in zip(routers, steps):
+        router.expert_bias.add_(step, alpha=router.update_rate)
+        router.expert_load.zero_()
+
+
 class RouterStats:
     """Adds the balancing loss to the training loss and accumulates expert load between logs.
 
     Call `loss(outputs)` once per micro-batch with the outputs of a forward run with
     `output_router_logits=True`; `metrics(...)` at a log step sums the counts over ranks (one
-    all-reduce, every rank must call it) and resets them.
+    all-reduce, every rank must call it) and resets them. With auxiliary-loss-free balancing
+    pass `routers=biased_routers(model)` so the load counts the experts the biased choice took.
     """
 
-    def __init__(self, num_experts: int, top_k: int, coef: float):
+    def __init__(
+        self, num_experts: int, top_k: int, coef: float, routers: list[BiasedTopKRouter] | None = None
+    ):
         self.num_experts, self.top_k, self.coef = num_experts, top_k, coef
+        self.routers = routers or []
         self._counts: torch.Tensor | None = None  # [layers, experts] token assignments
         self._aux_sum: torch.Tensor | float = 0.0
         self._aux_n = 0
@@ -85,11 +172,10 @@ class RouterStats:
         with torch.no_grad():
             counts = torch.stack(
                 [
-                    torch.bincount(
-                        logits.topk(self.top_k, dim=-1).indices.flatten(),
-                        minlength=self.num_experts,
-                    ).to(torch.float64)
-                    for logits in outputs.router_logits
+                    torch.bincount(self._chosen(i, logits).flatten(), minlength=self.num_experts).to(
+                        torch.float64
+                    )
+                    for i, logits in enumerate(outputs.router_logits)
                 ]
             )
             # Kept as tensors: a float() here would sync the GPU on every micro-batch.
@@ -97,6 +183,12 @@ class RouterStats:
             self._aux_sum = self._aux_sum + aux.detach().double()
             self._aux_n += 1
         return self.coef * aux
+
+    def _chosen(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
+        if not self.routers:
+            return logits.topk(self.top_k, dim=-1).indices
+        probs = torch.softmax(logits.float(), dim=-1)
+        return select_experts(probs, self.routers[layer].expert_bias, self.top_k)
 
     def metrics(self, all_reduce_sum) -> dict[str, float]:
         """`moe/aux_loss` (unscaled, mean over ranks and micro-batches), per-layer
