@@ -376,7 +376,9 @@ def mesh_dims(world_size: int, replicas: int = 1, tp: int = 1, ep: int = 1) -> d
         )
     dims = {"replicate": replicas} if replicas > 1 else {}
     dims["shard"] = shard
-    if tp > 1:
+    if tp > 1 or ep > 1:
+        # Expert parallelism reads "tp" as the ranks sharing a batch, so it needs the dimension
+        # even at size 1.
         dims["tp"] = tp
     return dims
 
@@ -404,6 +406,16 @@ def _check_parallel(cfg: Any, world_size: int) -> None:
                 "of it and split over the tp ranks): use a power of two"
             )
     if p.ep > 1:
+        if p.tp > 1:
+            raise ConfigError(
+                f"parallel.ep={p.ep} with parallel.tp={p.tp} is not supported yet: the tp ranks would each "
+                "run a slice of the same tokens through the experts; use one of them"
+            )
+        if p.replicas > 1 and o.outer == "none":
+            raise ConfigError(
+                f"parallel.ep={p.ep} with parallel.replicas={p.replicas} needs optim.outer=snoo (DiLoCo): "
+                "HSDP of expert-parallel weights is not supported yet"
+            )
         if m.family != "moe":
             raise ConfigError(f"parallel.ep={p.ep} needs a mixture-of-experts model (model.family=moe), got {m.family!r}")
         if m.num_experts % p.ep:

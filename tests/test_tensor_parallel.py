@@ -252,6 +252,8 @@ def test_export_from_a_tp_checkpoint_equals_export_from_one_process(tp_runs, one
         (["model=moe_tiny", "parallel.ep=3"], 3, "parallel.ep=3 must divide model.num_experts=4"),
         (["model=moe_tiny", "parallel.ep=4"], 2, "parallel.ep=4 must divide the FSDP dimension"),
         (["model=moe_tiny", "parallel.ep=2", "parallel.tp=2"], 2, "parallel.ep=2 must divide the FSDP"),
+        (["model=moe_tiny", "parallel.ep=2", "parallel.tp=2"], 4, "parallel.ep=2 with parallel.tp=2 is not supported"),
+        (["model=moe_tiny", "parallel.ep=2", "parallel.replicas=2", "optim=adamw"], 4, "HSDP of expert-parallel"),
     ],
 )
 def test_sizes_that_do_not_divide_are_one_config_error(overrides, world_size, message):
@@ -264,6 +266,7 @@ def test_sizes_that_do_not_divide_are_one_config_error(overrides, world_size, me
 
 def test_mesh_dims_name_every_dimension():
     assert mesh_dims(8, replicas=2, tp=2, ep=2) == {"replicate": 2, "shard": 2, "tp": 2}
+    assert mesh_dims(4, ep=2) == {"shard": 4, "tp": 1}  # EP reads "tp" as the ranks sharing a batch
     assert mesh_dims(4) == {"shard": 4}
     assert mesh_dims(1) == {"shard": 1}
 

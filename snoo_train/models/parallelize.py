@@ -25,6 +25,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
+from snoo_train.models.expert_parallel import apply_expert_parallel, fully_shard_experts
 from snoo_train.models.tensor_parallel import apply_tensor_parallel
 
 
@@ -48,7 +49,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)
 
 
-def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, *, backend: str = "inductor", fullgraph: bool = True) -> None:
     """Compile each decoder layer separately, as one graph (`fullgraph=True`).
 
     All layers share one shape, so dynamo traces one graph and reuses it; compiling the whole
@@ -58,7 +59,7 @@ def apply_compile(model: nn.Module, *, backend: str = "inductor") -> None:
     C++ compiler).
     """
     for layer in decoder_layers(model):
-        layer.compile(fullgraph=True, backend=backend)
+        layer.compile(fullgraph=fullgraph, backend=backend)
 
 
 def expert_shard_placement(mesh: DeviceMesh):
@@ -77,7 +78,11 @@ def expert_shard_placement(mesh: DeviceMesh):
 
 
 def apply_fsdp(
-    model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None
+    model: nn.Module,
+    mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    efsdp_mesh: DeviceMesh | None = None,
 ) -> None:
     """Shard parameters, gradients and optimizer state over `mesh` with FSDP2 (`fully_shard`).
 
@@ -88,13 +93,16 @@ def apply_fsdp(
     keeps its parameters gathered after forward because backward needs them immediately.
     With `param_dtype=torch.bfloat16` the gathered parameters are bf16 for compute while the
     sharded master weights, the optimizer and the gradient reduction stay fp32.
-    MoE expert weights follow `expert_shard_placement`.
+    MoE expert weights follow `expert_shard_placement`; under expert parallelism they are their
+    own group per layer over `efsdp_mesh` (the ranks holding the same experts) instead.
     """
     mp_policy = MixedPrecisionPolicy()
     if param_dtype is not None and param_dtype != torch.float32:
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
+        if efsdp_mesh is not None:
+            fully_shard_experts(layer, efsdp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(layers) - 1)
         fully_shard(
             layer,
             mesh=mesh,
@@ -114,11 +122,14 @@ def parallelize(
     compile: bool = False,
     diloco: bool = False,
     tp_mesh: DeviceMesh | None = None,
+    ep_mesh: DeviceMesh | None = None,
+    efsdp_mesh: DeviceMesh | None = None,
     compile_backend: str = "inductor",
 ) -> nn.Module:
-    """TP -> checkpointing -> compile -> FSDP, each optional; `mesh=None` means one process, no
-    FSDP. `mesh` is the data-parallel mesh only (`DistInfo.dp_mesh`); `tp_mesh` (a 1-D mesh of
-    the same root) turns on tensor parallelism.
+    """TP or EP -> checkpointing -> compile -> FSDP, each optional; `mesh=None` means one
+    process, no FSDP. `mesh` is the data-parallel mesh only (`DistInfo.dp_mesh`); `tp_mesh` (a
+    1-D mesh of the same root) turns on tensor parallelism, `ep_mesh` expert parallelism, with
+    the experts fully sharded over `efsdp_mesh`.
 
     With a 2-D (replicate, shard) mesh: HSDP, or with `diloco=True` FSDP within each replica
     (on `mesh["shard"]`); `diloco` changes nothing on a 1-D mesh.
@@ -132,22 +143,27 @@ def parallelize(
             "or keep fp32 parameters and use torch.autocast"
         )
     tp = tp_mesh is not None and tp_mesh.size() > 1
+    ep = ep_mesh is not None and ep_mesh.size() > 1
     if tp:
         apply_tensor_parallel(model, tp_mesh, moe=model.config.model_type == "mixtral")
+    if ep:
+        apply_expert_parallel(model, ep_mesh, tp_mesh=tp_mesh)
+    # The expert dispatch reads its uneven split sizes on the host: a graph break by design.
+    fullgraph = not ep
     if tp and activation_checkpointing and compile:
         # torch 2.13 cannot trace a checkpointed layer that holds DTensors: AOTAutograd saves the
         # DeviceMesh of a sequence-parallel redistribute as if it were a tensor and fails
         # ("expected all tensors_saved_with_vc_check to be Tensors"). Checkpointing the compiled
         # layer instead recomputes the same compiled forward in backward, at the same cost.
-        apply_compile(model, backend=compile_backend)
+        apply_compile(model, backend=compile_backend, fullgraph=fullgraph)
         apply_activation_checkpointing(model)
     else:
         if activation_checkpointing:
             apply_activation_checkpointing(model)
         if compile:
-            apply_compile(model, backend=compile_backend)
+            apply_compile(model, backend=compile_backend, fullgraph=fullgraph)
     if mesh is not None:
         if diloco and mesh.ndim == 2:
             mesh = mesh["shard"]
-        apply_fsdp(model, mesh, param_dtype=param_dtype)
+        apply_fsdp(model, mesh, param_dtype=param_dtype, efsdp_mesh=efsdp_mesh if ep else None)
     return model

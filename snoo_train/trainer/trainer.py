@@ -25,6 +25,7 @@ from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from snoo_train.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
     RouterStats,
+    biased_routers,
     build_model,
     count_parameters,
     flops_per_token,
@@ -110,6 +111,8 @@ class Trainer:
             # replicas > 1: DiLoCo shards within each replica only; outer=none is HSDP.
             diloco=is_diloco(cfg),
             tp_mesh=self.dist.tp_mesh,
+            ep_mesh=self.dist.ep_mesh,
+            efsdp_mesh=self.dist.efsdp_mesh,
         )
         materialize(self.model, device=device, seed=t.seed)
         # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.
@@ -124,7 +127,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=self.dist.replicate_group)
         self.is_snoo = isinstance(self.optimizer, SNOO)
         self.router = (
-            RouterStats(m.num_experts, m.num_experts_per_tok, m.router_aux_loss_coef) if m.family == "moe" else None
+            # With auxiliary-loss-free balancing the load metrics count the biased choice.
+            RouterStats(m.num_experts, m.num_experts_per_tok, m.router_aux_loss_coef, routers=biased_routers(self.model))
+            if m.family == "moe"
+            else None
         )
         self.scheduler = build_scheduler(self.optimizer, t)
         self.policy = NonFinitePolicy(t, cfg.optim)
