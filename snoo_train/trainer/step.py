@@ -11,10 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from snoo_train.dist import all_reduce_mean
-from snoo_train.models import RouterStats
+from snoo_train.models import RouterStats, clip_grads_with_norm, grad_norm
 
 log = logging.getLogger("snoo_train")
 
@@ -50,11 +49,10 @@ def clip_grad_norm(params, max_norm: float) -> float:
     a partial sum; full_tensor() reduces it over ranks, so every rank clips with the same
     global norm. A non-finite norm is returned without touching the gradients."""
     params = [p for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
+    # Under expert parallelism the gradients live on two meshes: grad_norm reduces each first.
+    norm = grad_norm(params)
     if max_norm > 0 and torch.isfinite(norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        clip_grads_with_norm(params, max_norm, norm)
     return norm.item()
 
 
