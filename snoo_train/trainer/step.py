@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -110,10 +111,13 @@ class StepRunner:
         router: RouterStats | None,
         grad_clip: float,
         policy: NonFinitePolicy,
+        after_update: Callable[[], None] | None = None,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.device, self.autocast, self.router = device, autocast, router
         self.grad_clip, self.policy = grad_clip, policy
+        # Runs after every applied optimizer step (the MoE routing-bias update).
+        self.after_update = after_update
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -143,6 +147,8 @@ class StepRunner:
             return loss_value, grad_norm, True
         self.policy.passed()
         self.optimizer.step()
+        if self.after_update is not None:
+            self.after_update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return loss_value, grad_norm, False

@@ -31,6 +31,7 @@ from snoo_train.models import (
     flops_per_token,
     materialize,
     parallelize,
+    update_router_bias,
 )
 from snoo_train.optim import SNOO
 from snoo_train.optim.build import build_optimizer
@@ -137,11 +138,20 @@ class Trainer:
         self.runner = StepRunner(
             self.model, self.optimizer, self.scheduler,
             device=self.dist.device, autocast=self.autocast, router=self.router,
-            grad_clip=t.grad_clip, policy=self.policy,
+            grad_clip=t.grad_clip, policy=self.policy, after_update=self._router_bias_update(),
         )  # fmt: skip
         self.evaluator = Evaluator(
             self.model, self.optimizer, self.val_set, t, self.dist, autocast=self.autocast, to_device=self.runner.to_device
         )
+
+    def _router_bias_update(self):
+        """Auxiliary-loss-free balancing (model.router_bias_update_rate > 0): the routing bias
+        moves after every applied step, from the load summed over the ranks that train together
+        (one replica under DiLoCo: replicas meet only at the outer step)."""
+        if not biased_routers(self.model):
+            return None
+        group = self.dist.shard_mesh.get_group() if is_diloco(self.cfg) else None
+        return lambda: update_router_bias(self.model, group)
 
     # -- the parts a benchmark or a test drives by hand --
 
