@@ -63,6 +63,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
         torch.manual_seed(cfg.trainer.seed)
+        self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
         self._build_model()
         self._build_optimizer()
@@ -170,7 +171,6 @@ class Trainer:
         self._last_loss: torch.Tensor | None = None
         self._val_loss = float("nan")
         self._eval_time = 0.0
-        profiler = StepProfiler(t.profile, self.cfg.run_dir, self.dist)
         first_step = self.step + 1
         # The entry point installs its handler before anything slow; a library caller gets one here.
         preemption = process_handler() or PreemptionHandler()
@@ -179,7 +179,7 @@ class Trainer:
                 # Signalled while starting up: nothing new to save, leave for the requeue at once.
                 raise Preempted(self.step, preemption.signum, self.resumed_from, before_start=True)
             for step in range(first_step, t.max_steps + 1):
-                with profiler.step(step):
+                with self.profiler.step(step):
                     self._one_step(step, first_step, preemption)
             # The steps since the last check (a stop run's tail, when checkpoints are off).
             self.policy.check(self.step)
@@ -189,7 +189,7 @@ class Trainer:
                 self._val_loss = self.evaluate()
             self.checkpointer.wait()
         finally:
-            profiler.close()
+            self.profiler.close()
             if preemption is not process_handler():
                 preemption.close()
             self.checkpointer.close()
