@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import snoo_train.trainer.step as step_module
 from snoo_train.dist import init_distributed
+from snoo_train.preemption import Preempted
 from snoo_train.trainer import Trainer, TrainingDiverged
 from tests.conftest import make_config
+from tests.dist_utils import run_distributed
 
 HOST_READS = ("aten::_local_scalar_dense",)
 SYNC_FREE = ["trainer.log_interval=4", "trainer.eval_interval=0", "checkpoint.interval=0", "trainer.max_steps=8"]
@@ -234,3 +238,28 @@ def test_stop_names_the_first_bad_step_and_the_range_at_the_next_log_step(tmp_pa
     assert "\n" not in message
     assert "training loss is nan at step 2 (3 non-finite steps in steps 2-4), found at step 4" in message
     assert [r["step"] for r in records(tmp_path / "run")] == [1]  # nothing from the bad steps
+
+
+def _preempt_one_rank(rank: int, world_size: int, run_dir: str) -> None:
+    overrides = [*SYNC_FREE, "trainer.log_interval=100", "trainer.preemption_check_interval=3"]
+    trainer = Trainer(make_config(Path(run_dir), overrides), init_distributed("cpu"))
+    run_step = trainer.train_step
+
+    def train_step(step):
+        if rank == 1 and step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # only rank 1 is signalled, during step 2
+        return run_step(step)
+
+    trainer.train_step = train_step
+    with pytest.raises(Preempted) as stopped:
+        trainer.fit()
+    # Step 2 is not an agreement step (no log, no checkpoint, 2 % 3 != 0): both ranks go on to
+    # step 3, agree there, save and stop after the same step.
+    assert stopped.value.step == 3 and trainer.step == 3
+    assert stopped.value.checkpoint.endswith("step_00000003")
+    assert (Path(run_dir) / "checkpoints" / "step_00000003").is_dir()
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_a_preemption_at_the_next_check_step_and_stop_together(tmp_path):
+    run_distributed(_preempt_one_rank, 2, str(tmp_path / "run"))
