@@ -218,7 +218,8 @@ class SkipMask:
     Cost: memory for one more copy of the parameters and of the optimizer's device state (AdamW:
     3 x parameters; SNOO(AdamW): 5 x parameters, per rank, sharded like them), and two passes
     over that memory per step (the copy and the select), bandwidth-bound element-wise work;
-    only with trainer.nonfinite=skip.
+    only with trainer.nonfinite=skip. Measured once on a shared 2-core CPU (llama_small,
+    SNOO(AdamW), 8 x 64 tokens): 51.0 -> 54.4 ms per step (+7%), a snapshot of 5.00 x params.
 
     What a skipped step does not undo, because it lives on the host and knowing the flag there
     would need a sync: the LR schedule, the optimizers' step counters (AdamW's and Muon's bias
