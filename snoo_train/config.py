@@ -181,6 +181,21 @@ class TokenizerJob:
 
 
 @dataclass
+class ProfileConfig:
+    """trainer.profile: a torch profiler trace of steps start_step .. start_step + num_steps - 1
+    on rank 0, written to <run_dir>/profile/ as Chrome/Perfetto trace JSON (ui.perfetto.dev)."""
+
+    enabled: bool = False
+    start_step: int = 5  # the first profiled step (1-based, as in metrics.jsonl)
+    num_steps: int = 2
+    # CUDA only: also record the allocator's history (torch.cuda.memory._record_memory_history)
+    # over the same steps and dump it as a pickle for pytorch.org/memory_viz
+    memory_snapshot: bool = False
+    record_shapes: bool = False  # input shapes of every op (bigger traces)
+    with_stack: bool = False  # Python stacks of every op (much bigger traces)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 200
     batch_size: int = 16  # global, in sequences, per optimizer step
@@ -207,10 +222,15 @@ class TrainerConfig:
     # Starting fresh (resume=none) in a run directory that holds an earlier run: move that run's
     # checkpoints, metrics and summary into <run_dir>/archive/<time>/ first, instead of refusing.
     archive_previous_run: bool = False
-    # A non-finite loss or gradient norm: stop (raise, saving nothing) | skip (drop the step's
-    # gradients, leave optimizer and scheduler untouched, go on with the next batch)
+    # A non-finite loss or gradient norm, found at the next log step or checkpoint: stop (raise;
+    # no checkpoint holds a non-finite step) | skip (the step's update is masked on the device;
+    # host counters such as the LR schedule still advance: README "Steps without host syncs")
     nonfinite: str = "stop"
     nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
+    # More than one rank: agree on a preemption signal (a host sync) every this many steps, besides
+    # every log and checkpoint step; 0: at log and checkpoint steps only. One process: every step.
+    preemption_check_interval: int = 10
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass
@@ -556,5 +576,17 @@ def _check_trainer(t: Any) -> None:
     _choice("trainer.mixed_precision", t.mixed_precision, ("auto", "bf16", "fp32"))
     _choice("trainer.nonfinite", t.nonfinite, ("stop", "skip"))
     _positive("trainer.nonfinite_max_skips", t.nonfinite_max_skips)
+    _positive("trainer.preemption_check_interval", t.preemption_check_interval, strict=False)
+    _check_profile(t.profile, t.device)
     if not t.resume:
         raise ConfigError("trainer.resume is empty; use auto, none or a checkpoint path")
+
+
+def _check_profile(p: Any, device: str) -> None:
+    _positive("trainer.profile.start_step", p.start_step)
+    _positive("trainer.profile.num_steps", p.num_steps)
+    if p.enabled and p.memory_snapshot and device == "cpu":
+        raise ConfigError(
+            "trainer.profile.memory_snapshot=true records the CUDA allocator's history; trainer.device=cpu has "
+            "none: set it to false (the trace itself works on CPU)"
+        )

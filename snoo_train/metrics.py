@@ -226,6 +226,34 @@ def _format(record: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+class LossWindow:
+    """The training loss since the last record, summed on the device: `add` every step issues
+    no host read, `mean()` (at log steps) reads it once.
+
+    float64 and summed in step order from 0, skipped steps adding exactly 0.0: bitwise the mean
+    the loop computed from host floats before (sum(losses) / len(losses) over the good steps)."""
+
+    def __init__(self) -> None:
+        self._sum: torch.Tensor | None = None
+        self._count: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, good: torch.Tensor) -> None:
+        """`loss`: a float64 device scalar; `good`: a device bool, False for a skipped step."""
+        if self._sum is None:
+            self._sum = torch.zeros((), dtype=torch.float64, device=loss.device)
+            self._count = torch.zeros((), dtype=torch.float64, device=loss.device)
+        self._sum += torch.where(good, loss, 0.0)
+        self._count += good
+
+    def mean(self) -> float:
+        """The mean over the good steps since the last call (nan if none), then reset."""
+        if self._sum is None:
+            return float("nan")
+        total, count = torch.stack([self._sum, self._count]).tolist()
+        self._sum = self._count = None
+        return total / count if count else float("nan")
+
+
 class Throughput:
     """Tokens/s over the window since the last `tick`, with paused intervals (evaluation) removed."""
 

@@ -37,10 +37,11 @@ STRUCTURAL_EXEMPT = {"data.cache_dir"}  # where tokens are cached, not what they
 # Not compared: the model (checked against the checkpoint itself), where things are written,
 # how a run is resumed or displayed, and the layout within a replica (tensor and expert
 # parallelism: DCP reshards every DTensor, optimizer state included, onto the new layout).
-IGNORED_PREFIXES = ("model.", "logging.", "checkpoint.")
+IGNORED_PREFIXES = ("model.", "logging.", "checkpoint.", "trainer.profile.")
 IGNORED = {
-    "run_dir", "trainer.resume", "trainer.archive_previous_run", "trainer.progress", "parallel.tp", "parallel.ep"
-}
+    "run_dir", "trainer.resume", "trainer.archive_previous_run", "trainer.progress", "trainer.preemption_check_interval",
+    "parallel.tp", "parallel.ep",
+}  # fmt: skip
 
 # Optimizer hyper-parameters: config key -> the param-group keys that hold it. optim.lr and
 # optim.muon_lr are the schedule's peaks and are rebased through the scheduler instead.

@@ -132,7 +132,7 @@ def _train_variant(rank: int, mesh, *, diloco: bool, snoo_kwargs: dict | None, r
             phases["fwd_bwd"] = recorder.ops
             recorder = CollectiveRecorder()
         with recorder or nullcontext():
-            out["grad_norms"].append(clip_grad_norm(model.parameters(), CLIP))
+            out["grad_norms"].append(float(clip_grad_norm(model.parameters(), CLIP)))
         if record:
             phases["clip"] = recorder.ops
             recorder = CollectiveRecorder()

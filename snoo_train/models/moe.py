@@ -148,6 +148,13 @@ def update_router_bias(model: nn.Module, group: dist.ProcessGroup | None = None)
         router.expert_load.zero_()
 
 
+def _expert_counts(chosen: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many times each expert was chosen, float64. Not torch.bincount: on CUDA it reads the
+    largest index on the host to size its output, a device sync on every micro-batch."""
+    counts = torch.zeros(num_experts, dtype=torch.float64, device=chosen.device)
+    return counts.index_add_(0, chosen, torch.ones_like(chosen, dtype=torch.float64))
+
+
 class RouterStats:
     """Adds the balancing loss to the training loss and accumulates expert load between logs.
 
@@ -172,9 +179,7 @@ class RouterStats:
         with torch.no_grad():
             counts = torch.stack(
                 [
-                    torch.bincount(self._chosen(i, logits).flatten(), minlength=self.num_experts).to(
-                        torch.float64
-                    )
+                    _expert_counts(self._chosen(i, logits).flatten(), self.num_experts)
                     for i, logits in enumerate(outputs.router_logits)
                 ]
             )

@@ -125,6 +125,10 @@ class RunState:
     # -- save --
 
     def save(self, step: int, *, blocking: bool | None = None) -> str:
+        """Save the run at `step`. The non-finite policy is checked first (a host sync): the
+        steps since the last log were not read yet, and nothing non-finite may be published
+        (trainer.nonfinite=stop raises here; skip makes the skip counters exact)."""
+        self.trainer.policy.check(step)
         self.checkpointer.save(step, self.tree(), self.meta(), blocking=blocking, rename=self._keys)
         return os.path.join(self.dir, checkpoint_name(step))
 

@@ -7,6 +7,12 @@ runs the loop. Each component decides its own interval:
         Evaluator.should_run      (evaluator.py)  held-out loss at the evaluation weights
         RunState.should_save      (state.py)      a checkpoint every checkpoint.interval steps
         preemption                                save and leave for a requeue (exit 75)
+        StepProfiler.step         (profiler.py)   a torch profiler trace of trainer.profile's steps
+
+A step that does not log never waits for the device: the loss, grad norm and finite flag stay
+device tensors (step.py, metrics.LossWindow) and are read at log steps; the non-finite policy
+is checked there and before every checkpoint; ranks agree on a preemption signal only at log,
+checkpoint and trainer.preemption_check_interval steps.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from omegaconf import OmegaConf
 from snoo_train.config import Config, is_diloco
 from snoo_train.data import BatchLoader, build_datasets, resolve_tokenizer
 from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
-from snoo_train.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_bytes
+from snoo_train.metrics import LossWindow, MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
     RouterStats,
     biased_routers,
@@ -38,6 +44,7 @@ from snoo_train.optim.build import build_optimizer
 from snoo_train.preemption import Preempted, PreemptionHandler, process_handler
 from snoo_train.schedule import build_scheduler
 from snoo_train.trainer.evaluator import Evaluator
+from snoo_train.trainer.profiler import StepProfiler
 from snoo_train.trainer.state import RunState
 from snoo_train.trainer.step import NonFinitePolicy, StepRunner
 
@@ -58,6 +65,7 @@ class Trainer:
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
         torch.manual_seed(cfg.trainer.seed)
+        self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
         self._build_model()
         self._build_optimizer()
@@ -159,8 +167,9 @@ class Trainer:
     def checkpointer(self):
         return self.state.checkpointer
 
-    def train_step(self, step: int) -> tuple[float, float, bool]:
-        """One optimizer step on the next batch: (loss, grad norm, skipped as non-finite)."""
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on the next batch: device scalars (loss, grad norm, skipped as
+        non-finite), not read on the host; float() them where a number is needed."""
         return self.runner.run(step, self.loader.next_step())
 
     def evaluate(self) -> float:
@@ -176,8 +185,9 @@ class Trainer:
         and checkpointing on their intervals. SIGTERM/SIGUSR1 end the loop after the current
         step with a checkpoint (raises Preempted)."""
         t = self.cfg.trainer
-        self._meter, self._window = Throughput(), []
-        self._loss = self._val_loss = float("nan")
+        self._meter, self._window = Throughput(), LossWindow()
+        self._last_loss: torch.Tensor | None = None
+        self._val_loss = float("nan")
         self._eval_time = 0.0
         first_step = self.step + 1
         # The entry point installs its handler before anything slow; a library caller gets one here.
@@ -187,13 +197,17 @@ class Trainer:
                 # Signalled while starting up: nothing new to save, leave for the requeue at once.
                 raise Preempted(self.step, preemption.signum, self.resumed_from, before_start=True)
             for step in range(first_step, t.max_steps + 1):
-                self._one_step(step, first_step, preemption)
+                with self.profiler.step(step):
+                    self._one_step(step, first_step, preemption)
+            # The steps since the last check (a stop run's tail, when checkpoints are off).
+            self.policy.check(self.step)
             train_time = self._meter.elapsed() - self._eval_time
             if self.step >= t.max_steps and first_step > t.max_steps:
                 log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", t.max_steps)
                 self._val_loss = self.evaluate()
             self.checkpointer.wait()
         finally:
+            self.profiler.close()
             if preemption is not process_handler():
                 preemption.close()
             self.checkpointer.close()
@@ -203,16 +217,17 @@ class Trainer:
 
     def _one_step(self, step: int, first_step: int, preemption: PreemptionHandler) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
-        self._loss, grad_norm, skipped = self.train_step(step)
-        self.step = step
+        loss, grad_norm, skipped = self.train_step(step)
+        self.step, self._last_loss = step, loss
         self._meter.add(self.loader.tokens_per_step)
-        if not skipped:
-            self._window.append(self._loss)
+        self._window.add(loss, ~skipped)
         self.metrics.advance(step)
 
         evaluate = self.evaluator.should_run(step)
-        if evaluate or self.metrics.should_log(step, first_step):
-            record = self._step_record(step, lr, grad_norm)
+        logs = evaluate or self.metrics.should_log(step, first_step)
+        if logs:
+            self.policy.check(step)  # trainer.nonfinite: stop raises here, skip warns
+            record = self._step_record(step, lr, float(grad_norm))
             if evaluate:
                 t0 = time.perf_counter()
                 self._val_loss = self.evaluate()
@@ -224,7 +239,7 @@ class Trainer:
             self.metrics.log(record)
 
         self.checkpointer.poll()
-        preempted = self._preemption_requested(preemption)
+        preempted = self._preemption_agreed(preemption, step, synced=logs)
         if self.state.should_save(step, preempted=preempted):
             t0 = time.perf_counter()
             # The preemption and final checkpoints must be on disk before the process exits;
@@ -244,7 +259,7 @@ class Trainer:
             "steps_this_session": steps_run,
             "resumed_from": self.resumed_from,
             "skipped_steps": self.policy.skipped_steps,
-            "final_loss": self._loss,
+            "final_loss": float(self._last_loss) if self._last_loss is not None else float("nan"),
             "final_val_loss": self._val_loss,
             "tokens": t.max_steps * tokens_per_step,
             "flops_per_token": self.flops_per_token,
@@ -258,11 +273,11 @@ class Trainer:
         }
 
     def _step_record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
-        tokens_per_step, window = self.loader.tokens_per_step, self._window
+        tokens_per_step = self.loader.tokens_per_step
         tokens_per_s = self._meter.tick()
         record: dict[str, Any] = {
             "step": step,
-            "loss": sum(window) / len(window) if window else float("nan"),
+            "loss": self._window.mean(),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": step * tokens_per_step,
@@ -272,7 +287,6 @@ class Trainer:
             "elapsed_s": self._meter.elapsed(),
             "peak_mem_bytes": peak_memory_bytes(self.dist.device),
         }
-        window.clear()
         if self.peak_flops:
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         if self.policy.skipped_steps:
@@ -284,6 +298,19 @@ class Trainer:
         if self.router is not None:
             record.update(self.router.metrics(lambda v: all_reduce_sum(v, self.dist.device)))
         return record
+
+    def _preemption_agreed(self, handler: PreemptionHandler, step: int, *, synced: bool) -> bool:
+        """Whether to save and stop after this step. One process reads its own flag every step;
+        ranks agree (a collective whose result the host reads, i.e. a sync) only on steps that
+        sync anyway (`synced`: log steps; checkpoint steps) and every
+        trainer.preemption_check_interval steps, the same steps on every rank, so all stop
+        after the same step. A signal is acted on at the next such step."""
+        if self.dist.world_size > 1:
+            interval = self.cfg.trainer.preemption_check_interval
+            due = synced or self.state.should_save(step, preempted=False) or (interval and step % interval == 0)
+            if not due:
+                return False
+        return self._preemption_requested(handler)
 
     def _preemption_requested(self, handler: PreemptionHandler) -> bool:
         """True on every rank if any rank was signalled: all stop after the same step."""
