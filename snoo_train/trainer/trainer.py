@@ -44,9 +44,10 @@ from snoo_train.optim.build import build_optimizer
 from snoo_train.preemption import Preempted, PreemptionHandler, process_handler
 from snoo_train.schedule import build_scheduler
 from snoo_train.trainer.evaluator import Evaluator
+from snoo_train.trainer.nonfinite import NonFinitePolicy
 from snoo_train.trainer.profiler import StepProfiler
 from snoo_train.trainer.state import RunState
-from snoo_train.trainer.step import NonFinitePolicy, StepRunner
+from snoo_train.trainer.step import StepRunner
 
 log = logging.getLogger("snoo_train")
 
