@@ -284,6 +284,9 @@ class ParallelConfig:
 
     replicas: int = 1
     tp: int = 1
+    # tp > 1: the head's logits stay sharded over the vocabulary and the cross-entropy runs on
+    # the shards (no [batch, seq, vocab] gather); false gathers the logits first.
+    loss_parallel: bool = True
     ep: int = 1
 
 

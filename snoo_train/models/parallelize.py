@@ -122,14 +122,16 @@ def parallelize(
     compile: bool = False,
     diloco: bool = False,
     tp_mesh: DeviceMesh | None = None,
+    loss_parallel: bool = False,
     ep_mesh: DeviceMesh | None = None,
     efsdp_mesh: DeviceMesh | None = None,
     compile_backend: str = "inductor",
 ) -> nn.Module:
     """TP or EP -> checkpointing -> compile -> FSDP, each optional; `mesh=None` means one
     process, no FSDP. `mesh` is the data-parallel mesh only (`DistInfo.dp_mesh`); `tp_mesh` (a
-    1-D mesh of the same root) turns on tensor parallelism, `ep_mesh` expert parallelism, with
-    the experts fully sharded over `efsdp_mesh`.
+    1-D mesh of the same root) turns on tensor parallelism (with `loss_parallel`, logits sharded
+    over the vocabulary: see models/tensor_parallel.py), `ep_mesh` expert parallelism, with the
+    experts fully sharded over `efsdp_mesh`.
 
     With a 2-D (replicate, shard) mesh: HSDP, or with `diloco=True` FSDP within each replica
     (on `mesh["shard"]`); `diloco` changes nothing on a 1-D mesh.
@@ -145,7 +147,7 @@ def parallelize(
     tp = tp_mesh is not None and tp_mesh.size() > 1
     ep = ep_mesh is not None and ep_mesh.size() > 1
     if tp:
-        apply_tensor_parallel(model, tp_mesh, moe=model.config.model_type == "mixtral")
+        apply_tensor_parallel(model, tp_mesh, moe=model.config.model_type == "mixtral", loss_parallel=loss_parallel)
     if ep:
         apply_expert_parallel(model, ep_mesh, tp_mesh=tp_mesh)
     # The expert dispatch reads its uneven split sizes on the host: a graph break by design.

@@ -15,8 +15,12 @@ ranks, and its hooks stay outermost). Per decoder layer:
                                rank's S / T positions
 
 The embedding is vocabulary-parallel (each rank holds V / T rows; partial lookups are summed and
-scattered over the sequence), the final norm sequence-parallel, and the head column-parallel
-with its logits gathered (replicated), so the loss and everything after the model is unchanged.
+scattered over the sequence), the final norm sequence-parallel, and the head column-parallel.
+With `loss_parallel=True` (the trainer's default, `parallel.loss_parallel`) the logits stay
+sharded over the vocabulary, a DTensor, and the cross-entropy runs on the shards under torch's
+`loss_parallel()` (trainer/step.py: causal_lm_loss): no rank ever holds [batch, seq, vocab] and
+nothing gathers it. Otherwise the logits are gathered (plain, replicated), which is what HF code
+that computes its own loss from `outputs.logits` needs.
 A tied head is the embedding's own parameter: both are sharded on the vocabulary dimension, so
 the tie is restored on the one DTensor.
 
@@ -85,9 +89,16 @@ def _moe_block_plan() -> dict:
     }
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, moe: bool = False) -> None:
+def apply_tensor_parallel(
+    model: nn.Module, tp_mesh: DeviceMesh, *, moe: bool = False, loss_parallel: bool = False
+) -> None:
     """Shard `model` (a LlamaForCausalLM or MixtralForCausalLM, possibly on the meta device)
     over the 1-D `tp_mesh` in place; see the module docstring for the layout."""
+    head = (
+        ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+        if loss_parallel
+        else ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+    )
     tied = model.lm_head.weight is model.model.embed_tokens.weight
     parallelize_module(
         model,
@@ -100,9 +111,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, *, moe: bool = 
                 input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
             ),
             "model.norm": SequenceParallel(),
-            # Logits gathered over the vocabulary: the loss, evaluation and export see plain
-            # [batch, seq, vocab] logits.
-            "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+            "lm_head": head,
         },
     )
     layer_plan = {**_attention_plan(), **(_moe_block_plan() if moe else _dense_mlp_plan())}

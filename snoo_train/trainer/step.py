@@ -9,13 +9,15 @@ so on a GPU the host can queue the next steps while the device works on this one
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -37,11 +39,19 @@ def causal_lm_loss(
     with causal_attention_without_mask(model):
         outputs = model(input_ids=batch["input_ids"], use_cache=False, **extra)
     logits = outputs.logits
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        batch["labels"].reshape(-1),
-        reduction=reduction,
-    )
+    # Tensor parallel with parallel.loss_parallel: logits sharded over the vocabulary (a DTensor).
+    # The cross-entropy runs on the shards (torch's loss_parallel: a max and a sum over the tp
+    # ranks instead of a gather of the logits) and its backward must run under the same context
+    # (StepRunner.run). The result is replicated over the tp ranks: its local value is the loss.
+    sharded = isinstance(logits, DTensor)
+    with loss_parallel() if sharded else nullcontext():
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)).float(),
+            batch["labels"].reshape(-1),
+            reduction=reduction,
+        )
+    if sharded:
+        loss = loss.to_local()
     return loss + router.loss(outputs) if router is not None else loss
 
 
@@ -116,8 +126,11 @@ class StepRunner:
         grad_clip: float,
         policy: NonFinitePolicy,
         after_update: Callable[[], None] | None = None,
+        sharded_logits: bool = False,
     ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        # Logits sharded over the vocabulary (tensor parallel): backward under torch's context.
+        self.backward_context = loss_parallel if sharded_logits else nullcontext
         self.device, self.autocast, self.router = device, autocast, router
         self.grad_clip, self.policy = grad_clip, policy
         # Runs after every optimizer step (the MoE routing-bias update).
@@ -141,7 +154,8 @@ class StepRunner:
                 # Equal-size micro-batches of packed windows: scaling each mean by 1/n makes the
                 # accumulated gradient the gradient of the mean over all of them.
                 loss = causal_lm_loss(self.model, self.to_device(batch), router=self.router) / len(micro_batches)
-            loss.backward()
+            with self.backward_context():
+                loss.backward()
             loss_sum += loss.detach()
 
         loss = mean_over_ranks(loss_sum)

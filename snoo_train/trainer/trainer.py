@@ -121,6 +121,7 @@ class Trainer:
             # replicas > 1: DiLoCo shards within each replica only; outer=none is HSDP.
             diloco=is_diloco(cfg),
             tp_mesh=self.dist.tp_mesh,
+            loss_parallel=cfg.parallel.loss_parallel,
             ep_mesh=self.dist.ep_mesh,
             efsdp_mesh=self.dist.efsdp_mesh,
         )
@@ -148,6 +149,7 @@ class Trainer:
             self.model, self.optimizer, self.scheduler,
             device=self.dist.device, autocast=self.autocast, router=self.router,
             grad_clip=t.grad_clip, policy=self.policy, after_update=self._router_bias_update(),
+            sharded_logits=self.dist.tp > 1 and cfg.parallel.loss_parallel,
         )  # fmt: skip
         self.evaluator = Evaluator(
             self.model, self.optimizer, self.val_set, t, self.dist, autocast=self.autocast, to_device=self.runner.to_device
