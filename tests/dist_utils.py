@@ -7,6 +7,7 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,3 +61,30 @@ def run_distributed(fn: Callable[..., None], world_size: int, *args: Any) -> Non
             rank, tb = errors.get()
             details.append(f"--- rank {rank} ---\n{tb}")
         raise AssertionError("distributed test failed:\n" + "\n".join(details)) from exc
+
+
+def fit_layout(run_dir: str, overrides: list[str]):
+    """Inside a spawned rank: what the entry point does for TINY + overrides, validated at this
+    group's world size (the mesh from parallel.replicas / tp / ep), trained to the end. The Trainer."""
+    from snoo_train.dist import init_distributed
+    from snoo_train.trainer import Trainer
+    from tests.conftest import make_config
+
+    cfg = make_config(Path(run_dir), overrides, world_size=dist.get_world_size())
+    p = cfg.parallel
+    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep))
+    trainer.fit()
+    return trainer
+
+
+def state_like_params(optimizer: torch.optim.Optimizer, params) -> bool:
+    """Every non-scalar optimizer state tensor is a DTensor with its parameter's mesh and placements."""
+    from torch.distributed.tensor import DTensor
+
+    for p in params:
+        for value in optimizer.state[p].values():
+            if isinstance(value, torch.Tensor) and value.ndim:
+                if not (isinstance(value, DTensor) and value.device_mesh == p.device_mesh
+                        and value.placements == p.placements):  # fmt: skip
+                    return False
+    return True

@@ -27,13 +27,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.distributed.tensor import DTensor
 
-from snoo_train.dist import init_distributed
 from snoo_train.models import biased_routers
 from snoo_train.trainer import Trainer
-from tests.conftest import make_config, read_records, run_trainer
-from tests.dist_utils import run_distributed
+from tests.conftest import read_records, run_trainer
+from tests.dist_utils import fit_layout, run_distributed, state_like_params
 from tests.records import assert_records_match
 
 WS = 4
@@ -48,39 +46,25 @@ BIAS = EP + ["model.router_bias_update_rate=0.01", "optim=adamw"]
 KEYS = ["loss", "grad_norm", "val_loss", "moe/aux_loss", "moe/max_over_mean"]
 
 
-def _fit(run_dir: str, overrides: list[str]) -> Trainer:
-    cfg = make_config(Path(run_dir), overrides, world_size=WS)
-    p = cfg.parallel
-    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep))
-    trainer.fit()
-    return trainer
-
-
 def _layout_of(trainer: Trainer) -> dict:
-    opt, same, meshes = trainer.optimizer, True, {}
-    for name, p in trainer.model.named_parameters():
-        meshes[name] = list(p.device_mesh.mesh_dim_names)
-        for value in opt.state[p].values():
-            if isinstance(value, torch.Tensor) and value.ndim:
-                same &= isinstance(value, DTensor) and value.device_mesh == p.device_mesh \
-                    and value.placements == p.placements  # fmt: skip
-    return {"meshes": meshes, "state_like_params": same}
+    meshes = {name: list(p.device_mesh.mesh_dim_names) for name, p in trainer.model.named_parameters()}
+    return {"meshes": meshes, "state_like_params": state_like_params(trainer.optimizer, trainer.model.parameters())}
 
 
 def _all_cases(rank: int, world_size: int, out: str) -> None:
     torch.manual_seed(0)
     result = {"layouts": {}}
     for name, overrides in OPTIMS.items():
-        result["layouts"][name] = _layout_of(_fit(f"{out}/ep_{name}", EP + overrides))
-        _fit(f"{out}/fsdp_{name}", MOE + overrides)
-    _fit(f"{out}/chain_ep", CHAIN + ["parallel.ep=2", f"trainer.max_steps={CHAIN_FIRST}",
+        result["layouts"][name] = _layout_of(fit_layout(f"{out}/ep_{name}", EP + overrides))
+        fit_layout(f"{out}/fsdp_{name}", MOE + overrides)
+    fit_layout(f"{out}/chain_ep", CHAIN + ["parallel.ep=2", f"trainer.max_steps={CHAIN_FIRST}",
                                      f"checkpoint.interval={CHAIN_FIRST}"])  # fmt: skip
-    _fit(f"{out}/chain_fsdp4", CHAIN + [f"trainer.resume={out}/chain_ep/checkpoints/step_{CHAIN_FIRST:08d}",
+    fit_layout(f"{out}/chain_fsdp4", CHAIN + [f"trainer.resume={out}/chain_ep/checkpoints/step_{CHAIN_FIRST:08d}",
                                         "checkpoint.interval=0"])  # fmt: skip
-    _fit(f"{out}/chain_reference", CHAIN + [f"checkpoint.interval={CHAIN_FIRST}"])
-    _fit(f"{out}/diloco", DILOCO)
-    _fit(f"{out}/diloco_ep", DILOCO + ["parallel.ep=2"])
-    trainer = _fit(f"{out}/bias", BIAS)
+    fit_layout(f"{out}/chain_reference", CHAIN + [f"checkpoint.interval={CHAIN_FIRST}"])
+    fit_layout(f"{out}/diloco", DILOCO)
+    fit_layout(f"{out}/diloco_ep", DILOCO + ["parallel.ep=2"])
+    trainer = fit_layout(f"{out}/bias", BIAS)
     result["bias"] = [r.expert_bias.tolist() for r in biased_routers(trainer.model)]
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(result, f)

@@ -29,8 +29,8 @@ from snoo_train.models import PRESETS, build_model, materialize, parallelize
 from snoo_train.optim import SNOO
 from snoo_train.trainer import Trainer, clip_grad_norm
 from tests import test_diloco as diloco
-from tests.conftest import make_config, read_records, run_trainer, typed
-from tests.dist_utils import run_distributed
+from tests.conftest import read_records, run_trainer, typed
+from tests.dist_utils import fit_layout, run_distributed, state_like_params
 from tests.records import assert_records_match
 
 WS = 4
@@ -49,26 +49,14 @@ CHAIN_FIRST, CHAIN_SECOND = 6, 9
 CHAIN = ["trainer.lr_schedule=constant"]
 
 
-def _fit(run_dir: str, overrides: list[str]) -> Trainer:
-    """What the entry point does on each rank, for a Config validated at world size 4."""
-    cfg = make_config(Path(run_dir), overrides, world_size=WS)
-    p = cfg.parallel
-    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep))
-    trainer.fit()
-    return trainer
-
-
 def _layout_of(trainer: Trainer) -> dict:
     """Mesh dimensions of the parameters and whether every SNOO state tensor shares its
     parameter's mesh and placements."""
-    opt, same, meshes, placements = trainer.optimizer, True, set(), {}
+    meshes, placements = set(), {}
     for name, p in trainer.model.named_parameters():
         meshes.add(p.device_mesh.mesh_dim_names)
         placements[name] = str(p.placements)
-        for value in opt.state[p].values():
-            if isinstance(value, torch.Tensor) and value.ndim:
-                same &= isinstance(value, DTensor) and value.device_mesh == p.device_mesh \
-                    and value.placements == p.placements  # fmt: skip
+    same = state_like_params(trainer.optimizer, trainer.model.parameters())
     with torch.no_grad():
         logits = trainer.model(input_ids=torch.zeros(1, 8, dtype=torch.long)).logits
     sharded = isinstance(logits, DTensor) and logits.placements == (Shard(2),)
@@ -133,9 +121,9 @@ def _all_cases(rank: int, world_size: int, out: str) -> None:
     mesh["checkpointed_compiled_worst"] = _checkpointed_compiled_tp(info)
     layouts = {}
     for name, overrides in CASES.items():
-        layouts[name] = _layout_of(_fit(f"{out}/{name}", overrides))
-    _fit(f"{out}/chain_fsdp4", CHAIN + [f"trainer.max_steps={CHAIN_FIRST}", f"checkpoint.interval={CHAIN_FIRST}"])
-    _fit(f"{out}/chain_tp", CHAIN + TP + [
+        layouts[name] = _layout_of(fit_layout(f"{out}/{name}", overrides))
+    fit_layout(f"{out}/chain_fsdp4", CHAIN + [f"trainer.max_steps={CHAIN_FIRST}", f"checkpoint.interval={CHAIN_FIRST}"])
+    fit_layout(f"{out}/chain_tp", CHAIN + TP + [
         f"trainer.resume={out}/chain_fsdp4/checkpoints/step_{CHAIN_FIRST:08d}",
         f"trainer.max_steps={CHAIN_SECOND}", f"checkpoint.interval={CHAIN_SECOND}",
     ])  # fmt: skip
