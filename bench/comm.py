@@ -324,8 +324,13 @@ def compare_layouts(args: argparse.Namespace, world_size: int, t_start: float) -
     # Timed after the recorded steps, which the recorder slows; ABBA order over the layouts.
     for trainer in trainers.values():
         trainer.train_step = _continuing(trainer, args.k + 1)
+    def sync() -> None:  # every rank's queued work done, then all ranks together
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dist.barrier()
+
     _, elapsed, timed = time_interleaved(trainers, warmup=1, steps=args.timed_steps, block=max(1, args.k // 2),
-                                         sync=dist.barrier)  # fmt: skip
+                                         sync=sync)  # fmt: skip
     for name in layouts:
         results[name]["step_s"] = elapsed[name] / timed
     gathered: list[dict] = [None] * world_size  # type: ignore[list-item]

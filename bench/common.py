@@ -74,12 +74,18 @@ def time_interleaved(
     warmup: int,
     steps: int,
     block: int,
-    sync: Callable[[], None] = lambda: None,
+    sync: Callable[[], None] | None = None,
 ) -> tuple[dict[str, int], dict[str, float], int]:
     """Train every Trainer `warmup` untimed steps, then in timed blocks of `block` steps, the
     order reversed every round (ABBA), so machine noise hits all sides alike.
 
+    `sync` runs before and after each block; by default it waits for the GPU where there is
+    one. It must: a training step does not wait for the device (the host queues ahead), so an
+    unsynchronised block would time the queueing, not the work.
+
     Returns (steps trained per name, timed seconds per name, timed steps per name)."""
+    if sync is None:
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     names = list(trainers)
     step = dict.fromkeys(names, 0)
     elapsed = dict.fromkeys(names, 0.0)
