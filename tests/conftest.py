@@ -142,3 +142,21 @@ def run_copy(finished_run, tmp_path) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     return run_dir
+
+
+def poison_losses(monkeypatch, steps: set[int]) -> None:
+    """Make the training loss of the given optimizer steps NaN (as a bad batch or an overflow
+    would), counting one training forward per step (one micro-batch per step in these runs)."""
+    import snoo_train.trainer.step as step_module
+
+    original, calls = step_module.causal_lm_loss, {"n": 0}
+
+    def loss(model, batch, reduction="mean", router=None):
+        out = original(model, batch, reduction=reduction, router=router)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] in steps:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(step_module, "causal_lm_loss", loss)

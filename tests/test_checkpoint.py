@@ -36,7 +36,16 @@ from snoo_train.config import ConfigError
 from snoo_train.dist import init_distributed
 from snoo_train.preemption import REQUEUE_EXIT_CODE
 from snoo_train.trainer import Trainer, TrainingDiverged
-from tests.conftest import STEPS, TINY, entry_env, make_config, run_entry, run_trainer, train
+from tests.conftest import (
+    STEPS,
+    TINY,
+    entry_env,
+    make_config,
+    poison_losses,
+    run_entry,
+    run_trainer,
+    train,
+)
 from tests.dist_utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -481,27 +490,9 @@ def test_out_of_range_value_is_refused_before_anything_is_touched(run_copy):
     assert snapshot(run_copy / "checkpoints") == before
 
 
-def _poison_step(monkeypatch, steps: set[int]) -> None:
-    """Make the loss of the given optimizer steps NaN (as a bad batch or an overflow would)."""
-    import snoo_train.trainer.step as step_module
-
-    original = step_module.causal_lm_loss
-    calls = {"n": 0}
-
-    def loss(model, batch, reduction="mean", router=None):
-        out = original(model, batch, reduction=reduction, router=router)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] in steps:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(step_module, "causal_lm_loss", loss)
-
-
 def test_nonfinite_loss_stop_saves_nothing_corrupt(run_copy, monkeypatch):
     before = snapshot(run_copy / "checkpoints")
-    _poison_step(monkeypatch, {2})
+    poison_losses(monkeypatch, {2})
     trainer = Trainer(
         make_config(run_copy, ["trainer.max_steps=24", "checkpoint.interval=1", "checkpoint.keep_latest=0"]),
         init_distributed("cpu"),
@@ -517,7 +508,7 @@ def test_nonfinite_loss_stop_saves_nothing_corrupt(run_copy, monkeypatch):
 
 
 def test_nonfinite_loss_skip_leaves_weights_and_optimizer_state_untouched(tmp_path, monkeypatch):
-    _poison_step(monkeypatch, {3})
+    poison_losses(monkeypatch, {3})
     cfg = make_config(tmp_path / "run", ["trainer.nonfinite=skip", "trainer.max_steps=4", "checkpoint.interval=0"])
     trainer = Trainer(cfg, init_distributed("cpu"))
     seen = []

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import snoo_train.trainer.step as step_module
 from snoo_train.dist import init_distributed
 from snoo_train.preemption import Preempted
 from snoo_train.trainer import Trainer, TrainingDiverged
-from tests.conftest import make_config
+from tests.conftest import make_config, poison_losses
 from tests.dist_utils import run_distributed
 
 HOST_READS = ("aten::_local_scalar_dense",)
@@ -150,21 +149,6 @@ def test_a_step_that_does_not_log_never_reads_the_device(tmp_path, optim):
         assert logged[step] == pytest.approx(want[step], rel=1e-6, abs=0), step
 
 
-def _poison(monkeypatch, bad: set[int]) -> None:
-    """A NaN training loss on the given optimizer steps (one micro-batch per step here)."""
-    original, calls = step_module.causal_lm_loss, {"n": 0}
-
-    def loss(model, batch, reduction="mean", router=None):
-        out = original(model, batch, reduction=reduction, router=router)
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] in bad:
-                return out * float("nan")
-        return out
-
-    monkeypatch.setattr(step_module, "causal_lm_loss", loss)
-
-
 def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Parameters and every state tensor but the host step counters."""
     names = {p: n for n, p in trainer.model.named_parameters()}
@@ -178,7 +162,7 @@ def test_skip_masks_exactly_the_bad_steps_and_logs_the_good_ones(tmp_path, monke
     # Step 1 is bad before the optimizer has state (decided on the host, once); 4 and 5 are
     # masked on the device, 5 being SNOO's outer step (k=5 in these configs).
     bad = {1, 4, 5}
-    _poison(monkeypatch, bad)
+    poison_losses(monkeypatch, bad)
     cfg = make_config(tmp_path / "run", ["trainer.nonfinite=skip", *SYNC_FREE])
     trainer = Trainer(cfg, init_distributed("cpu"))
     states = {}
@@ -213,7 +197,7 @@ OPTIMS = ["adamw", "muon", "snoo_adamw", "snoo_muon", "lookahead_adamw", "gpa_ad
 
 @pytest.mark.parametrize("optim", OPTIMS)
 def test_skip_restores_weights_and_state_bitwise_for_every_optimizer(tmp_path, monkeypatch, optim):
-    _poison(monkeypatch, {3})
+    poison_losses(monkeypatch, {3})
     overrides = [f"optim={optim}", "trainer.nonfinite=skip", "trainer.max_steps=4", *SYNC_FREE[:3]]
     trainer = Trainer(make_config(tmp_path / "run", overrides), init_distributed("cpu"))
     for step in (1, 2):
@@ -230,7 +214,7 @@ def test_skip_restores_weights_and_state_bitwise_for_every_optimizer(tmp_path, m
 
 
 def test_stop_names_the_first_bad_step_and_the_range_at_the_next_log_step(tmp_path, monkeypatch):
-    _poison(monkeypatch, {2})
+    poison_losses(monkeypatch, {2})
     trainer = Trainer(make_config(tmp_path / "run", SYNC_FREE), init_distributed("cpu"))
     with pytest.raises(TrainingDiverged) as failure:
         trainer.fit()
