@@ -199,12 +199,6 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_mean(value: float, device: torch.device) -> float:
-    if not in_process_group():
-        return float(value)
-    return all_reduce_sum([value], device)[0] / dist.get_world_size()
-
-
 def all_reduce_max(value: float, device: torch.device) -> float:
     if not in_process_group():
         return float(value)
