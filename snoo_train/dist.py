@@ -151,6 +151,7 @@ def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: i
         mesh = init_device_mesh(dev.type, tuple(dims.values()), mesh_dim_names=tuple(dims))
         if ep > 1:
             expert_mesh = mesh["shard"]._unflatten(0, (dims["shard"] // ep, ep), ("efsdp", "ep"))
+        control_group()  # every rank creates it here, in the same order
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
         replicas=replicas, tp=tp, ep=ep, expert_mesh=expert_mesh,
@@ -161,10 +162,12 @@ def destroy_distributed(*, clean: bool = True) -> None:
     """Leave the process group. `clean=True` (every rank got here normally) first waits for all
     ranks: gloo can abort a rank whose peer tears down while its last send is in flight. After
     an error, no barrier: the other ranks may never arrive."""
+    global _control_group
     if dist.is_initialized():
         if clean and dist.get_world_size() > 1:
-            dist.barrier()
+            dist.barrier(group=control_group())
         dist.destroy_process_group()
+    _control_group = None
 
 
 def exit_process(status: int | str | None = 0) -> None:
@@ -199,11 +202,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_max(value: float, device: torch.device) -> float:
+def all_reduce_max(value: float) -> float:
+    """The largest of one host value over all ranks, on the control group (a flag or a signal
+    number: a control message)."""
     if not in_process_group():
         return float(value)
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
     return t.item()
 
 
@@ -228,5 +233,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not in_process_group():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=control_group())
     return box[0]
+
+
+_control_group: ProcessGroup | None = None
+
+
+def control_group() -> ProcessGroup | None:
+    """A gloo group over every rank, for control messages (agreements, outcomes, preemption
+    flags, checkpoint manifests): small host values that must not wait behind the training
+    group's queued kernels, nor count against NCCL's watchdog while a rank does host work.
+    On a gloo run it is the default group; on NCCL a second group, made once by
+    init_distributed on every rank in the same order (or on first use by a caller that made its
+    own process group, where every rank reaches the same first call)."""
+    global _control_group
+    if not in_process_group():
+        return None
+    if _control_group is None:
+        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control_group

@@ -319,7 +319,7 @@ class Trainer:
         """True on every rank if any rank was signalled: all stop after the same step."""
         if self.dist.world_size == 1:
             return handler.requested
-        anywhere = all_reduce_max(float(handler.signum), self.dist.device)
+        anywhere = all_reduce_max(float(handler.signum))
         if anywhere and not handler.requested:
             handler.signum = int(anywhere)
         return anywhere > 0
