@@ -490,6 +490,7 @@ def _check_optim(o: Any) -> None:
         for c in o.muon_categories:
             _choice("optim.muon_categories", c, allowed)
     _choice("optim.outer", o.outer, tuple(OUTER))
+    _check_optim_keys_apply(o)
     if o.inner == "schedule_free_adamw" and o.outer != "none":
         raise ConfigError(
             f"optim.outer={o.outer!r} cannot wrap optim.inner=schedule_free_adamw (it averages its "
@@ -512,6 +513,37 @@ def _check_optim(o: Any) -> None:
         _unit_interval("optim.outer_momentum", o.outer_momentum)
     _choice("optim.outer_reduce_dtype", o.outer_reduce_dtype, ("fp32", "bf16"))
     _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
+
+
+# Keys that one inner optimizer or outer wrapper alone reads (optim/build.py); the rest (lr,
+# betas, eps, weight_decay) every optimizer reads.
+OPTIM_KEYS_OF = {
+    ("outer", "snoo"): ("k", "outer_lr", "outer_momentum", "nesterov", "outer_reduce_dtype", "outer_state_device"),
+    ("outer", "gpa"): ("gpa_mu_x", "gpa_mu_y"),
+    ("outer", "ema_nesterov"): ("ema_gamma", "ema_beta", "ema_beta_follows_lr"),
+    ("inner", "muon"): ("muon_lr", "muon_momentum", "ns_steps", "muon_period", "muon_categories"),
+}
+
+
+def _check_optim_keys_apply(o: Any) -> None:
+    """Refuse a value for a key the chosen optimizer never reads (`optim=adamw optim.k=0`): it
+    would be ignored without a word. A key at its schema default is not a request: the optim
+    groups leave other optimizers' keys there."""
+    defaults = OptimConfig()
+    for (role, owner), keys in OPTIM_KEYS_OF.items():
+        chosen = getattr(o, role)
+        if chosen == owner:
+            continue
+        for key in keys:
+            value = getattr(o, key)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                value = list(value)  # a ListConfig compares and prints as a list
+            if value != getattr(defaults, key):
+                raise ConfigError(
+                    f"optim.{key}={value!r} applies to optim.{role}={owner} only, and optim={o.name} uses "
+                    f"optim.{role}={chosen}, which would ignore it: remove it, or choose an optimizer with "
+                    f"optim.{role}={owner}"
+                )
 
 
 def _check_data(d: Any) -> None:
