@@ -490,7 +490,6 @@ def _check_optim(o: Any) -> None:
         for c in o.muon_categories:
             _choice("optim.muon_categories", c, allowed)
     _choice("optim.outer", o.outer, tuple(OUTER))
-    _check_optim_keys_apply(o)
     if o.inner == "schedule_free_adamw" and o.outer != "none":
         raise ConfigError(
             f"optim.outer={o.outer!r} cannot wrap optim.inner=schedule_free_adamw (it averages its "
@@ -525,11 +524,14 @@ OPTIM_KEYS_OF = {
 }
 
 
-def _check_optim_keys_apply(o: Any) -> None:
-    """Refuse a value for a key the chosen optimizer never reads (`optim=adamw optim.k=0`): it
-    would be ignored without a word. A key at its schema default is not a request: the optim
-    groups leave other optimizers' keys there."""
+def ignored_optim_keys(o: Any) -> list[str]:
+    """One line for each key the chosen optimizer never reads and that holds a value of its own
+    (`optim=adamw optim.k=0`): the entry point warns with them, so nothing asked for is ignored
+    without a word. A warning, not a refusal: a sweep over optimizers with one set of overrides
+    (`-m optim=adamw,snoo_adamw optim.k=10`) is a normal request. A key at its schema default
+    is not a request: the optim groups leave other optimizers' keys there."""
     defaults = OptimConfig()
+    ignored = []
     for (role, owner), keys in OPTIM_KEYS_OF.items():
         chosen = getattr(o, role)
         if chosen == owner:
@@ -539,11 +541,11 @@ def _check_optim_keys_apply(o: Any) -> None:
             if isinstance(value, Sequence) and not isinstance(value, str):
                 value = list(value)  # a ListConfig compares and prints as a list
             if value != getattr(defaults, key):
-                raise ConfigError(
-                    f"optim.{key}={value!r} applies to optim.{role}={owner} only, and optim={o.name} uses "
-                    f"optim.{role}={chosen}, which would ignore it: remove it, or choose an optimizer with "
-                    f"optim.{role}={owner}"
+                ignored.append(
+                    f"optim.{key}={value!r} is ignored: it applies to optim.{role}={owner} only, and "
+                    f"optim={o.name} uses optim.{role}={chosen}"
                 )
+    return ignored
 
 
 def _check_data(d: Any) -> None:

@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from snoo_train.checkpoint import CheckpointError
-from snoo_train.config import Config, ConfigError, validate_config
+from snoo_train.config import Config, ConfigError, ignored_optim_keys, validate_config
 from snoo_train.configs import CONFIG_DIR, accept_async_alias, reject_unknown_keys
 from snoo_train.data import DataError
 from snoo_train.dist import (
@@ -62,6 +62,9 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
             log.setLevel(logging.WARNING)
         # Hydra resolves ${now:} per process: rank 0's run directory is the one all ranks use.
         cfg.run_dir = broadcast_object(os.path.abspath(run_dir))
+        if info.is_main:
+            for ignored in ignored_optim_keys(cfg.optim):
+                log.warning("warning: %s", ignored)
         # Before anything is built or written: wandb.init would find out minutes later.
         agree(info, lambda: check_wandb_online(cfg.logging.wandb), (ConfigError,))
         lock = lock_run_dir(cfg.run_dir, info)  # one run per run directory
