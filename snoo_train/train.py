@@ -141,13 +141,18 @@ class Sweep:
         return 1
 
 
+# Hydra's default launcher runs the points one after another in this process; another launcher
+# (submitit, joblib) runs each in its own and reports its exit status itself.
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
 def _fail(message: str) -> None:
     """Bad input: one line, no traceback. A single run exits 1; a sweep point is recorded and
     the sweep goes on."""
     point = Sweep.point()
     if env_rank() == 0:
         print(f"error: sweep point {point}: {message}" if point else f"error: {message}", file=sys.stderr)
-    if point is None:
+    if point is None or HydraConfig.get().launcher.get("_target_") != IN_PROCESS_LAUNCHER:
         sys.exit(1)
     Sweep.failed.append(point)
 
