@@ -514,6 +514,40 @@ def _check_optim(o: Any) -> None:
     _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
 
 
+# Keys that one inner optimizer or outer wrapper alone reads (optim/build.py); the rest (lr,
+# betas, eps, weight_decay) every optimizer reads.
+OPTIM_KEYS_OF = {
+    ("outer", "snoo"): ("k", "outer_lr", "outer_momentum", "nesterov", "outer_reduce_dtype", "outer_state_device"),
+    ("outer", "gpa"): ("gpa_mu_x", "gpa_mu_y"),
+    ("outer", "ema_nesterov"): ("ema_gamma", "ema_beta", "ema_beta_follows_lr"),
+    ("inner", "muon"): ("muon_lr", "muon_momentum", "ns_steps", "muon_period", "muon_categories"),
+}
+
+
+def ignored_optim_keys(o: Any) -> list[str]:
+    """One line for each key the chosen optimizer never reads and that holds a value of its own
+    (`optim=adamw optim.k=0`): the entry point warns with them, so nothing asked for is ignored
+    without a word. A warning, not a refusal: a sweep over optimizers with one set of overrides
+    (`-m optim=adamw,snoo_adamw optim.k=10`) is a normal request. A key at its schema default
+    is not a request: the optim groups leave other optimizers' keys there."""
+    defaults = OptimConfig()
+    ignored = []
+    for (role, owner), keys in OPTIM_KEYS_OF.items():
+        chosen = getattr(o, role)
+        if chosen == owner:
+            continue
+        for key in keys:
+            value = getattr(o, key)
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                value = list(value)  # a ListConfig compares and prints as a list
+            if value != getattr(defaults, key):
+                ignored.append(
+                    f"optim.{key}={value!r} is ignored: it applies to optim.{role}={owner} only, and "
+                    f"optim={o.name} uses optim.{role}={chosen}"
+                )
+    return ignored
+
+
 def _check_data(d: Any) -> None:
     _choice("data.source", d.source, ("stdlib", "hf", "local", "prepared"))
     if d.source == "hf" and not d.path:

@@ -74,6 +74,71 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+# How long start-up waits for the W&B server before refusing an online run (wandb.init itself
+# retries for about two minutes, after the model and the data are built).
+WANDB_PROBE_TIMEOUT_S = 5.0
+
+
+def check_wandb_online(wb: Any) -> None:
+    """`logging.wandb.mode=online` needs an API key and a reachable server: both checked here in
+    seconds, before anything is built or written, instead of by wandb.init after the model and
+    data are (15 s to a traceback without a key, about two minutes without a network). The key
+    is looked up where wandb looks (its environment variables, .netrc, its settings file), with
+    no network; the server is probed once at wandb's base URL (WANDB_BASE_URL or its settings).
+    Raises ConfigError with one line; other modes need neither."""
+    if wb.mode != "online":
+        return
+    import requests
+    from wandb import env
+    from wandb.errors import AuthenticationError
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib.wbauth import wbnetrc
+
+    from snoo_train.config import ConfigError
+
+    settings = wandb_setup.singleton().settings
+    base_url = settings.base_url
+    instead = "or set logging.wandb.mode=offline (upload later with `wandb sync`) or disabled"
+    try:
+        has_key = bool(
+            os.environ.get(env.API_KEY)
+            or os.environ.get(env.IDENTITY_TOKEN_FILE)
+            or wbnetrc.read_netrc_auth(host=base_url)
+            or settings.api_key
+        )
+    except AuthenticationError as e:
+        raise ConfigError(f"logging.wandb.mode=online: the W&B credentials for {base_url} are unusable ({e}); run `wandb login`, {instead}") from None
+    if not has_key:
+        raise ConfigError(
+            f"logging.wandb.mode=online needs a W&B API key for {base_url} and none is set (WANDB_API_KEY, "
+            f"~/.netrc, wandb's settings): run `wandb login` or set WANDB_API_KEY, {instead}"
+        )
+    try:
+        requests.head(base_url, timeout=WANDB_PROBE_TIMEOUT_S, allow_redirects=False)
+    except requests.RequestException as e:
+        raise ConfigError(
+            f"logging.wandb.mode=online cannot reach the W&B server {base_url} within "
+            f"{WANDB_PROBE_TIMEOUT_S:g} s ({_root_cause(e)}): check the network or WANDB_BASE_URL, {instead}"
+        ) from None
+
+
+def _root_cause(error: BaseException) -> str:
+    """The operating system's words under requests' and urllib3's wrappers ("Connection
+    refused", "timed out", "Name or service not known"), else the outermost error's name."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop(0)
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        if isinstance(e, TimeoutError) or type(e).__name__.endswith("Timeout"):
+            return "timed out"
+        todo += [getattr(e, "reason", None), e.__cause__, e.__context__, *e.args]
+    return type(error).__name__
+
+
 class MetricsLogger:
     """Writes records on rank 0; on other ranks every method is a no-op."""
 

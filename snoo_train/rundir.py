@@ -7,17 +7,14 @@ shares the outcome with the other ranks, so every rank stops with the same one-l
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
 from snoo_train.checkpoint import LATEST, CheckpointError, complete_checkpoints
 from snoo_train.dist import DistInfo, agree
+from snoo_train.lock import ProcessLock
 
 LOCK_FILE = ".lock"
 ARCHIVE_DIR = "archive"
@@ -28,60 +25,19 @@ class RunDirError(CheckpointError):
     not writable, too little space). A CheckpointError: it guards what checkpoints rely on."""
 
 
-class RunDirLock:
-    """An exclusive lock on a run directory, held while a run uses it.
-
-    An advisory `flock` on `<run_dir>/.lock`: the kernel drops it when the holder exits, however
-    it exits (kill -9 and node failure included, on file systems that support flock), so a lock
-    left behind by a dead run is stale by construction and is taken over with a warning. The file
-    records the holder's host and pid so that a refusal can name it."""
+class RunDirLock(ProcessLock):
+    """An exclusive lock on a run directory (`<run_dir>/.lock`), held while a run uses it; a
+    lock left by a dead run is taken over (snoo_train/lock.py)."""
 
     def __init__(self, run_dir: str | os.PathLike):
-        self.path = Path(run_dir) / LOCK_FILE
-        self._fd: int | None = None
-        self.stale_holder: dict | None = None  # a dead run's record, when one was taken over
-
-    def acquire(self) -> RunDirLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise RunDirError(f"{self.path}: cannot lock the run directory ({e.strerror})") from e
-            who = _describe(holder) if holder else "another process"
-            raise RunDirError(
-                f"{self.path.parent} is in use by {who}: two runs in one run directory would "
-                "overwrite each other's checkpoints and metrics; wait for it to finish, stop it, "
-                "or choose another hydra.run.dir"
-            ) from None
-        # Locked: anything recorded in the file is from a run that has ended without removing it.
-        previous = _read_holder(fd)
-        if previous:
-            self.stale_holder = previous
-        record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)  # an empty file: nobody holds it
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> RunDirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+        super().__init__(
+            Path(run_dir) / LOCK_FILE,
+            what=str(Path(run_dir)),
+            holder="run",
+            advice="two runs in one run directory would overwrite each other's checkpoints and metrics; wait "
+            "for it to finish, stop it, or choose another hydra.run.dir",
+            error=RunDirError,
+        )
 
 
 def lock_run_dir(run_dir: str, dist: DistInfo) -> RunDirLock | None:
@@ -95,21 +51,6 @@ def lock_run_dir(run_dir: str, dist: DistInfo) -> RunDirLock | None:
 
     agree(dist, take, (RunDirError,))
     return held[0] if held else None
-
-
-def _read_holder(fd: int) -> dict | None:
-    try:
-        raw = os.pread(fd, 4096, 0).decode("utf-8", errors="replace").strip()
-        holder = json.loads(raw) if raw else None
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _describe(holder: dict) -> str:
-    started = holder.get("started")
-    when = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else ""
-    return f"run pid {holder.get('pid')} on host {holder.get('host')}{when}"
 
 
 # -- an earlier run in the directory --------------------------------------------------------------

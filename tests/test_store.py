@@ -10,8 +10,10 @@ import json
 import math
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -309,12 +311,57 @@ def test_a_prepare_killed_mid_way_is_never_read_and_resumes_to_the_same_store(tm
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists() and (tmp_path / "killed.partial" / "progress.json").is_file()
     one_error_line(train_on([f"data.path={out}"], tmp_path), "a prepare was interrupted", "rerun the same prepare command")
+    stale = json.loads((tmp_path / "killed.lock").read_text())  # the killed prepare's record
     resumed = prepare_cli(*args, cwd=tmp_path)
     assert resumed.returncode == 0 and "resuming an interrupted prepare" in resumed.stderr, resumed.stderr[-2000:]
+    # The killed prepare's lock is stale (the kernel dropped it): taken over, naming its holder.
+    assert f"took over the lock of a prepare that ended without releasing it ({stale}" in resumed.stderr
     assert {k.replace(str(out), ""): v for k, v in snapshot(out).items()} == {
         k.replace(str(store), ""): v for k, v in snapshot(store).items()
     }
     assert not (tmp_path / "killed.partial").exists()
+
+
+PAUSER = """
+import os, sys, time
+from pathlib import Path
+from snoo_train.data import store_writer, prepare
+flush = store_writer.SplitWriter.flush
+def flush_then_wait(self):
+    flush(self)
+    Path(os.environ["PAUSED"]).touch()  # chunks are committed: a live .partial directory
+    while not Path(os.environ["GO"]).exists():
+        time.sleep(0.05)
+store_writer.SplitWriter.flush = flush_then_wait
+prepare.main(sys.argv[1:])
+"""
+
+
+def test_a_second_prepare_into_one_output_is_refused_at_once_naming_the_first(tmp_path, store):
+    out, paused, go = tmp_path / "busy", tmp_path / "paused", tmp_path / "go"
+    args = [f"prepare.out={out}", f"data.max_documents={DOCS}", "prepare.shard_tokens=300000", "prepare.chunk_documents=10", "prepare.progress=false"]
+    env = dict(entry_env(), PAUSED=str(paused), GO=str(go))
+    first = subprocess.Popen([sys.executable, "-c", PAUSER, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not paused.exists():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.05)
+        before = snapshot(tmp_path / "busy.partial", tmp_path / "busy.lock")
+        start = time.perf_counter()
+        second = prepare_cli(*args, cwd=tmp_path)
+        elapsed = time.perf_counter() - start
+        one_error_line(second, f"prepare.out={out} is in use by prepare pid {first.pid} on host {socket.gethostname()}", "choose another prepare.out")
+        assert elapsed < 30, f"took {elapsed:.1f} s to refuse"
+        assert snapshot(tmp_path / "busy.partial", tmp_path / "busy.lock") == before
+    finally:
+        go.touch()
+        stdout, stderr = first.communicate(timeout=300)
+    # The first prepare, undisturbed, publishes the same store as one run alone.
+    assert first.returncode == 0, stderr[-3000:]
+    assert {k.replace(str(out), ""): v for k, v in snapshot(out).items()} == {
+        k.replace(str(store), ""): v for k, v in snapshot(store).items()
+    }
 
 
 def test_a_partial_prepare_of_another_config_is_not_mixed_in(tmp_path):

@@ -10,7 +10,8 @@ store is byte-identical for any number of workers. The held-out documents (the s
 rule as the in-memory path, or a named hub split) go to their own shards. Everything is written
 under `<out>.partial/`, with a progress file saved after every chunk; an interrupted prepare
 (kill -9 included) resumes from it when run again with the same config, and the directory is
-renamed to `<out>` only once complete, so training never reads a half-written store.
+renamed to `<out>` only once complete, so training never reads a half-written store. One
+prepare at a time holds `<out>.lock`: a second one into the same output is refused at once.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from snoo_train.config import PREPARE_TIME_KEYS, ConfigError, PrepareJob, _check_data
+from snoo_train.lock import ProcessLock
 
 from .build import open_hf, open_sources
 from .errors import DataError
@@ -336,9 +338,32 @@ def _publish(partial: str, out: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def lock_output(out: str) -> ProcessLock:
+    """One prepare per output: `<out>.lock` (beside the store, which is renamed into place, and
+    its `.partial` directory, which a resume reuses). Two prepares would both resume one
+    `.partial` and write the same shards; the second is refused at once, naming the first. A
+    lock left by a killed prepare is taken over: its `.partial` resumes."""
+    return ProcessLock(
+        out + ".lock",
+        what=f"prepare.out={out}",
+        holder="prepare",
+        advice="two prepares into one store would write the same shards; wait for it to finish, stop it, "
+        "or choose another prepare.out",
+        error=DataError,
+    )
+
+
 def prepare(job: PrepareJob) -> dict[str, Any]:
     """Write the store `job.prepare.out`; returns a summary (documents, tokens, seconds)."""
     check_job(job)
+    out = os.path.normpath(os.path.expanduser(job.prepare.out))
+    with lock_output(out) as lock:
+        if lock.stale_holder:
+            log.warning("took over the lock of a prepare that ended without releasing it (%s)", lock.stale_holder)
+        return _prepare_locked(job)
+
+
+def _prepare_locked(job: PrepareJob) -> dict[str, Any]:
     out = _check_out(job)
     tokenizer = build_tokenizer(job.data.tokenizer)
     dtype = storage_dtype(tokenizer.vocab_size)
