@@ -27,11 +27,10 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from snoo_train.checkpoint import CheckpointError
-from snoo_train.config import Config, ConfigError, ignored_optim_keys, validate_config
+from snoo_train.config import Config, ConfigError, validate_config
 from snoo_train.configs import CONFIG_DIR, accept_async_alias, reject_unknown_keys
 from snoo_train.data import DataError
 from snoo_train.dist import (
@@ -46,6 +45,7 @@ from snoo_train.dist import (
 from snoo_train.metrics import check_wandb_online
 from snoo_train.preemption import REQUEUE_EXIT_CODE, Preempted, report_requeue_status
 from snoo_train.rundir import lock_run_dir
+from snoo_train.sweep import Sweep, fail, group_sweep_runs
 from snoo_train.trainer import Trainer, TrainingDiverged
 
 log = logging.getLogger("snoo_train")
@@ -62,9 +62,6 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
             log.setLevel(logging.WARNING)
         # Hydra resolves ${now:} per process: rank 0's run directory is the one all ranks use.
         cfg.run_dir = broadcast_object(os.path.abspath(run_dir))
-        if info.is_main:
-            for ignored in ignored_optim_keys(cfg.optim):
-                log.warning("warning: %s", ignored)
         # Before anything is built or written: wandb.init would find out minutes later.
         agree(info, lambda: check_wandb_online(cfg.logging.wandb), (ConfigError,))
         lock = lock_run_dir(cfg.run_dir, info)  # one run per run directory
@@ -96,67 +93,6 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
         destroy_distributed(clean=clean)
 
 
-def group_sweep_runs(cfg: Config) -> None:
-    """Under `-m` (multirun) the runs of one sweep share a wandb group, the sweep directory, and
-    each run is named by its job number and overrides, so wandb shows the sweep as one unit.
-    A group or name set in the config wins."""
-    hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode != RunMode.MULTIRUN:
-        return
-    wb = cfg.logging.wandb
-    if wb.group is None:
-        wb.group = str(hydra_cfg.sweep.dir)
-    if wb.name is None:
-        overrides = hydra_cfg.job.override_dirname
-        wb.name = f"{hydra_cfg.job.num}" + (f" {overrides}" if overrides else "")
-
-
-class Sweep:
-    """Under `-m`, the points run in this process and those that failed. A failing point is
-    reported and the sweep goes on (Hydra's own launcher would end it at the first error, or at
-    the end of the batch with one traceback); `main` lists the failures and exits non-zero."""
-
-    points: list[str] = []
-    failed: list[str] = []
-
-    @classmethod
-    def point(cls) -> str | None:
-        """'#N (its overrides)' for a multirun job, None for a single run. The overrides named
-        are those the sweep varies (the rest, given once on the command line, are left out)."""
-        hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            return None
-        given = set(sys.argv[1:])
-        overrides = list(hydra_cfg.overrides.task)
-        varied = [o for o in overrides if o not in given] or overrides
-        return f"#{hydra_cfg.job.num} ({' '.join(varied)})"
-
-    @classmethod
-    def report(cls) -> int:
-        """After the sweep: one line naming the failed points; the exit status."""
-        if not cls.failed:
-            return 0
-        if env_rank() == 0:
-            print(f"error: {len(cls.failed)} of {len(cls.points)} sweep points failed: {', '.join(cls.failed)}", file=sys.stderr)
-        return 1
-
-
-# Hydra's default launcher runs the points one after another in this process; another launcher
-# (submitit, joblib) runs each in its own and reports its exit status itself.
-IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
-
-
-def _fail(message: str) -> None:
-    """Bad input: one line, no traceback. A single run exits 1; a sweep point is recorded and
-    the sweep goes on."""
-    point = Sweep.point()
-    if env_rank() == 0:
-        print(f"error: sweep point {point}: {message}" if point else f"error: {message}", file=sys.stderr)
-    if point is None or HydraConfig.get().launcher.get("_target_") != IN_PROCESS_LAUNCHER:
-        sys.exit(1)
-    Sweep.failed.append(point)
-
-
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     point = Sweep.point()
@@ -176,13 +112,13 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.
-        _fail(str(e))
+        fail(str(e))
     except Exception as e:
         if point is None:
             raise  # a single run: the traceback, as from any program
         # A fault of the code, not of the input: the traceback helps; the other points still run.
         traceback.print_exc()
-        _fail(f"{type(e).__name__}: {e}")
+        fail(f"{type(e).__name__}: {e}")
 
 
 def main() -> None:

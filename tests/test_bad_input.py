@@ -14,8 +14,7 @@ import pytest
 
 from snoo_train.config import ConfigError, ignored_optim_keys, validate_config
 from snoo_train.metrics import check_wandb_online
-from snoo_train.train import run
-from tests.conftest import REPO, TINY, entry_env, make_config, run_entry, typed
+from tests.conftest import REPO, TINY, entry_env, run_entry, run_trainer, typed
 from tests.dist_utils import free_port
 from tests.test_faults import one_error_line, snapshot
 
@@ -110,10 +109,10 @@ def test_the_optimizers_own_keys_and_the_schema_defaults_are_not_named():
         assert ignored_optim_keys(typed(overrides).optim) == [], overrides
 
 
-def test_the_entry_point_warns_once_about_an_ignored_optimizer_key(tmp_path, caplog):
-    cfg = make_config(tmp_path / "run", ["optim=adamw", "optim.k=0", "trainer.max_steps=2", "trainer.eval_interval=0", "checkpoint.interval=0"])
+def test_a_run_warns_once_about_an_ignored_optimizer_key(tmp_path, caplog):
+    overrides = ["optim=adamw", "optim.k=0", "trainer.max_steps=2", "trainer.eval_interval=0", "checkpoint.interval=0"]
     with caplog.at_level(logging.WARNING, logger="snoo_train"):
-        summary = run(cfg, str(tmp_path / "run"))
+        trainer = run_trainer(tmp_path / "run", overrides)
     warnings = [r.getMessage() for r in caplog.records if "is ignored" in r.getMessage()]
     assert warnings == ["warning: optim.k=0 is ignored: it applies to optim.outer=snoo only, and optim=adamw uses optim.outer=none"]
-    assert summary["steps"] == 2  # the run itself goes on, as asked
+    assert trainer.step == 2  # the run itself goes on, as asked

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from snoo_train.config import Config, is_diloco
+from snoo_train.config import Config, ignored_optim_keys, is_diloco
 from snoo_train.data import BatchLoader, build_datasets, resolve_tokenizer
 from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from snoo_train.metrics import LossWindow, MetricsLogger, Throughput, peak_flops, peak_memory_bytes
@@ -65,6 +65,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, dist: DistInfo):
         self.cfg, self.dist = cfg, dist
+        if dist.is_main:
+            # Honoured or refused elsewhere; these are neither: say so once, before the build.
+            for ignored in ignored_optim_keys(cfg.optim):
+                log.warning("warning: %s", ignored)
         torch.manual_seed(cfg.trainer.seed)
         self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
