@@ -224,8 +224,30 @@ def agree(info: DistInfo, decide: Callable[[], Any], errors: tuple[type[Exceptio
             outcome = (type(e), str(e))
     kind, value = broadcast_object(outcome)
     if kind is not None:
-        raise kind(value)
+        raise on_every_rank(kind(value))
     return value
+
+
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's list of host floats (all the same length), in rank order, on every rank:
+    one gather on the control group."""
+    if not in_process_group():
+        return [[float(v) for v in values]]
+    mine = torch.tensor(values, dtype=torch.float64)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine, group=control_group())
+    return [row.tolist() for row in rows]
+
+
+def on_every_rank(error: BaseException) -> BaseException:
+    """Mark `error` as raised the same way on every rank (a shared decision, or a check of the
+    config every rank holds): the entry point prints it once, from rank 0. Returns it."""
+    error.on_every_rank = True  # type: ignore[attr-defined]
+    return error
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    return getattr(error, "on_every_rank", False)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -40,6 +40,8 @@ from snoo_train.dist import (
     env_world_size,
     exit_process,
     init_distributed,
+    on_every_rank,
+    raised_on_every_rank,
 )
 from snoo_train.preemption import REQUEUE_EXIT_CODE, Preempted, report_requeue_status
 from snoo_train.rundir import lock_run_dir
@@ -50,7 +52,11 @@ log = logging.getLogger("snoo_train")
 
 def run(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Validate, join the process group, train, and leave the group. Rank 0 writes the files."""
-    validate_config(cfg, world_size=env_world_size())
+    try:
+        validate_config(cfg, world_size=env_world_size())
+    except ConfigError as e:
+        on_every_rank(e)  # a check of the config every rank holds: the same everywhere
+        raise
     p = cfg.parallel
     info = init_distributed(cfg.trainer.device, replicas=p.replicas, tp=p.tp, ep=p.ep)
     clean = False
@@ -71,6 +77,9 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
             summary = trainer.fit()
         except (Preempted, TrainingDiverged, CheckpointError):
             clean = True  # every rank stopped at the same step, or took the same decision
+            raise
+        except Exception as e:
+            clean = raised_on_every_rank(e)  # a shared decision: every rank is here
             raise
         finally:
             if lock is not None:
@@ -106,8 +115,12 @@ def group_sweep_runs(cfg: Config) -> None:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(dcfg: DictConfig) -> None:
     try:
-        reject_unknown_keys(dcfg)
-        cfg: Config = OmegaConf.to_object(dcfg)
+        try:
+            reject_unknown_keys(dcfg)
+            cfg: Config = OmegaConf.to_object(dcfg)
+        except ConfigError as e:
+            on_every_rank(e)  # the same config on every rank
+            raise
         group_sweep_runs(cfg)
         run(cfg, HydraConfig.get().runtime.output_dir)
     except Preempted as e:
@@ -118,9 +131,20 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.
-        if env_rank() == 0:
-            print(f"error: {e}", file=sys.stderr)
+        print_error(e)
         sys.exit(1)
+
+
+def print_error(error: BaseException) -> None:
+    """One `error:` line per error, printed once in the job: an error every rank raised the same
+    way (a shared decision, a bad config: `raised_on_every_rank`) by rank 0; any other by the
+    rank that raised it, naming that rank, since rank 0 may be healthy and never see it."""
+    rank, world_size = env_rank(), env_world_size()
+    if world_size <= 1 or raised_on_every_rank(error):
+        if rank == 0:
+            print(f"error: {error}", file=sys.stderr)
+        return
+    print(f"error: {error} (rank {rank} of {world_size})", file=sys.stderr)
 
 
 def main() -> None:
