@@ -30,6 +30,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -152,6 +153,7 @@ def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: i
         if ep > 1:
             expert_mesh = mesh["shard"]._unflatten(0, (dims["shard"] // ep, ep), ("efsdp", "ep"))
         control_group()  # every rank creates it here, in the same order
+        _make_error_group()
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
         replicas=replicas, tp=tp, ep=ep, expert_mesh=expert_mesh,
@@ -162,12 +164,12 @@ def destroy_distributed(*, clean: bool = True) -> None:
     """Leave the process group. `clean=True` (every rank got here normally) first waits for all
     ranks: gloo can abort a rank whose peer tears down while its last send is in flight. After
     an error, no barrier: the other ranks may never arrive."""
-    global _control_group
+    global _control_group, _error_group
     if dist.is_initialized():
         if clean and dist.get_world_size() > 1:
             dist.barrier(group=control_group())
         dist.destroy_process_group()
-    _control_group = None
+    _control_group = _error_group = None
 
 
 def exit_process(status: int | str | None = 0) -> None:
@@ -248,6 +250,36 @@ def on_every_rank(error: BaseException) -> BaseException:
 
 def raised_on_every_rank(error: BaseException) -> bool:
     return getattr(error, "on_every_rank", False)
+
+
+# How long a rank with an error of its own waits to learn whether every rank has the same one.
+ERROR_WAIT_S = 10.0
+_error_group: ProcessGroup | None = None
+
+
+def _make_error_group() -> None:
+    """A gloo group with a short timeout, for compare_errors only: a rank whose peers are busy
+    training (or stuck in a collective) must not wait for them for long."""
+    global _error_group
+    if _error_group is None:
+        _error_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=ERROR_WAIT_S))
+
+
+def compare_errors(error: BaseException) -> None:
+    """After an error that was not a shared decision: if every rank raised the same one (bad
+    input every rank reads alike), mark it on_every_rank, so it is printed once, by rank 0.
+    Ranks that do not arrive within ERROR_WAIT_S (healthy ones, still training) leave it this
+    rank's own: the entry point prints it here, naming the rank, since rank 0 may never see it."""
+    if _error_group is None or raised_on_every_rank(error) or not in_process_group():
+        return
+    mine = f"{type(error).__name__}: {error}"
+    everyone: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(everyone, mine, group=_error_group)
+    except Exception:  # noqa: BLE001 - a rank that did not come: the error is this rank's own
+        return
+    if all(e == mine for e in everyone):
+        on_every_rank(error)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -35,6 +35,7 @@ from snoo_train.configs import CONFIG_DIR, accept_async_alias, reject_unknown_ke
 from snoo_train.data import DataError
 from snoo_train.dist import (
     broadcast_object,
+    compare_errors,
     destroy_distributed,
     env_rank,
     env_world_size,
@@ -79,7 +80,8 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
             clean = True  # every rank stopped at the same step, or took the same decision
             raise
         except Exception as e:
-            clean = raised_on_every_rank(e)  # a shared decision: every rank is here
+            compare_errors(e)  # the same error on every rank is printed once, by rank 0
+            clean = raised_on_every_rank(e)  # every rank is here
             raise
         finally:
             if lock is not None:
@@ -137,8 +139,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
 
 def print_error(error: BaseException) -> None:
     """One `error:` line per error, printed once in the job: an error every rank raised the same
-    way (a shared decision, a bad config: `raised_on_every_rank`) by rank 0; any other by the
-    rank that raised it, naming that rank, since rank 0 may be healthy and never see it."""
+    way (a shared decision, a bad config, the same bad input: `raised_on_every_rank`, see
+    dist.compare_errors) by rank 0; any other by the rank that raised it, naming that rank, since
+    rank 0 may be healthy and never see it."""
     rank, world_size = env_rank(), env_world_size()
     if world_size <= 1 or raised_on_every_rank(error):
         if rank == 0:

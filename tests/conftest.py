@@ -165,8 +165,9 @@ def poison_losses(monkeypatch, steps: set[int]) -> None:
 def poison_gradients(monkeypatch, steps: set[int]) -> None:
     """Make one gradient element of the given optimizer steps NaN on this rank (as an overflow in
     one shard's backward would) while the loss stays finite, counting one clip per step."""
-    import snoo_train.trainer.step as step_module
     from torch.distributed.tensor import DTensor
+
+    import snoo_train.trainer.step as step_module
 
     original, calls = step_module.clip_grad_norm, {"n": 0}
 

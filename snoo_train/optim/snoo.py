@@ -279,8 +279,9 @@ class SNOO(InnerWrapper):
             keep = None if ok is None else ok.to(slow[0].device)
             if keep is not None:
                 # A dropped step: s = 0 (a NaN never meets arithmetic), b * 1 + 0 = b, w - eta * 0 = w.
+                drop = ~keep
                 for s in pseudo_grad:
-                    torch.where(keep, s, 0.0, out=s)
+                    s.masked_fill_(drop, 0.0)
 
             # Local squared norms only: turning them into global norms needs a collective,
             # which outer_metrics() makes when the training loop asks, never the step itself.
@@ -307,10 +308,10 @@ class SNOO(InnerWrapper):
                 update = buf
             if keep is not None:  # a dropped step moves nothing
                 if update is buf:
-                    update = [torch.where(keep, b, 0.0) for b in buf]
+                    update = [b.masked_fill(drop, 0.0) for b in buf]
                 else:
                     for u in update:
-                        torch.where(keep, u, 0.0, out=u)
+                        u.masked_fill_(drop, 0.0)
             torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
             torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
             sq_norms["slow_weight"] += [
