@@ -12,7 +12,11 @@ runs the loop. Each component decides its own interval:
 A step that does not log never waits for the device: the loss, grad norm and finite flag stay
 device tensors (step.py, metrics.LossWindow) and are read at log steps; the non-finite policy
 is checked there and before every checkpoint; ranks agree on a preemption signal only at log,
-checkpoint and trainer.preemption_check_interval steps.
+checkpoint and trainer.preemption_check_interval steps. Under DiLoCo (parallel.replicas > 1)
+nothing crosses replicas between outer steps except at those log and checkpoint steps: the loss
+is averaged within a replica, the replicas' loss windows and non-finite tallies are merged at log
+steps, SNOO's outer all-reduce carries each replica's non-finite flag, and the periodic
+preemption check moves to outer steps.
 """
 
 from __future__ import annotations
