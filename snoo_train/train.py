@@ -133,21 +133,21 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.
-        print_error(e)
+        print_error(str(e), shared=raised_on_every_rank(e))
         sys.exit(1)
 
 
-def print_error(error: BaseException) -> None:
+def print_error(message: str, *, shared: bool) -> None:
     """One `error:` line per error, printed once in the job: an error every rank raised the same
-    way (a shared decision, a bad config, the same bad input: `raised_on_every_rank`, see
-    dist.compare_errors) by rank 0; any other by the rank that raised it, naming that rank, since
-    rank 0 may be healthy and never see it."""
+    way (`shared`: a shared decision, a bad config, the same bad input; see
+    dist.raised_on_every_rank and dist.compare_errors) by rank 0; any other by the rank that
+    raised it, naming that rank, since rank 0 may be healthy and never see it."""
     rank, world_size = env_rank(), env_world_size()
-    if world_size <= 1 or raised_on_every_rank(error):
+    if world_size <= 1 or shared:
         if rank == 0:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {message}", file=sys.stderr)
         return
-    print(f"error: {error} (rank {rank} of {world_size})", file=sys.stderr)
+    print(f"error: {message} (rank {rank} of {world_size})", file=sys.stderr)
 
 
 def main() -> None:
