@@ -28,8 +28,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -152,6 +154,7 @@ def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: i
         if ep > 1:
             expert_mesh = mesh["shard"]._unflatten(0, (dims["shard"] // ep, ep), ("efsdp", "ep"))
         control_group()  # every rank creates it here, in the same order
+        _make_error_group()
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
         replicas=replicas, tp=tp, ep=ep, expert_mesh=expert_mesh,
@@ -162,12 +165,12 @@ def destroy_distributed(*, clean: bool = True) -> None:
     """Leave the process group. `clean=True` (every rank got here normally) first waits for all
     ranks: gloo can abort a rank whose peer tears down while its last send is in flight. After
     an error, no barrier: the other ranks may never arrive."""
-    global _control_group
+    global _control_group, _error_group
     if dist.is_initialized():
         if clean and dist.get_world_size() > 1:
             dist.barrier(group=control_group())
         dist.destroy_process_group()
-    _control_group = None
+    _control_group = _error_group = None
 
 
 def exit_process(status: int | str | None = 0) -> None:
@@ -224,8 +227,71 @@ def agree(info: DistInfo, decide: Callable[[], Any], errors: tuple[type[Exceptio
             outcome = (type(e), str(e))
     kind, value = broadcast_object(outcome)
     if kind is not None:
-        raise kind(value)
+        raise on_every_rank(kind(value))
     return value
+
+
+def all_gather_floats(values: list[float]) -> list[list[float]]:
+    """Every rank's list of host floats (all the same length), in rank order, on every rank:
+    one gather on the control group."""
+    if not in_process_group():
+        return [[float(v) for v in values]]
+    mine = torch.tensor(values, dtype=torch.float64)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine, group=control_group())
+    return [row.tolist() for row in rows]
+
+
+def on_every_rank(error: BaseException) -> BaseException:
+    """Mark `error` as raised the same way on every rank (a shared decision, or a check of the
+    config every rank holds): the entry point prints it once, from rank 0. Returns it."""
+    error.on_every_rank = True  # type: ignore[attr-defined]
+    return error
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    return getattr(error, "on_every_rank", False)
+
+
+@contextmanager
+def raised_alike(*errors: type[BaseException]) -> Iterator[None]:
+    """Errors of these types raised inside are raised alike on every rank (a check of what every
+    rank holds, such as the config): marked on_every_rank."""
+    try:
+        yield
+    except errors as e:
+        on_every_rank(e)
+        raise
+
+
+# How long a rank with an error of its own waits to learn whether every rank has the same one.
+ERROR_WAIT_S = 10.0
+_error_group: ProcessGroup | None = None
+
+
+def _make_error_group() -> None:
+    """A gloo group with a short timeout, for compare_errors only: a rank whose peers are busy
+    training (or stuck in a collective) must not wait for them for long."""
+    global _error_group
+    if _error_group is None:
+        _error_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=ERROR_WAIT_S))
+
+
+def compare_errors(error: BaseException) -> None:
+    """After an error that was not a shared decision: if every rank raised the same one (bad
+    input every rank reads alike), mark it on_every_rank, so it is printed once, by rank 0.
+    Ranks that do not arrive within ERROR_WAIT_S (healthy ones, still training) leave it this
+    rank's own: the entry point prints it here, naming the rank, since rank 0 may never see it."""
+    if _error_group is None or raised_on_every_rank(error) or not in_process_group():
+        return
+    mine = f"{type(error).__name__}: {error}"
+    everyone: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(everyone, mine, group=_error_group)
+    except Exception:  # noqa: BLE001 - a rank that did not come: the error is this rank's own
+        return
+    if all(e == mine for e in everyone):
+        on_every_rank(error)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
@@ -253,3 +319,16 @@ def control_group() -> ProcessGroup | None:
     if _control_group is None:
         _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     return _control_group
+
+
+def print_error(message: str, *, shared: bool) -> None:
+    """One `error:` line per error, printed once in the job: an error every rank raised the same
+    way (`shared`: a shared decision, a bad config, the same bad input; see
+    dist.raised_on_every_rank and dist.compare_errors) by rank 0; any other by the rank that
+    raised it, naming that rank, since rank 0 may be healthy and never see it."""
+    rank, world_size = env_rank(), env_world_size()
+    if world_size <= 1 or shared:
+        if rank == 0:
+            print(f"error: {message}", file=sys.stderr)
+        return
+    print(f"error: {message} (rank {rank} of {world_size})", file=sys.stderr)

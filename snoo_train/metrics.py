@@ -6,7 +6,10 @@ plots read it. Fields:
     step            optimizer steps taken (1-based)
     loss            mean training loss over the steps since the previous record (all ranks)
     lr              inner learning rate used for this step
-    grad_norm       global gradient norm before clipping (this step)
+    grad_norm       global gradient norm before clipping (this step; under DiLoCo replica 0's)
+
+A number that is not finite (the loss of a window whose steps were all skipped, the norm of a
+non-finite step) is written as null: the file is strict JSON.
     tokens          global training tokens consumed so far
     flops           model training FLOPs so far: tokens x models.flops_per_token (6 x matmul
                     params + attention), the MFU numerator; plots use it as the compute axis
@@ -32,6 +35,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -227,7 +231,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {k: _plain(v) for k, v in record.items()}
-        self._file.write(json.dumps(record) + "\n")
+        # Strict JSON: a non-finite number (a window of skipped steps, a NaN norm) is null.
+        self._file.write(json.dumps({k: _json_number(v) for k, v in record.items()}, allow_nan=False) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self._bar is not None:
@@ -276,6 +281,10 @@ def truncate_records(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def _json_number(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.item()
@@ -310,11 +319,16 @@ class LossWindow:
         self._sum += torch.where(good, loss, 0.0)
         self._count += good
 
-    def mean(self) -> float:
-        """The mean over the good steps since the last call (nan if none), then reset."""
+    def mean(self, merge: Callable[[list[float]], list[float]] | None = None) -> float:
+        """The mean over the good steps since the last call (nan if none), then reset. `merge`
+        sums [total, count] over ranks (DiLoCo: each replica keeps its own window between log
+        steps); every rank must call it at the same steps."""
         if self._sum is None:
-            return float("nan")
-        total, count = torch.stack([self._sum, self._count]).tolist()
+            total, count = 0.0, 0.0
+        else:
+            total, count = torch.stack([self._sum, self._count]).tolist()
+        if merge is not None:
+            total, count = merge([total, count])
         self._sum = self._count = None
         return total / count if count else float("nan")
 

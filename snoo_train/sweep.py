@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from snoo_train.config import Config
-from snoo_train.dist import env_rank
+from snoo_train.dist import env_rank, print_error
 
 
 def group_sweep_runs(cfg: Config) -> None:
@@ -62,12 +62,12 @@ class Sweep:
 IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
 
-def fail(message: str) -> None:
-    """Bad input: one line, no traceback. A single run exits 1; a sweep point is recorded and
-    the sweep goes on."""
+def fail(message: str, *, shared: bool) -> None:
+    """Bad input: one line, no traceback, printed once in the job (dist.print_error: `shared`, an
+    error every rank raised alike). A single run exits 1; a sweep point is recorded and the sweep
+    goes on."""
     point = Sweep.point()
-    if env_rank() == 0:
-        print(f"error: sweep point {point}: {message}" if point else f"error: {message}", file=sys.stderr)
+    print_error(f"sweep point {point}: {message}" if point else message, shared=shared)
     if point is None or HydraConfig.get().launcher.get("_target_") != IN_PROCESS_LAUNCHER:
         sys.exit(1)
     Sweep.failed.append(point)

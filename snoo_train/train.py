@@ -36,11 +36,14 @@ from snoo_train.data import DataError
 from snoo_train.dist import (
     agree,
     broadcast_object,
+    compare_errors,
     destroy_distributed,
     env_rank,
     env_world_size,
     exit_process,
     init_distributed,
+    raised_alike,
+    raised_on_every_rank,
 )
 from snoo_train.metrics import check_wandb_online
 from snoo_train.preemption import REQUEUE_EXIT_CODE, Preempted, report_requeue_status
@@ -53,7 +56,8 @@ log = logging.getLogger("snoo_train")
 
 def run(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Validate, join the process group, train, and leave the group. Rank 0 writes the files."""
-    validate_config(cfg, world_size=env_world_size())
+    with raised_alike(ConfigError):  # a check of the config every rank holds
+        validate_config(cfg, world_size=env_world_size())
     p = cfg.parallel
     info = init_distributed(cfg.trainer.device, replicas=p.replicas, tp=p.tp, ep=p.ep)
     clean = False
@@ -77,6 +81,10 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
         except (Preempted, TrainingDiverged, CheckpointError):
             clean = True  # every rank stopped at the same step, or took the same decision
             raise
+        except Exception as e:
+            compare_errors(e)  # the same error on every rank is printed once, by rank 0
+            clean = raised_on_every_rank(e)  # every rank is here
+            raise
         finally:
             if lock is not None:
                 lock.release()
@@ -99,8 +107,9 @@ def _hydra_main(dcfg: DictConfig) -> None:
     if point is not None:
         Sweep.points.append(point)
     try:
-        reject_unknown_keys(dcfg)
-        cfg: Config = OmegaConf.to_object(dcfg)
+        with raised_alike(ConfigError):  # the same config on every rank
+            reject_unknown_keys(dcfg)
+            cfg: Config = OmegaConf.to_object(dcfg)
         group_sweep_runs(cfg)
         run(cfg, HydraConfig.get().runtime.output_dir)
     except Preempted as e:
@@ -112,13 +121,13 @@ def _hydra_main(dcfg: DictConfig) -> None:
         sys.exit(REQUEUE_EXIT_CODE)
     except (ConfigError, DataError, TrainingDiverged, CheckpointError, FileNotFoundError) as e:
         # Bad input gets one clear line, not a traceback.
-        fail(str(e))
+        fail(str(e), shared=raised_on_every_rank(e))
     except Exception as e:
         if point is None:
             raise  # a single run: the traceback, as from any program
         # A fault of the code, not of the input: the traceback helps; the other points still run.
         traceback.print_exc()
-        fail(f"{type(e).__name__}: {e}")
+        fail(f"{type(e).__name__}: {e}", shared=raised_on_every_rank(e))
 
 
 def main() -> None:

@@ -160,3 +160,26 @@ def poison_losses(monkeypatch, steps: set[int]) -> None:
         return out
 
     monkeypatch.setattr(step_module, "causal_lm_loss", loss)
+
+
+def poison_gradients(monkeypatch, steps: set[int]) -> None:
+    """Make one gradient element of the given optimizer steps NaN on this rank (as an overflow in
+    one shard's backward would) while the loss stays finite, counting one clip per step."""
+    from torch.distributed.tensor import DTensor
+
+    import snoo_train.trainer.step as step_module
+
+    original, calls = step_module.clip_grad_norm, {"n": 0}
+
+    def clip(params, max_norm):
+        params = list(params)
+        calls["n"] += 1
+        if calls["n"] in steps:
+            for p in params:
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                if grad is not None and grad.numel():
+                    grad.view(-1)[0] = float("nan")
+                    break
+        return original(params, max_norm)
+
+    monkeypatch.setattr(step_module, "clip_grad_norm", clip)

@@ -27,6 +27,12 @@ steps. At an outer step the pseudo-gradient `s` is averaged over the replicas (O
 this rank's local shards over `replicate_group`, optionally in bf16) and the same Nesterov update
 follows; all replicas then hold identical slow (and fast) weights. Without a group (or with a
 one-rank group) SNOO issues no collective at all.
+
+Non-finite training under DiLoCo (`guard_outer_step`): each replica says, as a device bool,
+whether its fast weights are finite; the flag rides in the outer all-reduce as one more element,
+and if any replica's is False every replica drops that outer step (slow weights and momentum
+unchanged, fast weights restarted from them). All replicas take the outer step or none does,
+decided on the device, and the slow weights never take in a non-finite pseudo-gradient.
 """
 
 from __future__ import annotations
@@ -143,7 +149,11 @@ class SNOO(InnerWrapper):
             },
         )
         self.outer_step_taken = False
-        self._last_outer_sq_norms: dict[str, list[torch.Tensor]] | None = None
+        # guard_outer_step(): the flag for the coming step(), and the agreed result of its outer step.
+        self._finite: torch.Tensor | None = None
+        self.outer_step_ok: torch.Tensor | None = None
+        # Squared global-norm shares (pseudo-gradient, slow weights) of the last applied outer step.
+        self._last_outer_sq: torch.Tensor | None = None
         self.replicate_group = replicate_group
         self.reduce_dtype = reduce_dtype
         self.state_device = None if state_device is None else torch.device(state_device)
@@ -171,8 +181,27 @@ class SNOO(InnerWrapper):
 
     # -- the update --------------------------------------------------------------------------
 
+    def guard_outer_step(self, finite: torch.Tensor) -> None:
+        """For the next step() only: `finite` (a 0-d device bool, never read on the host) says
+        whether this replica's fast weights are finite as that step leaves them; it must be the
+        same on every rank of the replica (e.g. from the replica's loss and global grad norm).
+
+        If an outer step is due in that step(), it is applied only when every replica's flag is
+        True: the flags travel as one more element of the pseudo-gradient's all-reduce (no extra
+        collective, no host sync). Otherwise every replica drops it: the slow weights and
+        momentum stay as they were (bitwise), the fast weights restart from them, and
+        `outer_step_ok` (a device bool, the same on every replica) is False. The rule, in short:
+        a non-finite replica at an outer step drops that outer step on every replica."""
+        self._finite = finite
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
+        finite, self._finite = self._finite, None
+        self.outer_step_ok = None
+        return self._step(closure, finite)
+
+
+    def _step(self, closure: Callable[[], float] | None, finite: torch.Tensor | None) -> Any:
         # The slow weights start at the parameters before the first inner step. They are written
         # into state[p] only after that step: AdamW (and others) initialise a parameter's state
         # only while state[p] is empty. A parameter joins when it first has a gradient (until
@@ -202,7 +231,7 @@ class SNOO(InnerWrapper):
             if group["snoo_step"] % group["snoo_k"] == 0:
                 due.append(group)
         if due:
-            self._outer_step(due)
+            self._outer_step(due, finite)
             self.outer_step_taken = True
         return loss
 
@@ -221,9 +250,10 @@ class SNOO(InnerWrapper):
             )
         return _cpu_copy(t, pin)
 
-    def _outer_step(self, groups: list[dict[str, Any]]) -> None:
+    def _outer_step(self, groups: list[dict[str, Any]], finite: torch.Tensor | None = None) -> None:
         """The outer step of every group due now: pseudo-gradients (averaged over the replicas
-        in one all-reduce for all groups together), then each group's Nesterov update."""
+        in one all-reduce for all groups together), then each group's Nesterov update; with
+        `finite` (guard_outer_step) applied only if every replica's flag is True."""
         todo = []  # (group, params)
         for group in groups:
             params = [p for p in group["params"] if SLOW in self.state.get(p, ())]
@@ -231,12 +261,13 @@ class SNOO(InnerWrapper):
                 todo.append((group, params))
         if not todo:
             return
-        pseudo_grads = iter(
-            self._pseudo_gradients(
-                [_local(self.state[p][SLOW]) for _, params in todo for p in params],
-                [_local(p) for _, params in todo for p in params],
-            )
+        pseudo_grads_list, ok = self._pseudo_gradients(
+            [_local(self.state[p][SLOW]) for _, params in todo for p in params],
+            [_local(p) for _, params in todo for p in params],
+            finite,
         )
+        self.outer_step_ok = ok
+        pseudo_grads = iter(pseudo_grads_list)
 
         sq_norms: dict[str, list[torch.Tensor]] = {"pseudo_grad": [], "slow_weight": []}
         for group, params in todo:
@@ -245,6 +276,12 @@ class SNOO(InnerWrapper):
             slow = [_local(self.state[p][SLOW]) for p in params]
             buf = [_local(self.state[p][MOMENTUM]) for p in params]
             eta, mu = group["snoo_lr"], group["snoo_momentum"]
+            keep = None if ok is None else ok.to(slow[0].device)
+            if keep is not None:
+                # A dropped step: s = 0 (a NaN never meets arithmetic), b * 1 + 0 = b, w - eta * 0 = w.
+                drop = ~keep
+                for s in pseudo_grad:
+                    s.masked_fill_(drop, 0.0)
 
             # Local squared norms only: turning them into global norms needs a collective,
             # which outer_metrics() makes when the training loop asks, never the step itself.
@@ -255,7 +292,13 @@ class SNOO(InnerWrapper):
                 n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)
             ]
 
-            torch._foreach_mul_(buf, mu)
+            if keep is None:
+                torch._foreach_mul_(buf, mu)
+            else:
+                # mu, or 1 for a dropped step; in the buffer's dtype (bitwise the scalar product)
+                # and filled on the device (no host-to-device copy)
+                like = {"dtype": buf[0].dtype, "device": buf[0].device}
+                torch._foreach_mul_(buf, torch.where(keep, torch.full((), mu, **like), torch.ones((), **like)))
             torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
             if group["snoo_nesterov"]:
                 # s + mu * b, in place: one temporary copy of the parameters, not two
@@ -263,18 +306,33 @@ class SNOO(InnerWrapper):
                 torch._foreach_add_(update, buf, alpha=mu)
             else:
                 update = buf
+            if keep is not None:  # a dropped step moves nothing
+                if update is buf:
+                    update = [b.masked_fill(drop, 0.0) for b in buf]
+                else:
+                    for u in update:
+                        u.masked_fill_(drop, 0.0)
             torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
             torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
             sq_norms["slow_weight"] += [
                 n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)
             ]
         self._metrics_device = todo[0][1][0].device
-        self._last_outer_sq_norms = sq_norms
+        sq = torch.stack([torch.stack(sq_norms[key]).sum() for key in ("pseudo_grad", "slow_weight")]).double()
+        if ok is not None:
+            # A dropped step reports the last applied one's norms (NaN before the first).
+            previous = self._last_outer_sq if self._last_outer_sq is not None else torch.full_like(sq, float("nan"))
+            sq = torch.where(ok.to(sq.device), sq, previous.to(sq.device))
+        self._last_outer_sq = sq
 
-    def _pseudo_gradients(self, slow: list[torch.Tensor], fast: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _pseudo_gradients(
+        self, slow: list[torch.Tensor], fast: list[torch.Tensor], finite: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """s = w - p for local shards, on the state's device; with `replicate_group`, averaged
         over the replicas in ONE all-reduce of a flat buffer holding every shard (in
-        `reduce_dtype`, on the parameters' device, which the backend needs: NCCL's is the GPU)."""
+        `reduce_dtype`, on the parameters' device, which the backend needs: NCCL's is the GPU).
+        Also returns whether every replica's `finite` flag is True (None without a flag): the
+        flags travel as the buffer's last element, a count of non-finite replicas."""
         if self.state_device is not None:
             fast_on_state = [f.to(self.state_device) for f in fast]  # device-to-host
         else:
@@ -282,12 +340,15 @@ class SNOO(InnerWrapper):
         group = self.replicate_group
         replicas = 1 if group is None else dist.get_world_size(group)
         if replicas == 1:  # one replica: plain SNOO, no collective
-            return torch._foreach_sub(slow, fast_on_state)
+            return torch._foreach_sub(slow, fast_on_state), finite
 
         dtype = self.reduce_dtype or functools.reduce(torch.promote_types, (w.dtype for w in slow))
         numels = [w.numel() for w in slow]
-        flat = torch.empty(sum(numels), dtype=dtype, device=fast[0].device)
-        views = [v.view(w.shape) for v, w in zip(flat.split(numels), slow)]
+        flag = 1 if finite is not None else 0
+        flat = torch.empty(sum(numels) + flag, dtype=dtype, device=fast[0].device)
+        views = [v.view(w.shape) for v, w in zip(flat.split(numels + [flag]), slow)]
+        if finite is not None:  # exact in any float dtype up to 256 replicas (bf16)
+            flat[-1:].copy_((~finite).to(dtype).reshape(1))
         if all(w.dtype == dtype and w.device == flat.device for w in slow):
             # s computed straight into the communication buffer: no second copy of it
             torch._foreach_copy_(views, slow)
@@ -301,21 +362,20 @@ class SNOO(InnerWrapper):
         if pseudo_grad is not views:
             torch._foreach_copy_(pseudo_grad, views)
         torch._foreach_div_(pseudo_grad, float(replicas))
-        return pseudo_grad
+        return pseudo_grad, (flat[-1] == 0 if finite is not None else None)
 
     # -- observing the outer loop ------------------------------------------------------------
 
     def outer_metrics(self) -> dict[str, float]:
-        """Global norms of the last outer step's pseudo-gradient and slow weights.
+        """Global norms of the last applied outer step's pseudo-gradient and slow weights (a
+        step dropped by guard_outer_step leaves them as they were; NaN if none was applied yet).
 
         In a process group this sums every rank's share (one all-reduce): call it on all ranks
         together, at log steps. Empty before the first outer step.
         """
-        if self._last_outer_sq_norms is None:
+        if self._last_outer_sq is None:
             return {}
-        sq = torch.stack(
-            [torch.stack(self._last_outer_sq_norms[key]).sum() for key in ("pseudo_grad", "slow_weight")]
-        ).double()
+        sq = self._last_outer_sq.clone()
         if world_size() > 1:
             # The collective needs the communication device (NCCL: the GPU), also when the
             # outer state, and with it the norms, lives on CPU.

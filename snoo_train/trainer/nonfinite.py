@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
+
+from snoo_train.dist import all_gather_floats, on_every_rank
 
 log = logging.getLogger("snoo_train")
 
@@ -23,21 +26,34 @@ class NonFinitePolicy:
     """trainer.nonfinite, decided on the device and enforced on the host at checks.
 
     `record(step, loss, grad_norm)` runs every step: it returns the device flag ok (loss and
-    norm finite; both are global, so every rank holds the same flag) and tallies the bad steps
-    on the device. `check(step)` reads the tallies (one host sync); the loop calls it at log
-    steps and the checkpoint calls it before every save, so nothing non-finite is published:
+    norm finite) and tallies the non-finite steps on the device; under skip, `record_skip` tallies
+    the steps that were not applied. `check(step)` reads the tallies (one host sync); the loop
+    calls it at log steps and at the end, the checkpoint before every save, so nothing
+    non-finite is published:
 
-    * `stop`: raises TrainingDiverged naming the first non-finite step and the range of bad
-      steps since the last check. The steps in between were applied (their weights are not
+    * `stop`: raises TrainingDiverged naming the first non-finite step, its cause and the range
+      of bad steps since the last check. The steps in between were applied (their weights are not
       finite); the run stops before it saves or logs any of them.
     * `skip`: the bad steps were masked on the device (SkipMask); raises once more than
       trainer.nonfinite_max_skips steps in a row were skipped, otherwise warns.
 
-    `skipped_steps` and `consecutive_skips` are host values as of the last check; they are part
-    of a checkpoint (which always checks first, so they are exact there)."""
+    The flag covers the ranks that average one loss and one gradient norm: every rank, or one
+    replica under DiLoCo (`replicas` > 1), where each replica decides its inner steps alone and
+    nothing crosses replicas between outer steps. There `check` merges every replica's tallies
+    (one gather on the control group, at a step that syncs anyway), so every rank raises the
+    same error or reports the same counts; and SNOO's outer step carries each replica's flag in
+    its all-reduce (`outer_step_flag`), so an outer step is taken by every replica or by none:
+    a non-finite step on any replica at an outer step drops that step (inner and outer) on
+    every replica under skip; under stop any non-finite step since the last check drops every
+    outer step until the check stops the run. `skipped_steps` then counts replica steps: a step
+    skipped by r replicas counts r times.
 
-    def __init__(self, trainer_cfg, optim_cfg):
+    `skipped_steps` and `consecutive_skips` are host values as of the last check, the same on
+    every rank; they are part of a checkpoint (which always checks first, so they are exact)."""
+
+    def __init__(self, trainer_cfg, optim_cfg, *, replicas: int = 1):
         self.t, self.o = trainer_cfg, optim_cfg
+        self.replicas = replicas
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self._tally: dict[str, torch.Tensor] | None = None
@@ -49,64 +65,100 @@ class NonFinitePolicy:
 
         run = full(self.consecutive_skips)
         return {
-            "bad": full(0), "run": run, "longest_run": run.clone(), "first": full(0), "last": full(0),
-            "first_loss": full(0), "first_norm": full(0),
+            "bad": full(0), "first": full(0), "last": full(0), "first_loss": full(0), "first_norm": full(0),
+            "skipped": full(0), "run": run, "longest_run": run.clone(),
         }  # fmt: skip
+
+    def _tally_on(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self._tally is None:
+            self._tally = self._new_tally(device)
+        return self._tally
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
         """The device flag "this step is finite"; tallies a bad one (device ops only)."""
         ok = torch.isfinite(loss) & torch.isfinite(grad_norm)
-        if self._tally is None:
-            self._tally = self._new_tally(loss.device)
-        t, bad = self._tally, (~ok).to(torch.float64)
+        t, bad = self._tally_on(loss.device), (~ok).to(torch.float64)
         first = bad * (t["bad"] == 0)  # 1 on the first bad step since the last check
         t["first"] += first * step
         t["first_loss"] = torch.where(first > 0, loss.to(torch.float64), t["first_loss"])
         t["first_norm"] = torch.where(first > 0, grad_norm.to(torch.float64), t["first_norm"])
         t["last"] = torch.where(ok, t["last"], float(step))
         t["bad"] += bad
-        t["run"] = (t["run"] + 1) * bad  # bad steps in a row
-        t["longest_run"] = torch.maximum(t["longest_run"], t["run"])
         return ok
 
+    def record_skip(self, skipped: torch.Tensor) -> None:
+        """trainer.nonfinite=skip: whether this step was left unapplied (its own flag, or, at an
+        outer step under DiLoCo, another replica's)."""
+        t, skipped = self._tally_on(skipped.device), skipped.to(torch.float64)
+        t["skipped"] += skipped
+        t["run"] = (t["run"] + 1) * skipped  # skipped steps in a row
+        t["longest_run"] = torch.maximum(t["longest_run"], t["run"])
+
+    def outer_step_flag(self, ok: torch.Tensor) -> torch.Tensor:
+        """Whether this replica's fast weights are finite after this step (a device bool, for
+        SNOO.guard_outer_step): under skip a bad step is undone, so only this step's flag counts;
+        under stop every bad step since the last check left its mark in the weights."""
+        if self.t.nonfinite == "skip":
+            return ok
+        return self._tally["bad"] == 0
+
     def check(self, step: int) -> None:
-        """Read the tallies since the last check (a host sync) and apply the policy."""
+        """Read the tallies since the last check (a host sync), merged over the replicas, and
+        apply the policy: the same decision on every rank."""
         if self._tally is None:
             return
         names = list(self._tally)
-        values = dict(zip(names, torch.stack([self._tally[k] for k in names]).tolist()))
+        rows = [torch.stack([self._tally[k] for k in names]).tolist()]
         self._tally = None
-        bad = int(values["bad"])
-        self.consecutive_skips = int(values["run"])
+        if self.replicas > 1:
+            rows = replica_rows(rows[0], self.replicas)
+        per_replica = [dict(zip(names, row)) for row in rows]
+        self.consecutive_skips = int(max(v["run"] for v in per_replica))
+        skipped = int(sum(v["skipped"] for v in per_replica))
+        bad = int(sum(v["bad"] for v in per_replica))
         if not bad:
             return
-        first, last = int(values["first"]), int(values["last"])
+        # The first non-finite step of any replica names the cause (the lowest replica on a tie).
+        replica = min((v["first"], r) for r, v in enumerate(per_replica) if v["bad"])[1]
+        values = per_replica[replica]
+        first = int(values["first"])
+        last = int(max(v["last"] for v in per_replica if v["bad"]))
         loss, norm = values["first_loss"], values["first_norm"]
         what = f"training loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
-        where = f"at step {first}" + (f" ({bad} non-finite steps in steps {first}-{last})" if bad > 1 else "")
+        where = f"at step {first}" + (f" on replica {replica}" if self.replicas > 1 else "")
+        if bad > 1:
+            where += f" ({bad} non-finite {'replica steps' if self.replicas > 1 else 'steps'} in steps {first}-{last})"
         if self.t.nonfinite == "skip":
-            self._skipped(bad, int(values["longest_run"]), what, where)
+            self._skipped(skipped, int(max(v["longest_run"] for v in per_replica)), what, where)
         else:
             self._stop(what, where, step)
 
-    def _skipped(self, bad: int, longest_run: int, what: str, where: str) -> None:
-        self.skipped_steps += bad
+    def _skipped(self, skipped: int, longest_run: int, what: str, where: str) -> None:
+        self.skipped_steps += skipped
         limit = self.t.nonfinite_max_skips
         if longest_run > limit:
-            raise TrainingDiverged(
+            raise on_every_rank(TrainingDiverged(
                 f"{what} {where}: {longest_run} non-finite steps in a row, more than "
                 f"trainer.nonfinite_max_skips={limit}; lower optim.lr (now {self.o.lr})"
-            )
+            ))  # fmt: skip
         log.warning("%s %s: skipped (%d skipped in all)", what, where, self.skipped_steps)
 
     def _stop(self, what: str, where: str, step: int) -> None:
         hint = " or set trainer.grad_clip (now 0)" if not self.t.grad_clip else ""
         if self.o.outer == "snoo":
             hint += f", or lower optim.outer_lr (now {self.o.outer_lr})"
-        raise TrainingDiverged(
+        raise on_every_rank(TrainingDiverged(
             f"{what} {where}, found at step {step}; lower optim.lr (now {self.o.lr}){hint}, or set "
             "trainer.nonfinite=skip (no checkpoint holds a non-finite step)"
-        )
+        ))  # fmt: skip
+
+
+def replica_rows(row: list[float], replicas: int) -> list[list[float]]:
+    """Every replica's tally row, on every rank: one gather of host values over the control
+    group, then the row of each replica's first rank (the ranks of a replica hold the same)."""
+    rows = all_gather_floats(row)
+    per_replica = len(rows) // replicas
+    return [rows[r * per_replica] for r in range(replicas)]
 
 
 def _host_counter(t: torch.Tensor) -> bool:
@@ -160,18 +212,32 @@ class SkipMask:
             p.grad is not None and not state.get(p) for group in self.optimizer.param_groups for p in group["params"]
         )
 
-    def step(self, ok: torch.Tensor) -> bool:
-        """The optimizer step, undone on the device if not `ok`; False if it was not even taken
-        (a bad step before the optimizer has its state)."""
+    def step(
+        self,
+        ok: torch.Tensor,
+        *,
+        agreed: Callable[[torch.Tensor], torch.Tensor] = lambda ok: ok,
+        agree_on_host: Callable[[bool], bool] = lambda ok: ok,
+    ) -> tuple[bool, torch.Tensor]:
+        """The optimizer step, undone on the device unless it was applied: `agreed(ok)`, asked
+        after the step, may narrow the flag (DiLoCo: a step whose outer step another replica
+        dropped). Returns (whether the step was taken at all, the device flag "applied").
+
+        Before the optimizer has its state the flag is read on the host and a bad step is not
+        taken at all; `agree_on_host` makes that decision the same on every rank whose optimizer
+        steps must stay in step (DiLoCo's replicas: a replica one step behind would pair its
+        outer all-reduces with the wrong ones)."""
         if self._state_missing():
-            if not bool(ok):  # host read: only before the optimizer has made its state
-                return False
+            # host read: only before the optimizer has made its state
+            if not agree_on_host(bool(ok)):
+                return False, torch.zeros_like(ok)
             self.optimizer.step()
-            return True
+            return True, agreed(ok)
         tensors = self._tensors()
         with torch.no_grad():
             self._snapshot([_local(t) for t in tensors])
         self.optimizer.step()
+        applied = agreed(ok)
         after = self._tensors()
         if len(after) != len(tensors) or any(a is not b for a, b in zip(after, tensors)):
             raise RuntimeError(
@@ -179,8 +245,8 @@ class SkipMask:
                 "trainer.nonfinite=skip cannot mask such a step (use trainer.nonfinite=stop)"
             )
         with torch.no_grad():
-            self._restore_if_bad([_local(t) for t in tensors], ok)
-        return True
+            self._restore_if_bad([_local(t) for t in tensors], applied)
+        return True, applied
 
     def _snapshot(self, tensors: list[torch.Tensor]) -> None:
         if [(s.shape, s.dtype, s.device) for s in self._saved] != [(t.shape, t.dtype, t.device) for t in tensors]:

@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from snoo_train.dist import in_process_group
+from snoo_train.dist import all_reduce_max, in_process_group
 from snoo_train.models import RouterStats, clip_grads_with_norm, grad_norm
 from snoo_train.trainer.nonfinite import NonFinitePolicy, SkipMask
 
@@ -100,14 +100,14 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     return norm
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """The mean of a device scalar over all ranks, in float64, still on the device (one
-    all-reduce, no host read). float64 and sum-then-divide: the same numbers the loop logged
-    when it reduced host floats."""
+def mean_over_ranks(value: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """The mean of a device scalar over the ranks of `group` (None: all ranks), in float64,
+    still on the device (one all-reduce, no host read). float64 and sum-then-divide: the same
+    numbers the loop logged when it reduced host floats."""
     value = value.detach().to(torch.float64)
-    if in_process_group():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        value /= dist.get_world_size()
+    if in_process_group() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)  # gloo has no AVG
+        value /= dist.get_world_size(group)
     return value
 
 
@@ -127,7 +127,11 @@ class StepRunner:
         policy: NonFinitePolicy,
         after_update: Callable[[], None] | None = None,
         sharded_logits: bool = False,
+        replica_group: dist.ProcessGroup | None = None,
     ):
+        """`replica_group` (DiLoCo): the ranks of this replica, over which the loss is averaged
+        every step; replicas meet only at outer steps (SNOO's all-reduce carries the non-finite
+        flag, `guard_outer_step`) and at log steps (the policy and the loss window merge there)."""
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # Logits sharded over the vocabulary (tensor parallel): backward under torch's context.
         self.backward_context = loss_parallel if sharded_logits else nullcontext
@@ -137,6 +141,9 @@ class StepRunner:
         self.after_update = after_update
         # stop applies every step (a bad one is caught at the next check, before any save).
         self.mask = SkipMask(optimizer) if policy.t.nonfinite == "skip" else None
+        self.replica_group = replica_group
+        # DiLoCo: every replica takes an outer step or none does (SNOO.guard_outer_step).
+        self.guard_outer = replica_group is not None and hasattr(optimizer, "guard_outer_step")
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -158,16 +165,20 @@ class StepRunner:
                 loss.backward()
             loss_sum += loss.detach()
 
-        loss = mean_over_ranks(loss_sum)
+        loss = mean_over_ranks(loss_sum, self.replica_group)
         grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
-        # Both are global (the loss is averaged over ranks, the norm is the global norm), so
-        # every rank holds the same flag and masks the same steps.
+        # Both are global over the ranks that train together (the loss is averaged over them,
+        # the norm is their global norm: every rank, or one replica under DiLoCo), so those
+        # ranks hold the same flag and mask the same steps.
         ok = self.policy.record(step, loss, grad_norm)
+        if self.guard_outer:
+            self.optimizer.guard_outer_step(self.policy.outer_step_flag(ok))
         taken = True
         if self.mask is None:
             self.optimizer.step()
         else:
-            taken = self.mask.step(ok)
+            taken, ok = self.mask.step(ok, agreed=self._agreed, agree_on_host=self._agree_on_host)
+            self.policy.record_skip(~ok)
         if self.after_update is not None:
             # Not masked: like the other host-side counters, the routing bias advances on a
             # skipped step (from finite expert counts).
@@ -176,3 +187,17 @@ class StepRunner:
         if taken:
             self.scheduler.step()
         return loss, grad_norm, ~ok
+
+    def _agreed(self, ok: torch.Tensor) -> torch.Tensor:
+        """After the optimizer step: not applied either if this was an outer step that some
+        replica's non-finite flag dropped (the same device flag on every replica)."""
+        if self.guard_outer and self.optimizer.outer_step_ok is not None:
+            return ok & self.optimizer.outer_step_ok
+        return ok
+
+    def _agree_on_host(self, ok: bool) -> bool:
+        """Whether every replica's step is finite (a host value; only before the optimizer has
+        its state): DiLoCo's replicas take their first step together or not at all."""
+        if not self.guard_outer:
+            return ok
+        return all_reduce_max(0.0 if ok else 1.0) == 0.0

@@ -12,7 +12,11 @@ runs the loop. Each component decides its own interval:
 A step that does not log never waits for the device: the loss, grad norm and finite flag stay
 device tensors (step.py, metrics.LossWindow) and are read at log steps; the non-finite policy
 is checked there and before every checkpoint; ranks agree on a preemption signal only at log,
-checkpoint and trainer.preemption_check_interval steps.
+checkpoint and trainer.preemption_check_interval steps. Under DiLoCo (parallel.replicas > 1)
+nothing crosses replicas between outer steps except at those log and checkpoint steps: the loss
+is averaged within a replica, the replicas' loss windows and non-finite tallies are merged at log
+steps, SNOO's outer all-reduce carries each replica's non-finite flag, and the periodic
+preemption check moves to outer steps.
 """
 
 from __future__ import annotations
@@ -148,12 +152,15 @@ class Trainer:
             else None
         )
         self.scheduler = build_scheduler(self.optimizer, t)
-        self.policy = NonFinitePolicy(t, cfg.optim)
+        diloco = is_diloco(cfg)
+        # DiLoCo: each replica decides its inner steps alone; the policy merges replicas at checks.
+        self.policy = NonFinitePolicy(t, cfg.optim, replicas=cfg.parallel.replicas if diloco else 1)
         self.runner = StepRunner(
             self.model, self.optimizer, self.scheduler,
             device=self.dist.device, autocast=self.autocast, router=self.router,
             grad_clip=t.grad_clip, policy=self.policy, after_update=self._router_bias_update(),
             sharded_logits=self.dist.tp > 1 and cfg.parallel.loss_parallel,
+            replica_group=self.dist.shard_mesh.get_group() if diloco else None,
         )  # fmt: skip
         self.evaluator = Evaluator(
             self.model, self.optimizer, self.val_set, t, self.dist, autocast=self.autocast, to_device=self.runner.to_device
@@ -284,7 +291,8 @@ class Trainer:
         tokens_per_s = self._meter.tick()
         record: dict[str, Any] = {
             "step": step,
-            "loss": self._window.mean(),
+            # DiLoCo: each replica's window, merged here (replicas may talk at log steps).
+            "loss": self._window.mean(self._sum_over_ranks if is_diloco(self.cfg) else None),
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens": step * tokens_per_step,
@@ -306,14 +314,22 @@ class Trainer:
             record.update(self.router.metrics(lambda v: all_reduce_sum(v, self.dist.device)))
         return record
 
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        return all_reduce_sum(values, self.dist.device)
+
     def _preemption_agreed(self, handler: PreemptionHandler, step: int, *, synced: bool) -> bool:
         """Whether to save and stop after this step. One process reads its own flag every step;
         ranks agree (a collective whose result the host reads, i.e. a sync) only on steps that
         sync anyway (`synced`: log steps; checkpoint steps) and every
         trainer.preemption_check_interval steps, the same steps on every rank, so all stop
-        after the same step. A signal is acted on at the next such step."""
+        after the same step. A signal is acted on at the next such step. Under DiLoCo the
+        periodic check moves to outer steps, where replicas meet anyway: every
+        K x ceil(interval / K) steps (nothing crosses replicas between outer steps)."""
         if self.dist.world_size > 1:
             interval = self.cfg.trainer.preemption_check_interval
+            if interval and is_diloco(self.cfg):
+                k = self.cfg.optim.k
+                interval = k * -(-interval // k)
             due = synced or self.state.should_save(step, preempted=False) or (interval and step % interval == 0)
             if not due:
                 return False
