@@ -13,10 +13,17 @@ Layout of `checkpoint.dir` (default `<run_dir>/checkpoints`):
     step_00000300.incomplete/    a save in progress, or one killed mid-way: never loaded
     latest                       the name of the newest complete checkpoint
 
-A save writes into `<name>.incomplete/`; once every rank's files and DCP's metadata are on disk,
-rank 0 writes the manifest, renames the directory to `<name>/`, then points `latest` at it and
-only then prunes old checkpoints. A process killed at any moment leaves the previous checkpoint
-complete and `latest` pointing at it.
+A save writes into `<name>.incomplete/`; each rank records the size and CRC32 of the files it
+writes as it writes them; once every rank's files and DCP's metadata are on disk, rank 0 writes
+the manifest from those entries, renames the directory to `<name>/`, then points `latest` at it
+and only then prunes old checkpoints. A process killed at any moment leaves the previous
+checkpoint complete and `latest` pointing at it.
+
+Reading: a resume deals the manifest's files out over the ranks for verification, and every
+rank agrees on each outcome (`agreed`, on the gloo control group). Only proven damage (size or
+CRC32 mismatch, a missing or unparsable file: CorruptCheckpoint) lets a resume fall back to an
+older checkpoint; any other error (EIO, out of memory, a timeout: CheckpointUnreadable) stops
+the run and changes nothing.
 
 Loading never runs unrestricted pickle: tensor bytes go through DCP's `torch.load(weights_only=True)`
 path; DCP's `.metadata` (a pickle) is read by an unpickler that admits only DCP's own metadata
@@ -310,18 +317,19 @@ class ChecksummingWriter(FileSystemWriter):
         super().__init__(path, **kwargs)
         self.fs = _ChecksummingFileSystem()
         self.path = self.fs.init_path(path)
-        self.write_s = 0.0
+        self.write_s = self.write_cpu_s = 0.0  # wall and this thread's CPU seconds in write_data
 
     @property
     def written(self) -> dict[str, dict[str, int]]:
         return dict(self.fs.written)
 
     def write_data(self, plan: Any, planner: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return super().write_data(plan, planner)  # synchronous: the future is already done
         finally:
             self.write_s += time.perf_counter() - t0
+            self.write_cpu_s += time.thread_time() - c0
 
 
 def _crc32(path: Path, chunk: int = 1 << 24) -> int:
@@ -395,8 +403,9 @@ def verify_files(path: str | os.PathLike, files: dict[str, dict[str, int]], chec
 
 def verify_checkpoint(path: str | os.PathLike, checksum: bool = True) -> None:
     """One process: raise CorruptCheckpoint unless every file the manifest lists is there, whole
-    and (with `checksum`) bit-identical to what was written."""
-    verify_files(path, read_manifest(path), checksum)
+    and (with `checksum`) bit-identical to what was written (CheckpointUnreadable if reading
+    fails otherwise, e.g. EIO)."""
+    agreed(path, lambda: verify_files(path, read_manifest(path), checksum), local=True)
 
 
 def deal_files(files: dict[str, dict[str, int]], ranks: int) -> list[dict[str, dict[str, int]]]:
@@ -411,17 +420,22 @@ def deal_files(files: dict[str, dict[str, int]], ranks: int) -> list[dict[str, d
     return shares
 
 
-def verify_spread(path: str | os.PathLike, checksum: bool = True) -> float:
+def verify_spread(path: str | os.PathLike, checksum: bool = True) -> dict[str, float]:
     """Every rank: verify this rank's share of a checkpoint's files (deal_files), all ranks
     agreeing on the outcome (`agreed`). Rank 0 reads the manifest and shares it. Returns the
-    seconds this rank spent on its own share."""
+    wall and CPU seconds this rank spent on its own share (bench/checkpoint.py)."""
     group = control_group()
     rank = dist.get_rank() if group is not None else 0
     ranks = dist.get_world_size() if group is not None else 1
     files = agreed(path, lambda: read_manifest(path) if rank == 0 else None, share_from_rank0=True)
-    t0 = time.perf_counter()
-    agreed(path, lambda: verify_files(path, deal_files(files, ranks)[rank], checksum))
-    return time.perf_counter() - t0
+    share = deal_files(files, ranks)[rank]
+
+    def verify_share() -> dict[str, float]:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        verify_files(path, share, checksum)
+        return {"verify_s": time.perf_counter() - t0, "verify_cpu_s": time.thread_time() - c0}
+
+    return {**agreed(path, verify_share), "verify_bytes": sum(e["bytes"] for e in share.values())}
 
 
 # -- damage or failure ----------------------------------------------------------------------------
@@ -463,29 +477,31 @@ def classify(e: BaseException) -> tuple[str, str]:
 _PRECEDENCE = {FAILURE: 3, UNFIT: 2, DAMAGE: 1}
 
 
-def agreed(path: str | os.PathLike, fn: Callable[[], Any], *, share_from_rank0: bool = False) -> Any:
+def agreed(
+    path: str | os.PathLike, fn: Callable[[], Any], *, share_from_rank0: bool = False, local: bool = False
+) -> Any:
     """Run `fn` on every rank of the process group (or in this one process) and combine the
     outcomes on the control group: every rank returns (its own result, or rank 0's with
     `share_from_rank0`), or every rank raises the same error. A failure on any rank outweighs a
     refusal, which outweighs damage: a resume falls back only when damage is all that was found.
     `fn` must not issue collectives after a point where it may fail on one rank only (DCP's
-    own collectives share every rank's failure, so dcp.load may be called in it)."""
+    own collectives share every rank's failure, so dcp.load may be called in it). `local`: this
+    process alone (a tool, or one rank's own check), the same errors, no messages."""
     try:
         result, outcome = fn(), None
     except (Exception, CheckpointException) as e:  # MemoryError included; KeyboardInterrupt not
         result, outcome = None, classify(e)
-    group = control_group()
-    if group is None:
-        outcomes, shared = [outcome], result
-    else:
-        rank = dist.get_rank()
-        gathered: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (outcome, result if share_from_rank0 and rank == 0 else None), group=group)
-        outcomes, shared = [o for o, _ in gathered], gathered[0][1]
+    group = None if local else control_group()
+    outcomes = [outcome]
+    if group is not None:  # outcomes only (a line each): rank 0's result follows if all went well
+        outcomes = [None] * dist.get_world_size()
+        dist.all_gather_object(outcomes, outcome, group=group)
     bad = [(r, o) for r, o in enumerate(outcomes) if o is not None]
     if bad:
         r, (kind, cause) = max(bad, key=lambda ro: (_PRECEDENCE[ro[1][0]], -ro[0]))
-        where = f" (rank {r})" if len(outcomes) > 1 and "(rank " not in cause else ""
+        # Name the rank where the ranks differ (one rank's disk, one rank's memory).
+        alike = all(o == outcomes[0] for o in outcomes)
+        where = "" if alike or "(rank " in cause else f" (rank {r})"
         if kind == FAILURE:
             raise CheckpointUnreadable(
                 f"cannot read checkpoint {path}: {cause}{where}; this is not damage, so nothing was rewound or "
@@ -493,7 +509,11 @@ def agreed(path: str | os.PathLike, fn: Callable[[], Any], *, share_from_rank0: 
             )
         prefix = "" if str(path) in cause else f"{path}: "
         raise (CorruptCheckpoint if kind == DAMAGE else CheckpointError)(f"{prefix}{cause}{where}")
-    return shared if share_from_rank0 else result
+    if share_from_rank0 and group is not None:
+        box = [result]
+        dist.broadcast_object_list(box, src=0, group=group)
+        result = box[0]
+    return result
 
 
 def _write_json_durably(path: Path, obj: Any) -> dict[str, int]:
@@ -754,7 +774,7 @@ class Checkpointer:
         own = {STATE_FILE: started} if self.rank == 0 else {}  # rank 0 wrote state.json
 
         writer = ChecksummingWriter(tmp, sync_files=True)
-        self.last_timing = {"write_s": 0.0, "publish_s": 0.0}
+        self.last_timing = {"write_s": 0.0, "write_cpu_s": 0.0, "publish_s": 0.0, "publish_cpu_s": 0.0}
         if blocking:
             try:
                 with _single_process_quietly():
@@ -793,14 +813,14 @@ class Checkpointer:
         CRC32s); rank 0 publishes only if no rank failed, and every rank gets the outcome: all
         go on, or all raise the same error. Two small messages on a gloo group, whatever the
         size of the checkpoint."""
-        self.last_timing["write_s"] = writer.write_s
+        self.last_timing.update(write_s=writer.write_s, write_cpu_s=writer.write_cpu_s)
         gathered = [written]
         if self._distributed:
             gathered = [None] * self.world_size if self.rank == 0 else None
             dist.gather_object(written, gathered, dst=0, group=group)
         outcome = None
         if self.rank == 0:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             outcome = next((error for error, _ in gathered if error), None)
             if outcome is None:
                 files = {name: entry for _, entries in gathered for name, entry in entries.items()}
@@ -808,7 +828,7 @@ class Checkpointer:
                     self._finalize(tmp, final, files)
                 except OSError as e:
                     outcome = self._write_failed(tmp, e)
-            self.last_timing["publish_s"] = time.perf_counter() - t0
+            self.last_timing.update(publish_s=time.perf_counter() - t0, publish_cpu_s=time.thread_time() - c0)
         return self._broadcast(outcome, group)
 
     def _start_save(self, step: int, tmp: Path, meta: dict[str, Any], plain: list) -> dict[str, int] | str:
