@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import subprocess
 import sys
 import zlib
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from snoo_train.checkpoint import (
     LATEST,
@@ -30,7 +32,9 @@ from snoo_train.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointUnreadable,
+    CorruptCheckpoint,
     SafeFileSystemReader,
+    classify,
     deal_files,
     read_manifest,
 )
@@ -90,6 +94,29 @@ def test_files_are_dealt_out_evenly_and_the_same_on_every_rank():
 
 
 # -- failures while reading are not damage (one process) -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error, kind",
+    [
+        (CorruptCheckpoint("x: a.distcp is corrupt (CRC32 mismatch)"), "damage"),
+        (FileNotFoundError(errno.ENOENT, "No such file", "x/__0_0.distcp"), "damage"),
+        (pickle.UnpicklingError("invalid load key"), "damage"),
+        (EOFError("Ran out of input"), "damage"),
+        (CheckpointError("the checkpoint was written for a different model"), "unfit"),
+        (OSError(errno.EIO, "Input/output error", "x/__0_0.distcp"), "failure"),
+        (TimeoutError(errno.ETIMEDOUT, "Connection timed out"), "failure"),
+        (PermissionError(errno.EACCES, "Permission denied", "x/.metadata"), "failure"),
+        (MemoryError(), "failure"),
+        (torch.OutOfMemoryError("CUDA out of memory"), "failure"),
+        (RuntimeError("gloo: connection closed by peer"), "failure"),
+    ],
+)
+def test_only_proven_damage_is_damage(error, kind):
+    assert classify(error)[0] == kind
+    # DCP hands over every rank's failure wrapped: the first failing rank's decides.
+    wrapped = CheckpointException("read", {1: (error, None)})
+    assert classify(wrapped)[0] == kind
 
 
 def _eio(self, *args, **kwargs):
