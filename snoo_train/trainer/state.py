@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,14 +17,16 @@ from snoo_train.checkpoint import (
     Checkpointer,
     CheckpointError,
     CorruptCheckpoint,
+    checkpoint_candidates,
     checkpoint_name,
+    named_candidates,
     no_loadable_checkpoint,
     replica_keys,
-    resolve_checkpoint,
-    resume_candidates,
+    verify_spread,
 )
 from snoo_train.config import is_diloco
 from snoo_train.dist import agree as agree_on
+from snoo_train.dist import control_group
 from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
 from snoo_train.rundir import check_free_space, check_writable, guard_fresh_start
 
@@ -114,7 +116,8 @@ class RunState:
         positions = [t.loader.rank_state()]
         if self.dist.world_size > 1:
             positions = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(positions, t.loader.rank_state())
+            # Host values: a control message, never on the NCCL training group.
+            torch.distributed.all_gather_object(positions, t.loader.rank_state(), group=control_group())
         return {f"rank{r}": p for r, p in enumerate(positions)}
 
     @property
@@ -238,36 +241,41 @@ class RunState:
         if resume == "none":
             agree(self.dist, lambda: self._guard_fresh_start("trainer.resume=none"))
             return None
+        # Rank 0 lists the candidates (cheap: names); every rank then verifies its share of one
+        # candidate's files and loads it, all ranks agreeing on each outcome on the control
+        # group (checkpoint.agreed). Only damage moves on to the next candidate; a failure
+        # (an I/O error, out of memory) stops the run with the newest checkpoint untouched.
+        candidates, fallback = agree(self.dist, lambda: self._candidates(resume))
+        checksum = self.cfg.checkpoint.checksum
         problems: list[str] = []
-        # A generator that runs on rank 0 only, one candidate at a time: a checkpoint is verified
-        # (CRC of every file) only if the ones before it could not be loaded.
-        candidates = self._candidates(resume, problems)
-        while (path := agree(self.dist, lambda: next(candidates, None))) is not None:
+        for path in candidates:
             try:
+                verify_spread(path, checksum=checksum)
                 self.load(path)
-                return path
-            except CorruptCheckpoint as e:  # every rank sees the failure (DCP gathers them)
-                if resume != "auto":
+            except CorruptCheckpoint as e:
+                if not fallback:
                     raise CorruptCheckpoint(f"trainer.resume: {e}") from e
                 problems.append(str(e))
                 if self.dist.is_main:
                     log.warning("skipping checkpoint: %s", e)
+                continue
+            if problems and self.dist.is_main:
+                log.warning("resuming from the previous complete checkpoint %s", path)
+            return path
+        if problems:
+            raise no_loadable_checkpoint(self.dir, problems)
         agree(self.dist, lambda: self._guard_fresh_start("there is no checkpoint to resume from (trainer.resume=auto)"))
         return None
 
-    def _candidates(self, resume: str, problems: list[str]) -> Iterator[str]:
-        """The checkpoints to try, best first; raises when checkpoints exist but none is left
-        (`problems`: why each was skipped or failed to load)."""
-        checksum = self.cfg.checkpoint.checksum
+    def _candidates(self, resume: str) -> tuple[list[str], bool]:
+        """The checkpoints to try, best first, and whether damage may fall back to the next."""
         if resume == "auto":
-            yield from (str(p) for p in resume_candidates(self.dir, checksum=checksum, problems=problems))
-            if problems:
-                raise no_loadable_checkpoint(self.dir, problems)
-            return
+            return [str(p) for p in checkpoint_candidates(self.dir)], True
         try:
-            yield str(resolve_checkpoint(resume, checksum=checksum))
+            found, fallback = named_candidates(resume)
         except CheckpointError as e:
             raise type(e)(f"trainer.resume: {e}") from e
+        return [str(p) for p in found], fallback
 
     def _guard_fresh_start(self, why: str) -> None:
         archived = guard_fresh_start(
