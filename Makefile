@@ -53,13 +53,16 @@ install-gpu: $(VENV)/bin/python
 # directory when the machine has one, else on PyTorch's CPU wheel index.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 LOCK_TORCH_SOURCE ?= $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),--extra-index-url $(TORCH_CPU_INDEX) --index-strategy unsafe-best-match)
+# LOCK_UPGRADE= (empty) keeps every pin that still satisfies pyproject.toml and resolves only what
+# changed (a new dependency); the default moves everything to its newest release.
+LOCK_UPGRADE ?= --upgrade
 lock:
 	test -x $(LOCK_VENV)/bin/uv || ($(PYTHON) -m venv $(LOCK_VENV) && \
 		$(LOCK_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION))
 	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --extra dev \
 		--constraint requirements/torch-cpu.txt $(LOCK_TORCH_SOURCE) \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-		--custom-compile-command "make lock" --upgrade --output-file $(LOCK)
+		--custom-compile-command "make lock" $(LOCK_UPGRADE) --output-file $(LOCK)
 
 # The suite against the newest releases of everything (not the lock): what a `make lock` would
 # bring. For maintainers before they refresh the lock; not part of CI.
@@ -75,8 +78,12 @@ test-latest:
 train:
 	$(PY) -m snoo_train.train $(ARGS)
 
+# Two workers (pytest-xdist): most tests keep one core busy (a one-process run, an entry point's
+# start-up), so two at a time fill the two cores CI has. loadscope keeps a module's tests on one
+# worker, so a module's shared runs (module fixtures) are made once. TEST_WORKERS=0: no workers.
+TEST_WORKERS ?= 2
 test:
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadscope)
 
 lint:
 	$(PY) -m ruff check snoo_train tests bench
