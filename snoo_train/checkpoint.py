@@ -964,6 +964,45 @@ def _first_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
+def _preflight(
+    path: Path,
+    state: dict[str, Any],
+    check_meta: Callable[[dict[str, Any], int], None] | None,
+    skip: Callable[[str], bool] | None,
+    rename: Callable[[str], str] | None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Everything a rank checks before any tensor is read (load_state's arguments); no
+    collectives. Returns the saved document and the tensors to load, by saved key."""
+    doc = read_state(path)
+    if doc.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {doc.get('format')!r}, expected {FORMAT_VERSION}")
+    if check_meta is not None:
+        try:
+            check_meta(doc["meta"], doc["world_size"])
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"{path}: {e}") from e
+    tensors, _ = split_state(state)
+    if skip is not None:
+        tensors = {k: v for k, v in tensors.items() if not skip(k)}
+    if rename is not None:
+        tensors = {rename(k): v for k, v in tensors.items()}
+    saved = read_tensor_keys(path)
+    missing = [k for k in tensors if k not in saved]
+    if missing:
+        raise CheckpointError(
+            f"{path}: has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+            f"({len(missing)} missing tensors): it was written by a different model or optimizer"
+        )
+    wrong = [
+        f"{k} {tuple(saved[k])} vs {tuple(v.shape)}"
+        for k, v in tensors.items()
+        if tuple(saved[k]) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"{path}: tensor shapes differ from this run's: {'; '.join(wrong[:3])}")
+    return doc, tensors
+
+
 def load_state(
     path: str | os.PathLike,
     state: dict[str, Any],
@@ -979,37 +1018,6 @@ def load_state(
     the key it was saved under (see `Checkpointer.save`). Returns the saved meta."""
     path = Path(path)
 
-    def preflight() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """Everything this rank checks before any tensor is read; no collectives."""
-        doc = read_state(path)
-        if doc.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format {doc.get('format')!r}, expected {FORMAT_VERSION}")
-        if check_meta is not None:
-            try:
-                check_meta(doc["meta"], doc["world_size"])
-            except CorruptCheckpoint as e:
-                raise CorruptCheckpoint(f"{path}: {e}") from e
-        tensors, _ = split_state(state)
-        if skip is not None:
-            tensors = {k: v for k, v in tensors.items() if not skip(k)}
-        if rename is not None:
-            tensors = {rename(k): v for k, v in tensors.items()}
-        saved = read_tensor_keys(path)
-        missing = [k for k in tensors if k not in saved]
-        if missing:
-            raise CheckpointError(
-                f"{path}: has no {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
-                f"({len(missing)} missing tensors): it was written by a different model or optimizer"
-            )
-        wrong = [
-            f"{k} {tuple(saved[k])} vs {tuple(v.shape)}"
-            for k, v in tensors.items()
-            if tuple(saved[k]) != tuple(v.shape)
-        ]
-        if wrong:
-            raise CheckpointError(f"{path}: tensor shapes differ from this run's: {'; '.join(wrong[:3])}")
-        return doc, tensors
-
     def read_tensors() -> None:
         # no_dist: one process without a process group (export, world size 1) loads everything.
         # DCP's own planning messages go on the control group; each rank reads its shards.
@@ -1021,7 +1029,7 @@ def load_state(
 
     # Every rank agrees after each phase (agreed): damage found by one rank is damage for all,
     # and a failure on one rank (EIO, out of memory) stops every rank.
-    doc, tensors = agreed(path, preflight)
+    doc, tensors = agreed(path, lambda: _preflight(path, state, check_meta, skip, rename))
     agreed(path, read_tensors)
     prefixes = tuple(state)
     for p, value in doc["plain"]:
