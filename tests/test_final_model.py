@@ -114,10 +114,16 @@ def assert_export_is_the_reference(optim_cfg, seen: dict, exported: dict, fast: 
 # -- one process: SNOO and Lookahead ---------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """optim -> (its run directory, its trainer after fit), trained once for the module."""
+    root = tmp_path_factory.mktemp("final_model")
+    return {optim: (root / optim, fit(root / optim, [f"optim={optim}"])) for optim in ("snoo_adamw", "lookahead_adamw")}
+
+
 @pytest.mark.parametrize("optim", ["snoo_adamw", "lookahead_adamw"])
-def test_final_model_holds_the_partial_window(tmp_path, optim):
-    run_dir = tmp_path / "run"
-    trainer = fit(run_dir, [f"optim={optim}"])
+def test_final_model_holds_the_partial_window(runs, tmp_path, optim):
+    run_dir, trainer = runs[optim]
     assert isinstance(trainer.optimizer, SNOO)
     fast = [{n: v["fast"] for n, v in trainer.seen[STEPS].items()}]
     exported = export_weights(run_dir, tmp_path / "hf")
@@ -135,12 +141,11 @@ def test_final_model_holds_the_partial_window(tmp_path, optim):
     assert (group["snoo_step"], group["snoo_flushed_at"]) == (STEPS, STEPS)
 
 
-def test_resuming_the_final_checkpoint(tmp_path):
+def test_resuming_the_final_checkpoint(runs, tmp_path):
     """What a resume from the checkpoint at max_steps does (README): with the same max_steps it
     only evaluates the saved model (no second final outer step); with a larger one it continues
     from the exported model, and the next outer step is at the next multiple of k."""
-    first = tmp_path / "first"
-    trainer = fit(first, [])
+    first, trainer = runs["snoo_adamw"]
     final = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     final_val = read_records(first)[-1]["val_loss"]
     resume = f"trainer.resume={first / FINAL_CHECKPOINT}"

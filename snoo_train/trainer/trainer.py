@@ -8,6 +8,8 @@ runs the loop. Each component decides its own interval:
         RunState.should_save      (state.py)      a checkpoint every checkpoint.interval steps
         preemption                                save and leave for a requeue (exit 75)
         StepProfiler.step         (profiler.py)   a torch profiler trace of trainer.profile's steps
+    after the step at trainer.max_steps, before its evaluation and checkpoint: optimizer.flush()
+    (SNOO's outer step on a partial window: the final model holds every step)
 
 A step that does not log never waits for the device: the loss, grad norm and finite flag stay
 device tensors (step.py, metrics.LossWindow) and are read at log steps; the non-finite policy
