@@ -229,7 +229,6 @@ class SNOO(InnerWrapper):
         calls the same thing `sync_lookahead`). Training may go on afterwards: the next outer
         step is still at the next multiple of k, after a window that much shorter."""
         due = [group for group in self.param_groups if not self._params_are_eval_point(group)]
-        self.outer_step_taken = False
         if due:
             self._outer_step(due)
             for group in due:
