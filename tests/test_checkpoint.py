@@ -264,19 +264,29 @@ def test_export_loads_with_automodel_and_matches_the_slow_weights_logits(referen
 
     from snoo_train.export import main as export_main
 
-    ref_dir, _, trainer = reference_run  # 12 steps, k=5: mid-cycle, slow != fast
+    ref_dir, _, trainer = reference_run  # 12 steps, k=5: the final outer step at 12 ends mid-cycle
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        fast_logits = trainer.model(input_ids=ids).logits
+        final_logits = trainer.model(input_ids=ids).logits
         with trainer.evaluator.weights():
             slow_logits = trainer.model(input_ids=ids).logits
+    assert torch.equal(final_logits, slow_logits)  # after it fast == slow: the final model
     export_main([str(ref_dir), str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "config.json").exists() and (tmp_path / "hf" / "model.safetensors").exists()
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    torch.testing.assert_close(logits, slow_logits, rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(logits, fast_logits, atol=1e-3)  # the slow weights, not the fast
+
+    def exported_logits(out: str) -> torch.Tensor:
+        with torch.no_grad():
+            return AutoModelForCausalLM.from_pretrained(tmp_path / out)(input_ids=ids).logits
+
+    torch.testing.assert_close(exported_logits("hf"), slow_logits, rtol=1e-5, atol=1e-5)
+    # Mid-cycle (step 7, two inner steps after the outer step at 5) the export writes the slow
+    # weights, which are step 5's parameters, not the fast ones (--weights params).
+    ckpts = ref_dir / "checkpoints"
+    export_main([str(ckpts / "step_00000007"), str(tmp_path / "mid")])
+    export_main([str(ckpts / "step_00000007"), str(tmp_path / "mid_fast"), "--weights", "params"])
+    export_main([str(ckpts / "step_00000005"), str(tmp_path / "outer5"), "--weights", "params"])
+    torch.testing.assert_close(exported_logits("mid"), exported_logits("outer5"), rtol=0, atol=0)
+    assert not torch.allclose(exported_logits("mid"), exported_logits("mid_fast"), atol=1e-3)
 
 
 # -- world sizes 2 -> 1 and 4, kill -9, SIGTERM (subprocesses) -------------------------------------

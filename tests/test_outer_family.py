@@ -670,3 +670,29 @@ def test_entry_point_trains_each_config_and_records_the_eval_sequence(tmp_path):
             assert [r["lr"] for r in records] == pytest.approx([3e-3] * len(records))  # constant
         seen[name] = evals[-1]["val_loss"]
     assert set(seen) == set(E2E)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params: GPA(INNERS["adamw"](params), mu_x=0.9, mu_y=0.7),
+        lambda params: EMANesterov(INNERS["adamw"](params), gamma=0.9, beta=0.5),
+        lambda params: ScheduleFreeAdamW(params, lr=1e-2),
+    ],
+    ids=["gpa", "ema_nesterov", "schedule_free"],
+)
+def test_flush_leaves_the_averaging_optimizers_as_they_are(make):
+    """The end-of-training rule for the optimizers whose evaluation point moves at every step:
+    nothing is pending, so the trainer's final flush() changes no parameter and no state."""
+    model = make_model()
+    opt = make(model.parameters())
+    run(model, opt, batches(5))
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.flush()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    for key, value in state["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(torch.as_tensor(after["state"][key][name]), torch.as_tensor(tensor)), (key, name)

@@ -318,3 +318,56 @@ def test_outer_metrics_are_the_global_norms_of_the_last_outer_step():
     assert metrics["snoo/pseudo_grad_norm"] == pytest.approx(s.norm().item(), rel=1e-5)
     w_new = torch.cat([opt.state[p]["snoo_slow"].flatten() for p in model.parameters()])
     assert metrics["snoo/slow_weight_norm"] == pytest.approx(w_new.norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_flush_takes_the_outer_step_on_a_partial_window_and_keeps_the_phase(nesterov):
+    """The end-of-training rule (README, SNOO section): flush() after 6 inner steps with k=4 is
+    SGD(lr=eta, momentum=mu, nesterov) on w with gradient w - p over the 2-step window; a second
+    flush changes nothing; the next outer step is still at step 8, from the flushed weights."""
+    k, eta, mu = 4, 0.8, 0.75
+    model = make_model()
+    opt = SNOO(adamw(model.parameters()), k=k, lr=eta, momentum=mu, nesterov=nesterov)
+
+    shadow_model = make_model()  # an AdamW-only copy that supplies fast weights the same way
+    shadow_inner = adamw(shadow_model.parameters())
+    slow = [p.detach().clone().requires_grad_(True) for p in shadow_model.parameters()]
+    sgd = torch.optim.SGD(slow, lr=eta, momentum=mu, nesterov=nesterov)
+
+    def outer_step_by_hand() -> None:
+        with torch.no_grad():
+            for w, p in zip(slow, shadow_model.parameters()):
+                w.grad = w - p
+        sgd.step()
+        with torch.no_grad():
+            for w, p in zip(slow, shadow_model.parameters()):
+                p.copy_(w)
+
+    data = batches(2 * k)
+    for t, batch in enumerate(data, start=1):
+        for m, o in ((model, opt), (shadow_model, shadow_inner)):
+            loss_fn(m, batch).backward()
+            o.step()
+            o.zero_grad()
+        if t % k == 0 or t == 6:
+            outer_step_by_hand()
+        if t == 6:
+            fast = [p.detach().clone() for p in model.parameters()]
+            opt.flush()
+            assert opt.outer_step_taken
+            for p, w, f in zip(model.parameters(), slow, fast):
+                torch.testing.assert_close(opt.state[p]["snoo_slow"], w.detach(), rtol=1e-6, atol=1e-7)
+                assert torch.equal(p, opt.state[p]["snoo_slow"])  # fast == slow after it
+                assert not torch.allclose(p, f)  # the outer step moved them: steps 5-6 are in
+            flushed = copy.deepcopy(opt.state_dict())
+            opt.flush()  # nothing left in the window: a no-op, also for evaluation
+            with opt.slow_parameters():
+                assert all(torch.equal(p, opt.state[p]["snoo_slow"]) for p in model.parameters())
+            for key, value in opt.state_dict()["state"].items():
+                for name, tensor in value.items():
+                    assert torch.equal(tensor, flushed["state"][key][name]), (key, name)
+        else:
+            assert opt.outer_step_taken == (t % k == 0)
+    assert opt.param_groups[0]["snoo_step"] == 2 * k and opt.param_groups[0]["snoo_flushed_at"] == 6
+    for p, w in zip(model.parameters(), slow):
+        torch.testing.assert_close(p, w.detach(), rtol=1e-6, atol=1e-7)

@@ -131,6 +131,11 @@ class InnerWrapper(Optimizer):
         # skips its initialising step and a resumed run would load no optimizer state at all.
         return [p for p in group["params"] if key in self.state.get(p, ())]
 
+    def flush(self) -> None:
+        """Make the evaluation point hold every step taken (the trainer calls it after its last
+        step, on every rank). Nothing to do here: GPA's and EMA-Nesterov's x move at every step,
+        so no step is left out of them. SNOO overrides it with an outer step on a partial window."""
+
     # The evaluation point: a subclass names the state key of its buffer, says per group whether
     # the parameters already hold the evaluation point, and writes it into the local shards.
     _buffer_key: str = ""

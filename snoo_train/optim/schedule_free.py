@@ -77,6 +77,9 @@ class ScheduleFreeAdamW(AdamWScheduleFree):
     def train_mode(self) -> bool:
         return all(group["train_mode"] for group in self.param_groups)
 
+    def flush(self) -> None:
+        """Nothing pending: x moves at every step (the trainer calls this after its last step)."""
+
     @contextlib.contextmanager
     def eval_parameters(self) -> Iterator[None]:
         """Context manager: the parameters hold x inside (`.eval()`), y after (`.train()`)."""

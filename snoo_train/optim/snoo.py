@@ -21,6 +21,11 @@ without special code (the pattern of timm's Lookahead):
 `param_groups`, `state` and `defaults` are properties that always read the inner optimizer, so a
 wrapper cannot go stale when `load_state_dict` replaces the inner optimizer's group dicts.
 
+The end of training (`flush()`): when training stops in the middle of a window (max_steps not a
+multiple of K) the slow weights would miss the last inner steps, the lowest-learning-rate ones.
+`flush()` takes the outer step on that partial window, with the same formula; the trainer calls it
+after its last step, so the final evaluation, the last checkpoint and the export hold every step.
+
 Multi-replica DiLoCo (`replicate_group`): R replicas of the model each train on their own data,
 each fully sharded over its own ranks, with no communication between replicas during the inner
 steps. At an outer step the pseudo-gradient `s` is averaged over the replicas (ONE all-reduce of
@@ -57,6 +62,9 @@ except ImportError:  # pragma: no cover - very old torch
 
 SLOW = "snoo_slow"
 MOMENTUM = "snoo_momentum"
+# In each param group: the inner-step count at which flush() last took an outer step (0: never),
+# so that a flushed window counts as closed (in a checkpoint too) and a second flush is a no-op.
+FLUSHED_AT = "snoo_flushed_at"
 
 
 def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -164,6 +172,7 @@ class SNOO(InnerWrapper):
     def _init_group(self, group: dict[str, Any]) -> None:
         super()._init_group(group)  # snoo_k, snoo_lr, snoo_momentum, snoo_nesterov
         group.setdefault("snoo_step", 0)
+        group.setdefault(FLUSHED_AT, 0)  # absent from checkpoints of earlier releases: never flushed
 
     # state_dict() is the inner optimizer's: the outer state is part of its state and groups,
     # one format that torch.distributed.checkpoint saves, loads and reshards like any other.
@@ -234,6 +243,26 @@ class SNOO(InnerWrapper):
             self._outer_step(due, finite)
             self.outer_step_taken = True
         return loss
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Take the outer step now on the inner steps since the last one (a partial window), so
+        that the slow weights hold every inner step taken; a no-op right after an outer step.
+
+        The update is the usual one on a shorter window: s = w - p, b = mu * b + s,
+        w = w - eta * (s + mu * b), p <- w; with `replicate_group` (DiLoCo) s is averaged over
+        the replicas first, so this is a collective: call it on every rank together. The
+        trainer calls it once, after the step at trainer.max_steps, so that the final evaluation,
+        the last checkpoint and the export hold the last (lowest learning-rate) inner steps;
+        call it in your own loop before evaluating or saving the final model (timm's Lookahead
+        calls the same thing `sync_lookahead`). Training may go on afterwards: the next outer
+        step is still at the next multiple of k, after a window that much shorter."""
+        due = [group for group in self.param_groups if not self._params_are_eval_point(group)]
+        if due:
+            self._outer_step(due)
+            for group in due:
+                group[FLUSHED_AT] = group["snoo_step"]
+            self.outer_step_taken = True
 
     def _to_state_device(self, t: torch.Tensor, pin: bool = True) -> torch.Tensor:
         """A copy of `t` on `state_device`: a DTensor keeps its mesh and placements around a CPU
@@ -391,7 +420,8 @@ class SNOO(InnerWrapper):
     _buffer_key = SLOW
 
     def _params_are_eval_point(self, group: dict[str, Any]) -> bool:
-        return group["snoo_step"] % group["snoo_k"] == 0  # right after an outer step fast == slow
+        # Right after an outer step (every k-th inner step, or a flush) fast == slow.
+        return group["snoo_step"] % group["snoo_k"] == 0 or group["snoo_step"] == group[FLUSHED_AT]
 
     def _write_eval_point(self, group: dict[str, Any], params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
         torch._foreach_copy_(params, buffers)

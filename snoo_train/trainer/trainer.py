@@ -8,6 +8,8 @@ runs the loop. Each component decides its own interval:
         RunState.should_save      (state.py)      a checkpoint every checkpoint.interval steps
         preemption                                save and leave for a requeue (exit 75)
         StepProfiler.step         (profiler.py)   a torch profiler trace of trainer.profile's steps
+    after the step at trainer.max_steps, before its evaluation and checkpoint: optimizer.flush()
+    (SNOO's outer step on a partial window: the final model holds every step)
 
 A step that does not log never waits for the device: the loss, grad norm and finite flag stay
 device tensors (step.py, metrics.LossWindow) and are read at log steps; the non-finite policy
@@ -241,6 +243,9 @@ class Trainer:
         logs = evaluate or self.metrics.should_log(step, first_step)
         if logs:
             self.policy.check(step)  # trainer.nonfinite: stop raises here, skip warns
+        if step == self.cfg.trainer.max_steps:
+            self._flush_optimizer()  # checked just above: the last step always evaluates
+        if logs:
             record = self._step_record(step, lr, float(grad_norm))
             if evaluate:
                 t0 = time.perf_counter()
@@ -264,6 +269,16 @@ class Trainer:
         if preempted:
             self.checkpointer.wait()
             raise Preempted(step, preemption.signum, path)
+
+    def _flush_optimizer(self) -> None:
+        """The final model holds every step: SNOO's slow weights miss the inner steps since its
+        last outer step when trainer.max_steps is not a multiple of optim.k, so it takes that
+        outer step now, on every rank (with DiLoCo's all-reduce), before the final evaluation and
+        the checkpoint at max_steps. Optimizers whose evaluation point moves every step (GPA,
+        EMA-Nesterov, Schedule-Free) have nothing to do; plain ones have no `flush`."""
+        flush = getattr(self.optimizer, "flush", None)
+        if flush is not None:
+            flush()
 
     def _summary(self, first_step: int, train_time: float) -> dict[str, Any]:
         t, tokens_per_step = self.cfg.trainer, self.loader.tokens_per_step
