@@ -30,6 +30,13 @@ def compose_config(overrides: Sequence[str], run_dir: str) -> Config:
     return cfg
 
 
+def repo_path(path: str | Path) -> str:
+    """`path` relative to the repository when it lies inside (results carry no machine's paths);
+    absolute otherwise (a scratch directory elsewhere)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else str(resolved)
+
+
 def write_report(report: dict, path: str | Path) -> Path:
     """Write a benchmark's JSON (creating bench/results/ if needed) and say where."""
     path = Path(path)

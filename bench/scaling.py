@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import convergence  # noqa: E402
-from common import compose_config  # noqa: E402
+from common import compose_config, repo_path  # noqa: E402
 
 from snoo_train.models.flops import flops_per_token  # noqa: E402
 
@@ -82,7 +82,7 @@ def run_size(model: str, args: argparse.Namespace, work: Path) -> dict:
         "baseline": report["baseline"]["settings"],
         "snoo": report["snoo"]["settings"],
         "wall_time_s": time.time() - t0,
-        "report": str(work / f"convergence_{model}.json"),
+        "report": repo_path(work / f"convergence_{model}.json"),
     }
 
 
