@@ -301,51 +301,9 @@ class SNOO(InnerWrapper):
         sq_norms: dict[str, list[torch.Tensor]] = {"pseudo_grad": [], "slow_weight": []}
         for group, params in todo:
             pseudo_grad = [next(pseudo_grads) for _ in params]
-            fast = [_local(p) for p in params]
-            slow = [_local(self.state[p][SLOW]) for p in params]
-            buf = [_local(self.state[p][MOMENTUM]) for p in params]
-            eta, mu = group["snoo_lr"], group["snoo_momentum"]
-            keep = None if ok is None else ok.to(slow[0].device)
-            if keep is not None:
-                # A dropped step: s = 0 (a NaN never meets arithmetic), b * 1 + 0 = b, w - eta * 0 = w.
-                drop = ~keep
-                for s in pseudo_grad:
-                    s.masked_fill_(drop, 0.0)
-
-            # Local squared norms only: turning them into global norms needs a collective,
-            # which outer_metrics() makes when the training loop asks, never the step itself.
-            # After the replica average every replica holds the same s and w, which the
-            # replication factor counts once.
-            factors = [float(_replication_factor(p)) for p in params]
-            sq_norms["pseudo_grad"] += [
-                n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)
-            ]
-
-            if keep is None:
-                torch._foreach_mul_(buf, mu)
-            else:
-                # mu, or 1 for a dropped step; in the buffer's dtype (bitwise the scalar product)
-                # and filled on the device (no host-to-device copy)
-                like = {"dtype": buf[0].dtype, "device": buf[0].device}
-                torch._foreach_mul_(buf, torch.where(keep, torch.full((), mu, **like), torch.ones((), **like)))
-            torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
-            if group["snoo_nesterov"]:
-                # s + mu * b, in place: one temporary copy of the parameters, not two
-                update = pseudo_grad
-                torch._foreach_add_(update, buf, alpha=mu)
-            else:
-                update = buf
-            if keep is not None:  # a dropped step moves nothing
-                if update is buf:
-                    update = [b.masked_fill(drop, 0.0) for b in buf]
-                else:
-                    for u in update:
-                        u.masked_fill_(drop, 0.0)
-            torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
-            torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
-            sq_norms["slow_weight"] += [
-                n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)
-            ]
+            sq_pseudo, sq_slow = self._nesterov_update(group, params, pseudo_grad, ok)
+            sq_norms["pseudo_grad"] += sq_pseudo
+            sq_norms["slow_weight"] += sq_slow
         self._metrics_device = todo[0][1][0].device
         sq = torch.stack([torch.stack(sq_norms[key]).sum() for key in ("pseudo_grad", "slow_weight")]).double()
         if ok is not None:
@@ -353,6 +311,55 @@ class SNOO(InnerWrapper):
             previous = self._last_outer_sq if self._last_outer_sq is not None else torch.full_like(sq, float("nan"))
             sq = torch.where(ok.to(sq.device), sq, previous.to(sq.device))
         self._last_outer_sq = sq
+
+    def _nesterov_update(
+        self, group: dict[str, Any], params: list[torch.Tensor], pseudo_grad: list[torch.Tensor], ok: torch.Tensor | None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """One group's update from its pseudo-gradients (local shards, consumed in place):
+        b = mu * b + s, w = w - eta * (s + mu * b) (or w - eta * b), p <- w; nothing moves where
+        `ok` (every replica finite) is False. Returns the local squared norms of s and of w."""
+        fast = [_local(p) for p in params]
+        slow = [_local(self.state[p][SLOW]) for p in params]
+        buf = [_local(self.state[p][MOMENTUM]) for p in params]
+        eta, mu = group["snoo_lr"], group["snoo_momentum"]
+        keep = None if ok is None else ok.to(slow[0].device)
+        if keep is not None:
+            # A dropped step: s = 0 (a NaN never meets arithmetic), b * 1 + 0 = b, w - eta * 0 = w.
+            drop = ~keep
+            for s in pseudo_grad:
+                s.masked_fill_(drop, 0.0)
+
+        # Local squared norms only: turning them into global norms needs a collective, which
+        # outer_metrics() makes when the training loop asks, never the step itself. After the
+        # replica average every replica holds the same s and w, which the replication factor
+        # counts once.
+        factors = [float(_replication_factor(p)) for p in params]
+        sq_pseudo = [n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)]
+
+        if keep is None:
+            torch._foreach_mul_(buf, mu)
+        else:
+            # mu, or 1 for a dropped step; in the buffer's dtype (bitwise the scalar product)
+            # and filled on the device (no host-to-device copy)
+            like = {"dtype": buf[0].dtype, "device": buf[0].device}
+            torch._foreach_mul_(buf, torch.where(keep, torch.full((), mu, **like), torch.ones((), **like)))
+        torch._foreach_add_(buf, pseudo_grad)  # b = mu * b + s
+        if group["snoo_nesterov"]:
+            # s + mu * b, in place: one temporary copy of the parameters, not two
+            update = pseudo_grad
+            torch._foreach_add_(update, buf, alpha=mu)
+        else:
+            update = buf
+        if keep is not None:  # a dropped step moves nothing
+            if update is buf:
+                update = [b.masked_fill(drop, 0.0) for b in buf]
+            else:
+                for u in update:
+                    u.masked_fill_(drop, 0.0)
+        torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
+        torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
+        sq_slow = [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)]
+        return sq_pseudo, sq_slow
 
     def _pseudo_gradients(
         self, slow: list[torch.Tensor], fast: list[torch.Tensor], finite: torch.Tensor | None = None
