@@ -422,7 +422,7 @@ def print_table(report: dict) -> None:
         if name.startswith("diloco"):
             d = r["bytes_per_step_per_rank"]
             print(f"{name}: cross-block = outer all-reduce {d.get('sent_outer_cross', 0.0) / mib:.4f} MiB/step "
-                  f"+ per-step scalars (the trainer's loss all-reduce) {d.get('sent_inner_cross', 0.0):.1f} B/step")
+                  f"+ between outer steps {d.get('sent_inner_cross', 0.0):.1f} B/step (replicas meet at outer and log steps only)")
 
 
 if __name__ == "__main__":

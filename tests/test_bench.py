@@ -250,7 +250,8 @@ def test_comm_bench_counts_fsdp_and_diloco_traffic(tmp_path):
     assert bf16["sent_outer_cross"] == pytest.approx(diloco["sent_outer_cross"] / 2, rel=1e-6)
     # Inside a replica FSDP runs over 2 ranks instead of 4: (2-1)/2 of (4-1)/4 per byte.
     assert diloco["sent_inner_intra"] == pytest.approx(adamw["sent_total"] * 2 / 3, rel=0.02)
-    assert diloco["sent_inner_cross"] < 100  # the trainer's loss scalar
+    # Nothing crosses replicas between outer steps (the loss is averaged within a replica).
+    assert diloco.get("sent_inner_cross", 0) == 0
 
 
 # -- bench/methods.py: the comparison logic on synthetic runs, and in miniature -----------------

@@ -45,6 +45,8 @@ CASES = {
 }
 # The layout chain: FSDP 4 for 6 steps, FSDP 2 x TP 2 to step 9, then one process to step 12.
 # A constant LR: each leg stops at its own trainer.max_steps, which a decaying schedule reads.
+# Each leg runs one step past the checkpoint the next leg resumes: the checkpoint at max_steps
+# holds the final outer step on the partial window (SNOO.flush), which an unbroken run never takes.
 CHAIN_FIRST, CHAIN_SECOND = 6, 9
 CHAIN = ["trainer.lr_schedule=constant"]
 
@@ -122,10 +124,10 @@ def _all_cases(rank: int, world_size: int, out: str) -> None:
     layouts = {}
     for name, overrides in CASES.items():
         layouts[name] = _layout_of(fit_layout(f"{out}/{name}", overrides))
-    fit_layout(f"{out}/chain_fsdp4", CHAIN + [f"trainer.max_steps={CHAIN_FIRST}", f"checkpoint.interval={CHAIN_FIRST}"])
+    fit_layout(f"{out}/chain_fsdp4", CHAIN + [f"trainer.max_steps={CHAIN_FIRST + 1}", f"checkpoint.interval={CHAIN_FIRST}"])
     fit_layout(f"{out}/chain_tp", CHAIN + TP + [
         f"trainer.resume={out}/chain_fsdp4/checkpoints/step_{CHAIN_FIRST:08d}",
-        f"trainer.max_steps={CHAIN_SECOND}", f"checkpoint.interval={CHAIN_SECOND}",
+        f"trainer.max_steps={CHAIN_SECOND + 1}", f"checkpoint.interval={CHAIN_SECOND}",
     ])  # fmt: skip
     torch.save(_diloco_tp(rank), f"{out}/diloco_tp_rank{rank}.pt")
     with open(f"{out}/rank{rank}.json", "w") as f:
@@ -224,7 +226,8 @@ def test_checkpoint_moves_fsdp4_to_tp2_to_one_process(tp_runs, one_process, tmp_
     resume = f"trainer.resume={tp_runs}/chain_tp/checkpoints/step_{CHAIN_SECOND:08d}"
     run_trainer(last, CHAIN + [resume, "checkpoint.interval=0"])
     want = {r["step"]: r for r in read_records(one_process["chain"])}
-    chain = read_records(tp_runs / "chain_fsdp4") + read_records(tp_runs / "chain_tp") + read_records(last)
+    legs = [(tp_runs / "chain_fsdp4", 1, CHAIN_FIRST), (tp_runs / "chain_tp", CHAIN_FIRST + 1, CHAIN_SECOND), (last, CHAIN_SECOND + 1, 12)]
+    chain = [r for run, first, end in legs for r in read_records(run) if first <= r["step"] <= end]
     assert sorted(r["step"] for r in chain if "loss" in r) == list(range(1, 13))
     assert_records_match([r for r in chain if "loss" in r], [want[s] for s in range(1, 13)],
                          ["loss", "grad_norm"], rel=1e-5, abs=1e-5)  # fmt: skip
