@@ -81,31 +81,42 @@ def test_matches_reference_over_several_outer_cycles(k, nesterov):
         torch.testing.assert_close(opt.state[p]["snoo_momentum"], b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("nesterov", [True, False])
-def test_outer_update_equals_torch_sgd_on_the_slow_weights(nesterov):
-    """DESIGN.md: the outer step is SGD(lr=eta, momentum=mu, nesterov) on w with gradient w - p."""
-    k, eta, mu = 2, 0.8, 0.75
+def sgd_reference(k: int, nesterov: bool, eta: float = 0.8, mu: float = 0.75):
+    """SNOO(AdamW) on a model, and DESIGN.md's reference beside it: an AdamW-only copy that
+    supplies fast weights the same way, slow weights, and `outer_step_by_hand()`, which is
+    torch's SGD(lr=eta, momentum=mu, nesterov) on them with gradient w - p, then p <- w.
+    Returns (model, opt, shadow_model, shadow_inner, slow, outer_step_by_hand)."""
     model = make_model()
     opt = SNOO(adamw(model.parameters()), k=k, lr=eta, momentum=mu, nesterov=nesterov)
-
-    shadow_model = make_model()  # an AdamW-only copy that supplies fast weights the same way
+    shadow_model = make_model()
     shadow_inner = adamw(shadow_model.parameters())
     slow = [p.detach().clone().requires_grad_(True) for p in shadow_model.parameters()]
     sgd = torch.optim.SGD(slow, lr=eta, momentum=mu, nesterov=nesterov)
 
+    def outer_step_by_hand() -> None:
+        with torch.no_grad():
+            for w, p in zip(slow, shadow_model.parameters()):
+                w.grad = w - p
+        sgd.step()
+        with torch.no_grad():
+            for w, p in zip(slow, shadow_model.parameters()):
+                p.copy_(w)
+
+    return model, opt, shadow_model, shadow_inner, slow, outer_step_by_hand
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_outer_update_equals_torch_sgd_on_the_slow_weights(nesterov):
+    """DESIGN.md: the outer step is SGD(lr=eta, momentum=mu, nesterov) on w with gradient w - p."""
+    k = 2
+    model, opt, shadow_model, shadow_inner, slow, outer_step_by_hand = sgd_reference(k, nesterov)
     for t, batch in enumerate(batches(3 * k), start=1):
         for m, o in ((model, opt), (shadow_model, shadow_inner)):
             loss_fn(m, batch).backward()
             o.step()
             o.zero_grad()
         if t % k == 0:
-            with torch.no_grad():
-                for w, p in zip(slow, shadow_model.parameters()):
-                    w.grad = w - p
-            sgd.step()
-            with torch.no_grad():
-                for w, p in zip(slow, shadow_model.parameters()):
-                    p.copy_(w)
+            outer_step_by_hand()
     for p, w in zip(model.parameters(), slow):
         torch.testing.assert_close(p, w.detach(), rtol=1e-6, atol=1e-7)
 
@@ -325,23 +336,8 @@ def test_flush_takes_the_outer_step_on_a_partial_window_and_keeps_the_phase(nest
     """The end-of-training rule (README, SNOO section): flush() after 6 inner steps with k=4 is
     SGD(lr=eta, momentum=mu, nesterov) on w with gradient w - p over the 2-step window; a second
     flush changes nothing; the next outer step is still at step 8, from the flushed weights."""
-    k, eta, mu = 4, 0.8, 0.75
-    model = make_model()
-    opt = SNOO(adamw(model.parameters()), k=k, lr=eta, momentum=mu, nesterov=nesterov)
-
-    shadow_model = make_model()  # an AdamW-only copy that supplies fast weights the same way
-    shadow_inner = adamw(shadow_model.parameters())
-    slow = [p.detach().clone().requires_grad_(True) for p in shadow_model.parameters()]
-    sgd = torch.optim.SGD(slow, lr=eta, momentum=mu, nesterov=nesterov)
-
-    def outer_step_by_hand() -> None:
-        with torch.no_grad():
-            for w, p in zip(slow, shadow_model.parameters()):
-                w.grad = w - p
-        sgd.step()
-        with torch.no_grad():
-            for w, p in zip(slow, shadow_model.parameters()):
-                p.copy_(w)
+    k = 4
+    model, opt, shadow_model, shadow_inner, slow, outer_step_by_hand = sgd_reference(k, nesterov)
 
     data = batches(2 * k)
     for t, batch in enumerate(data, start=1):
