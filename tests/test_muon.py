@@ -1,14 +1,18 @@
 """Muon and MuonBP (snoo_train.optim.muon) against an independent reference written here:
 Newton-Schulz vs the SVD polar factor, per-expert orthogonalisation, the parameter split,
-single-process and FSDP2-sharded Muon (world sizes 2 and 4) vs the reference, MuonBP."""
+single-process and FSDP2-sharded Muon (world sizes 2 and 4) vs the reference, MuonBP, and the
+collectives one sharded step issues: two all-to-alls per group of same-shape matrices."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.debug import CommDebugMode
 
 from snoo_train.config import ModelConfig
 from snoo_train.models import PRESETS, build_model, materialize, parallelize
@@ -220,6 +224,28 @@ def test_single_process_muon_matches_the_reference(period):
     }
 
 
+def test_a_reloaded_muon_continues_exactly():
+    # The per-group plans (layouts, buckets) are cached across steps; load_state_dict replaces
+    # the param groups, so a reloaded optimizer must plan afresh and step exactly as before.
+    models = [build_model(PRESETS["moe_tiny"], VOCAB, seed=0) for _ in range(2)]
+    opts = [make_muon(m) for m in models]
+    for step in (1, 2):
+        for m, o in zip(models, opts):
+            backward(m, step)
+            o.step()
+            o.zero_grad()
+    plans_before = dict(opts[1]._plans)
+    opts[1].load_state_dict(copy.deepcopy(opts[0].state_dict()))  # torch would share tensors
+    assert not opts[1]._plans
+    for m, o in zip(models, opts):
+        backward(m, 3)
+        o.step()
+    assert all(opts[1]._plans[id(g)].group is g for g in opts[1].param_groups if g["use_muon"])
+    assert not set(map(id, plans_before.values())) & set(map(id, opts[1]._plans.values()))
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
+
+
 def test_snoo_wraps_muon_without_special_cases():
     model = build_model(PRESETS["moe_tiny"], VOCAB, seed=0)
     opt = SNOO(make_muon(model), k=2, lr=0.7, momentum=0.5)
@@ -260,13 +286,28 @@ def _sharded_muon_worker(rank: int, world_size: int) -> None:
             return (world_size, _shard_dim(name, p, world_size))
 
         opt, ref = make_muon(model, period=period), RefMuon(ref_model, blocks)
-        sent = []
+        sent, collectives = [], []
         for step in range(1, 4):
             for m, o in ((model, opt), (ref_model, ref)):
                 backward(m, step)  # the same batch on every rank: the averaged gradient is its own
-                o.step()
+                with CommDebugMode() as comm:
+                    o.step()
                 o.zero_grad()
+                if o is opt:
+                    collectives.append({str(op): n for op, n in comm.get_comm_counts().items() if n})
             sent.append(opt.last_comm_bytes)
+        # One all-to-all to the owners and one back per group of same-shape matrices split on the
+        # same dim (not one gather + one scatter per matrix); block steps communicate nothing.
+        owner_split = [
+            (tuple(p.shape), p.placements[0].dim)
+            for n, p in model.named_parameters()
+            if ref_categories(n, p) in ("matrix", "expert") and p.placements[0].dim >= p.ndim - 2
+        ]
+        groups = len(set(owner_split))
+        assert groups < len(owner_split)  # some groups hold several matrices: batching is tested
+        for step, counts in enumerate(collectives, start=1):
+            want = {"c10d.alltoall_base_": 2 * groups} if step % period == 0 else {}
+            assert counts == want, (period, step, counts, want)
         for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
             got = full(p)
             assert torch.allclose(got, q, atol=2e-5, rtol=1e-4), (period, n, (got - q).abs().max())

@@ -202,14 +202,14 @@ def run_case(mesh, case: str) -> None:
 
 
 def muon_collectives(mesh, names: list[str]) -> tuple[dict[str, int], list[list[int]]]:
-    """(collective op -> count, ranks of each group gathered/scattered over) in one Muon step on
-    the given layouts only."""
+    """(collective op -> count, ranks of each group exchanged over) in one Muon step on the given
+    layouts only."""
     sharded, _ = make_params(mesh, {n: LAYOUTS[n] for n in names})
     opt = make_muon(sharded)
     for i, p in enumerate(sharded):
         g = gradient(tuple(p.shape), i, 0)
         p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
-    groups, originals = [], {name: getattr(dist, name) for name in ("gather", "scatter")}
+    groups, originals = [], {name: getattr(dist, name) for name in ("all_to_all_single",)}
 
     def recording(fn):
         def call(*args, group=None, **kwargs):
@@ -232,7 +232,7 @@ def muon_collectives(mesh, names: list[str]) -> tuple[dict[str, int], list[list[
 def check_muon_communication(mesh) -> None:
     # EP (FSDP also on the expert dim or not): whole experts on each rank, orthogonalised locally.
     assert muon_collectives(mesh, ["experts_ep", "experts_ep_x_fsdp_on_experts"]) == ({}, [])
-    # EP x FSDP: gathered to an owner and scattered back within the FSDP ("shard") dim only.
+    # EP x FSDP: one all-to-all to the owner and one back, within the FSDP ("shard") dim only.
     ops, groups = muon_collectives(mesh, ["experts_ep_x_fsdp"])
     shard_group = dist.get_process_group_ranks(mesh.get_group("shard"))
     assert sum(ops.values()) == len(groups) == 2, (ops, groups)

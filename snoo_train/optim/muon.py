@@ -15,15 +15,21 @@ rank may hold a slice; `_layout` decides per parameter how NS sees it whole:
     stacks [E, rows, cols] split only on the expert dim, i.e. EP): NS runs locally, no
     communication; experts are orthogonalised one by one (batched).
   * owner: one mesh dim splits one matrix dim (FSDP on a 1-D mesh, HSDP, experts FSDP-sharded
-    besides EP). Every step the matrices are dealt out to the ranks of that dim's group
-    (largest first, to the least-loaded rank), each matrix is *gathered to its owner only*, the
-    owner orthogonalises it, and *scatters* the slices back: each rank does about 1/N of the
-    work and receives only the matrices it owns (the scheme of microsoft/dion and torchtitan's
-    DistMuon, written here with plain gather/scatter so that it runs on gloo and NCCL alike).
+    besides EP). Same-shape matrices split on the same dim form a bucket; each step the bucket's
+    matrices are dealt round-robin to the ranks of that dim's group, ONE all-to-all sends every
+    rank's slices of them, stacked, to their owners, each owner orthogonalises all its whole
+    matrices in one batched NS, and one all-to-all sends the slices back: 2 collectives per
+    bucket (not per matrix), each rank does about 1/N of the work and receives only the matrices
+    it owns (the scheme of microsoft/dion and torchtitan's DistMuon, written with
+    `all_to_all_single`, which gloo and NCCL both implement; `_Exchange`).
   * gather: several mesh dims split the matrix (TP x FSDP: Shard/_StridedShard on two dims):
     the update is all-gathered over exactly those dims, NS runs on the whole matrix and each
     rank keeps its own slice (`_orthogonalise_gathered` says why and what it costs).
-The result equals single-process Muon up to floating-point reassociation.
+The result equals single-process Muon up to floating-point reassociation (batched NS is
+bitwise equal to NS matrix by matrix on CPU). Layouts and buckets are planned once per param
+group (`_GroupPlan`) and planned afresh when the groups change (add_param_group,
+load_state_dict). Momentum and the update are applied with torch._foreach_ ops, NS is compiled
+on CUDA, and the AdamW part is torch's functional AdamW (foreach).
 
 MuonBP (block-periodic, arXiv 2510.16981): with `period=P > 1`, on steps where step % P != 0
 each rank orthogonalises its local slice as a block of its own (no communication), and every
@@ -46,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.adamw import adamw as _functional_adamw
 
 from snoo_train.optim._dtensor import local as _local
 
@@ -254,102 +261,120 @@ def _orthogonalise_gathered(
     return ortho.to_local(), (ranks - 1) * update.numel() * update.element_size()
 
 
-class _Job:
-    """One matrix (or expert stack) to orthogonalise in full on its owner rank."""
+class _OwnerBucket:
+    """Same-shape owner-layout matrices of one param group that share a process group and split
+    dim: exchanged with ONE all-to-all each way per step. Fixed between steps (cached)."""
 
-    def __init__(
-        self, param: torch.Tensor, update: torch.Tensor, mesh_dim: int, dim: int, ns: Callable
-    ):
-        self.param, self.update, self.dim, self.ns = param, update, dim, ns
-        mesh = param.device_mesh
-        self.group = mesh.get_group(mesh_dim)
-        self.size = mesh.size(mesh_dim)
+    def __init__(self, p: torch.Tensor, layout: _Layout):
+        mesh = p.device_mesh
+        self.group = mesh.get_group(layout.mesh_dim)
+        self.size = mesh.size(layout.mesh_dim)
         self.rank = dist.get_rank(self.group)
-        self.length = param.shape[dim]
+        self.dim = layout.dim
+        self.shape = tuple(p.shape)
+        self.length = p.shape[layout.dim]
         self.chunk = -(-self.length // self.size)  # torch.chunk's (and DTensor's) slice size
-        self.owner = 0
-        self.result: torch.Tensor | None = None
-
-    def padded_local(self) -> torch.Tensor:
-        local = self.update
-        missing = self.chunk - local.shape[self.dim]
-        if missing:
-            pad_shape = list(local.shape)
-            pad_shape[self.dim] = missing
-            local = torch.cat([local, local.new_zeros(pad_shape)], dim=self.dim)
-        return local.contiguous()
+        # The local shape, not the global one: another mesh dim (EP) may split a leading dim.
+        self.slice_shape = list(_local(p).shape)
+        self.slice_shape[self.dim] = self.chunk
 
 
-def _orthogonalise_sharded(jobs: list[_Job]) -> int:
-    """Full-matrix NS for every job with 1/N of the work per rank; returns bytes this rank sent.
+class _Exchange:
+    """One step of one bucket: this rank's slices of its M matrices go, stacked, to their owners
+    (matrix i to rank (offset + i) % N) in one all-to-all; each owner runs one batched NS on the
+    whole matrices it received; a second all-to-all brings every rank its slices back.
 
-    Owners are dealt out largest matrix first to the least-loaded rank of the job's group
-    (NS costs ~ rows * cols * min(rows, cols)); every rank computes the same assignment from
-    the global shapes, so it costs no communication.
+    Why all-to-all: it moves exactly what the gather + scatter pair per matrix moved, in 2
+    collectives per bucket instead of 2 per matrix, on gloo and NCCL alike (both implement
+    `all_to_all_single` with uneven splits along dim 0, which lets owners hold different counts).
     """
-    load: dict[Any, list[float]] = {}
-    for job in sorted(jobs, key=lambda j: -j.param.numel()):
-        ranks = load.setdefault(id(job.group), [0.0] * job.size)
-        job.owner = min(range(job.size), key=ranks.__getitem__)
-        shape = job.param.shape
-        ranks[job.owner] += job.param.numel() * min(shape[-2], shape[-1])
-    return _gather_and_orthogonalise(jobs) + _scatter_results(jobs)
 
-
-def _gather_and_orthogonalise(jobs: list[_Job]) -> int:
-    """Each owner gathers its matrices' shards and runs NS on the full matrix; returns bytes sent."""
-    sent = 0
-    pending = []
-    for job in jobs:
-        local = job.padded_local()
-        dst = dist.get_global_rank(job.group, job.owner)
-        mine = job.rank == job.owner
-        gathered = [torch.empty_like(local) for _ in range(job.size)] if mine else None
-        pending.append(
-            (job, gathered, dist.gather(local, gathered, dst=dst, group=job.group, async_op=True))
+    def __init__(self, bucket: _OwnerBucket, params: list, updates: list, offset: int):
+        self.bucket, self.params, self.updates = bucket, params, updates
+        n, dim = bucket.size, bucket.dim
+        owners = [(offset + i) % n for i in range(len(params))]
+        # Send order: grouped by owner, so owner r's matrices are one contiguous run of dim 0.
+        self.order = sorted(range(len(params)), key=owners.__getitem__)
+        self.counts = [owners.count(r) for r in range(n)]
+        self.mine = self.counts[bucket.rank]
+        send = updates[0].new_empty([len(params), *bucket.slice_shape])
+        for row, i in enumerate(self.order):
+            u = updates[i]
+            send[row].narrow(dim, 0, u.shape[dim]).copy_(u)
+            if u.shape[dim] < bucket.chunk:  # the last ranks' slices of an uneven split
+                send[row].narrow(dim, u.shape[dim], bucket.chunk - u.shape[dim]).zero_()
+        self.recv = send.new_empty([n * self.mine, *bucket.slice_shape])
+        self.work = dist.all_to_all_single(
+            self.recv, send, [self.mine] * n, self.counts, group=bucket.group, async_op=True
         )
-        if not mine:
-            sent += local.numel() * local.element_size()
-    for job, gathered, work in pending:
-        work.wait()
-        if gathered is not None:
-            full = torch.cat(gathered, dim=job.dim).narrow(job.dim, 0, job.length)
-            job.result = job.ns(full)
-    return sent
+        slice_bytes = send[0].numel() * send.element_size() if len(params) else 0
+        self.sent = (len(params) - self.mine) * slice_bytes + (n - 1) * self.mine * slice_bytes
 
-
-def _scatter_results(jobs: list[_Job]) -> int:
-    """Each owner scatters its orthogonalised matrices back as shards; returns bytes sent."""
-    sent = 0
-    pending = []
-    for job in jobs:
-        local_len = job.update.shape[job.dim]
-        shape = list(job.update.shape)
-        shape[job.dim] = job.chunk
-        out = job.update.new_empty(shape)
-        src = dist.get_global_rank(job.group, job.owner)
-        chunks = None
-        if job.rank == job.owner:
-            pad = job.chunk * job.size - job.length
-            full = job.result
-            if pad:
-                pad_shape = list(full.shape)
-                pad_shape[job.dim] = pad
-                full = torch.cat([full, full.new_zeros(pad_shape)], dim=job.dim)
-            chunks = [c.contiguous() for c in full.split(job.chunk, dim=job.dim)]
-            sent += sum(c.numel() * c.element_size() for i, c in enumerate(chunks) if i != job.rank)
-        pending.append(
-            (
-                job,
-                out,
-                local_len,
-                dist.scatter(out, chunks, src=src, group=job.group, async_op=True),
+    def orthogonalise_and_return(self, ns: Callable) -> None:
+        """Wait for the slices, NS this rank's whole matrices at once, send the slices back."""
+        b, d = self.bucket, self.bucket.dim + 1  # + 1: the stacking dim in front
+        self.work.wait()
+        back = self.recv
+        if self.mine:
+            # [N (from rank), mine, *slice] -> [mine, ..., N * chunk, ...]: the whole matrices.
+            whole = (
+                self.recv.view(b.size, self.mine, *b.slice_shape).movedim(0, d).flatten(d, d + 1)
             )
-        )
-    for job, out, local_len, work in pending:
-        work.wait()
-        job.result = out.narrow(job.dim, 0, local_len)
-    return sent
+            ortho = ns(whole.narrow(d, 0, b.length))
+            if b.length < b.size * b.chunk:
+                padded = ortho.new_zeros(whole.shape)
+                padded.narrow(d, 0, b.length).copy_(ortho)
+                ortho = padded
+            back = ortho.unflatten(d, (b.size, b.chunk)).movedim(d, 0).reshape(self.recv.shape)
+        self.result = back.new_empty([len(self.params), *b.slice_shape])
+        self.work = dist.all_to_all_single(
+            self.result, back.contiguous(), self.counts, [self.mine] * b.size, group=b.group,
+            async_op=True,
+        )  # fmt: skip
+
+    def results(self) -> list[torch.Tensor]:
+        """This rank's slice of each orthogonalised matrix, in the order of `params`."""
+        self.work.wait()
+        out: list[torch.Tensor] = [None] * len(self.params)  # type: ignore[list-item]
+        for row, i in enumerate(self.order):
+            out[i] = self.result[row].narrow(
+                self.bucket.dim, 0, self.updates[i].shape[self.bucket.dim]
+            )
+        return out
+
+
+class _GroupPlan:
+    """What stays fixed between steps for one Muon param group: each parameter's layout and its
+    owner bucket. Rebuilt only when the param groups change (add_param_group, load_state_dict)."""
+
+    def __init__(self, group: dict[str, Any]):
+        self.group = group  # held, so the identity check in `Muon._plan` cannot see a reused id
+        self.layouts = [_layout(p) for p in group["params"]]
+        buckets: dict[tuple, _OwnerBucket] = {}
+        self.buckets: list[_OwnerBucket | None] = []
+        for p, layout in zip(group["params"], self.layouts):
+            bucket = None
+            if layout.kind == "owner":
+                key = (
+                    id(p.device_mesh.get_group(layout.mesh_dim)),
+                    layout.dim,
+                    tuple(p.shape),
+                    tuple(_local(p).shape[: layout.dim]),
+                    p.dtype,
+                )
+                bucket = buckets.get(key) or buckets.setdefault(key, _OwnerBucket(p, layout))
+            self.buckets.append(bucket)
+
+
+def _compiled_newton_schulz() -> Callable:
+    """newton_schulz compiled once per process (CUDA only: on CPU compiling costs more than it saves)."""
+    global _COMPILED_NS
+    if _COMPILED_NS is None:
+        _COMPILED_NS = torch.compile(newton_schulz, fullgraph=True)
+    return _COMPILED_NS
+
+
+_COMPILED_NS: Callable | None = None
 
 
 # -- the optimizer -----------------------------------------------------------------------------
@@ -399,6 +424,8 @@ class Muon(Optimizer):
         self._adamw_lr = adamw_lr
         self.ns_dtype = ns_dtype
         self.last_comm_bytes = 0  # bytes this rank sent in the last step (the benchmark reads it)
+        self._plans: dict[int, _GroupPlan] = {}
+        self._per_matrix = False  # bench/muon_comm.py only: the step before batching
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -417,6 +444,7 @@ class Muon(Optimizer):
         if param_group.get("use_muon", True) is False and "lr" not in param_group:
             param_group["lr"] = self._adamw_lr
         super().add_param_group(param_group)
+        self._plans = {}
         group = self.param_groups[-1]
         if group["use_muon"]:
             flat = [p for p in group["params"] if p.ndim < 2]
@@ -426,99 +454,153 @@ class Muon(Optimizer):
                     "use_muon=False (muon_param_groups does this)"
                 )
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # load_state_dict (and unpickling) replaces param_groups with new dicts: plans go stale.
+        super().__setstate__(state)
+        self._plans = {}
+
+    def _plan(self, group: dict[str, Any]) -> _GroupPlan:
+        plan = self._plans.get(id(group))
+        if plan is None or plan.group is not group:
+            plan = self._plans[id(group)] = _GroupPlan(group)
+        return plan
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        jobs: list[_Job] = []
-        self.last_comm_bytes = 0  # the gather layout adds its bytes as it goes
+        if self._per_matrix:
+            from snoo_train.optim._muon_per_matrix import per_matrix_step
+
+            per_matrix_step(self)
+            return loss
+        self.last_comm_bytes = 0
+        exchanges: list[tuple[_Exchange, dict[str, Any]]] = []
+        offsets: dict[int, int] = {}  # per process group: where the round-robin deal goes on
         for group in self.param_groups:
             if group["use_muon"]:
-                jobs += self._muon_updates(group)
+                exchanges += [(x, group) for x in self._muon_group(group, offsets)]
             else:
                 self._adamw(group)
-        self.last_comm_bytes += _orthogonalise_sharded(jobs) if jobs else 0
-        for job in jobs:
-            self._apply(job.param, job.result, job.lr, job.wd, rms_scale(job.param.shape))
+        # All exchanges are in flight before the first wait: NS of one bucket overlaps the
+        # communication of the others.
+        for exchange, group in exchanges:
+            exchange.orthogonalise_and_return(self._ns(group))
+        for exchange, group in exchanges:
+            scale = rms_scale(exchange.bucket.shape)
+            self._apply(exchange.params, exchange.results(), group, scale)
+            self.last_comm_bytes += exchange.sent
         return loss
 
     def _ns(self, group: dict[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
         def ns(x: torch.Tensor) -> torch.Tensor:
             dtype = self.ns_dtype or (torch.bfloat16 if x.is_cuda else torch.float32)
-            return newton_schulz(x, steps=group["ns_steps"], dtype=dtype)
+            fn = _compiled_newton_schulz() if x.is_cuda else newton_schulz
+            return fn(x, steps=group["ns_steps"], dtype=dtype)
 
         return ns
 
-    def _muon_updates(self, group: dict[str, Any]) -> list[_Job]:
-        """Momentum on local shards; local (or MuonBP block) and gathered NS applied at once;
-        full-matrix NS of owner-layout parameters returned as jobs for `_orthogonalise_sharded`."""
-        lr, wd = group["lr"], group["weight_decay"]
-        ns = self._ns(group)
-        jobs = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            update = self._momentum_update(p, group)
-            layout = _layout(p)
-            full_step = int(self.state[p]["step"].item()) % group["period"] == 0
+    def _muon_group(self, group: dict[str, Any], offsets: dict[int, int]) -> list[_Exchange]:
+        """Momentum on local shards (foreach); local (or MuonBP block) and gathered NS applied at
+        once, same-shape matrices batched; owner-layout buckets returned as started exchanges."""
+        plan = self._plan(group)
+        present = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        if not present:
+            return []
+        params = [group["params"][i] for i in present]
+        updates, steps = self._momentum_updates(params, group)
+        period, ns = group["period"], self._ns(group)
+        local: dict[tuple, list[int]] = {}  # (shape, dtype, device) -> positions in `params`
+        owned: dict[int, tuple[_OwnerBucket, list[int]]] = {}
+        for j, i in enumerate(present):
+            layout, p, update = plan.layouts[i], params[j], updates[j]
+            full_step = period == 1 or int(steps[j].item()) % period == 0  # CPU tensor: no sync
             if layout.kind == "owner" and full_step:
-                job = _Job(p, update, layout.mesh_dim, layout.dim, ns)
-                job.lr, job.wd = lr, wd
-                jobs.append(job)
+                bucket = plan.buckets[i]
+                owned.setdefault(id(bucket), (bucket, []))[1].append(j)
             elif layout.kind == "gather" and full_step:
                 ortho, sent = _orthogonalise_gathered(p, update, layout.whole, ns)
                 self.last_comm_bytes += sent
-                self._apply(p, ortho, lr, wd, rms_scale(p.shape))
+                self._apply([p], [ortho], group, rms_scale(p.shape))
             elif update.numel():
                 # Local layout: every matrix is whole here. MuonBP block step: this rank's
                 # slice, orthogonalised on its own, scaled by its own shape.
-                self._apply(p, ns(update), lr, wd, rms_scale(update.shape))
-        return jobs
+                local.setdefault((tuple(update.shape), update.dtype, update.device), []).append(j)
+        for (shape, _, _), members in local.items():
+            ortho = ns(torch.stack([updates[j] for j in members]))
+            self._apply(
+                [params[j] for j in members], list(ortho.unbind(0)), group, rms_scale(shape)
+            )
+        exchanges = []
+        for bucket, members in owned.values():
+            offset = offsets.get(id(bucket.group), 0)
+            offsets[id(bucket.group)] = offset + len(members)
+            exchanges.append(
+                _Exchange(
+                    bucket, [params[j] for j in members], [updates[j] for j in members], offset
+                )
+            )
+        return exchanges
 
-    def _momentum_update(self, p: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """Advance the momentum of `p` on its local shard; the update NS will orthogonalise."""
-        state = self.state[p]
-        if "momentum_buffer" not in state:  # by key: a wrapper may already own keys here
-            state["momentum_buffer"] = torch.zeros_like(p)
-            state["step"] = torch.tensor(0.0)
-        state["step"] += 1
+    def _momentum_updates(
+        self, params: list[torch.Tensor], group: dict[str, Any]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Advance the momentum of `params` on their local shards (foreach); returns the updates
+        NS will orthogonalise and the step counters."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if "momentum_buffer" not in state:  # by key: a wrapper may already own keys here
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["step"] = torch.tensor(0.0)
+        steps = [state["step"] for state in states]
+        torch._foreach_add_(steps, 1.0)
         mu = group["momentum"]
-        grad, buf = _local(p.grad), _local(state["momentum_buffer"])
-        buf.mul_(mu).add_(grad)
-        return grad.add(buf, alpha=mu) if group["nesterov"] else buf
+        grads = [_local(p.grad) for p in params]
+        bufs = [_local(state["momentum_buffer"]) for state in states]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        return updates, steps
 
     @staticmethod
-    def _apply(p: torch.Tensor, ortho: torch.Tensor, lr: float, wd: float, scale: float) -> None:
-        local = _local(p)
+    def _apply(
+        params: list[torch.Tensor], orthos: list[torch.Tensor], group: dict[str, Any], scale: float
+    ) -> None:
+        """p = p * (1 - lr * wd) - lr * scale * O, for same-shape parameters at once."""
+        lr, wd = group["lr"], group["weight_decay"]
+        locals_ = [_local(p) for p in params]
         if wd:
-            local.mul_(1.0 - lr * wd)
-        local.add_(ortho.to(local.dtype), alpha=-lr * scale)
+            torch._foreach_mul_(locals_, 1.0 - lr * wd)
+        orthos = [o.to(t.dtype) for o, t in zip(orthos, locals_)]
+        torch._foreach_add_(locals_, orthos, alpha=-lr * scale)
 
     def _adamw(self, group: dict[str, Any]) -> None:
-        """Decoupled-weight-decay Adam on local shards (element-wise: no communication)."""
-        (beta1, beta2), eps, lr, wd = (
-            group["betas"],
-            group["eps"],
-            group["lr"],
-            group["weight_decay"],
-        )
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
+        """torch's functional AdamW (foreach) on local shards: element-wise, no communication."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] = torch.tensor(0.0)
-            state["step"] += 1
-            step = state["step"].item()
-            local, grad = _local(p), _local(p.grad)
-            m, v = _local(state["exp_avg"]), _local(state["exp_avg_sq"])
-            if wd:
-                local.mul_(1.0 - lr * wd)
-            m.lerp_(grad, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
-            local.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+                state["step"] = torch.tensor(0.0)  # on CPU, as torch's AdamW: no host sync
+        beta1, beta2 = group["betas"]
+        _functional_adamw(
+            [_local(p) for p in params],
+            [_local(p.grad) for p in params],
+            [_local(state["exp_avg"]) for state in states],
+            [_local(state["exp_avg_sq"]) for state in states],
+            [],
+            [state["step"] for state in states],
+            foreach=True,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
