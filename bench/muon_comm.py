@@ -1,5 +1,5 @@
 """Sharded Muon under FSDP2: collectives and bytes per optimizer step, and step time, for the
-step before same-shape batching (one gather + one scatter per matrix, `Muon._per_matrix`), the
+step before same-shape batching (one gather + one scatter per matrix, bench/muon_per_matrix.py), the
 batched step (one all-to-all each way per bucket of same-shape matrices) and MuonBP.
 
 The trainers (optim=muon per-matrix, batched, and batched with muon_period=P) train the same model
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from common import REPO, compose_config
+from muon_per_matrix import use_per_matrix_step
 from torch.distributed.tensor.debug import CommDebugMode
 
 from snoo_train.config import Config, validate_config
@@ -88,7 +89,8 @@ def main() -> None:
     timing = {"on": False, "t0": 0.0, "count": None}
 
     for name, trainer in trainers.items():
-        trainer.optimizer._per_matrix = sides[name][1]
+        if sides[name][1]:
+            use_per_matrix_step(trainer.optimizer)
 
         def pre(opt, a, kw):
             if timing["count"] is not None:

@@ -425,7 +425,6 @@ class Muon(Optimizer):
         self.ns_dtype = ns_dtype
         self.last_comm_bytes = 0  # bytes this rank sent in the last step (the benchmark reads it)
         self._plans: dict[int, _GroupPlan] = {}
-        self._per_matrix = False  # bench/muon_comm.py only: the step before batching
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -471,11 +470,6 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._per_matrix:
-            from snoo_train.optim._muon_per_matrix import per_matrix_step
-
-            per_matrix_step(self)
-            return loss
         self.last_comm_bytes = 0
         exchanges: list[tuple[_Exchange, dict[str, Any]]] = []
         offsets: dict[int, int] = {}  # per process group: where the round-robin deal goes on

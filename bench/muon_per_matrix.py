@@ -2,7 +2,7 @@
 per owner-layout matrix, Newton-Schulz matrix by matrix, momentum and AdamW in Python loops.
 
 Kept only so that bench/muon_comm.py can measure the batched step against it in one run
-(`Muon._per_matrix = True`); the training path never takes it. Same arithmetic as then.
+(`PerMatrixMuon`); the package never imports it. Same arithmetic as then.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from snoo_train.optim._dtensor import local as _local
+from snoo_train.optim.muon import Muon, _layout, _orthogonalise_gathered, rms_scale
 
 
 class _Job:
@@ -96,7 +97,6 @@ def _orthogonalise_sharded(jobs: list[_Job]) -> int:
 
 def per_matrix_step(opt: Any) -> None:
     """The old `Muon.step` body (without the closure), on `opt`'s groups and state."""
-    from snoo_train.optim.muon import _layout, _orthogonalise_gathered, rms_scale
 
     jobs: list[_Job] = []
     opt.last_comm_bytes = 0
@@ -159,3 +159,26 @@ def _adamw_loop(opt: Any, group: dict[str, Any]) -> None:
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         denom = (v / (1.0 - beta2**step)).sqrt_().add_(eps)
         local.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+
+
+class PerMatrixMuon(Muon):
+    """Muon whose step is the per-matrix one above (state and hyper-parameters unchanged)."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        per_matrix_step(self)
+        return loss
+
+
+def use_per_matrix_step(opt: Muon) -> None:
+    """Turn a built Muon into PerMatrixMuon in place, step hooks included."""
+    opt.__class__ = PerMatrixMuon
+    opt._patch_step_function()  # torch wraps step() per class: the hooks must wrap this one too
+    # An LR scheduler wraps the instance's bound step (Muon's) to track calls: drop that wrapper,
+    # so that the class's step is the one called.
+    opt.__dict__.pop("step", None)
+    opt._opt_called = True  # what the wrapper would have recorded (no scheduler-order warning)
