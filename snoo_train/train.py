@@ -78,12 +78,12 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
                 # From here on it is the truth, changed hyper-parameters included.
                 OmegaConf.save(OmegaConf.structured(cfg), os.path.join(cfg.run_dir, "config.yaml"))
             summary = trainer.fit()
-        except (Preempted, TrainingDiverged, CheckpointError):
-            clean = True  # every rank stopped at the same step, or took the same decision
+        except (Preempted, TrainingDiverged):
+            clean = True  # every rank stopped at the same step
             raise
         except Exception as e:
-            compare_errors(e)  # the same error on every rank is printed once, by rank 0
-            clean = raised_on_every_rank(e)  # every rank is here
+            compare_errors(e)  # the same on every rank (an agreed refusal): printed once, by rank 0
+            clean = raised_on_every_rank(e)  # then every rank is here to leave together
             raise
         finally:
             if lock is not None:
