@@ -209,7 +209,6 @@ class SNOO(InnerWrapper):
         self.outer_step_ok = None
         return self._step(closure, finite)
 
-
     def _step(self, closure: Callable[[], float] | None, finite: torch.Tensor | None) -> Any:
         # The slow weights start at the parameters before the first inner step. They are written
         # into state[p] only after that step: AdamW (and others) initialise a parameter's state
