@@ -534,7 +534,7 @@ def test_nonfinite_loss_skip_leaves_weights_and_optimizer_state_untouched(tmp_pa
     summary = trainer.fit()
     assert [s for s, skipped, *_ in seen if skipped] == [3]
     _, _, before, after, epoch = seen[2]
-    # The skip is decided on the device (no host sync, README "Steps without host syncs"): the
+    # The skip is decided on the device (no host sync, docs/development.md "Steps without host syncs"): the
     # host-side counters (AdamW's step, SNOO's snoo_step, the LR schedule) advance as if the
     # step had been taken; the parameters and every state tensor are untouched.
     counters = [k for k in before if k.endswith(("/step", "/snoo_step", "/lr"))]

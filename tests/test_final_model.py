@@ -1,6 +1,6 @@
 """The final model holds every step (issue 20): with trainer.max_steps=25 and optim.k=10, SNOO's
 last outer step was at 20, and steps 21-25 (the lowest learning rates) lived only in the fast
-weights. The rule (README, SNOO section): after the step at max_steps the trainer takes the outer
+weights. The rule (docs/optimizers.md, SNOO section): after the step at max_steps the trainer takes the outer
 step on that partial window, on every rank, so the final evaluation, the checkpoint at max_steps
 and the export hold it.
 
@@ -142,7 +142,7 @@ def test_final_model_holds_the_partial_window(runs, tmp_path, optim):
 
 
 def test_resuming_the_final_checkpoint(runs, tmp_path):
-    """What a resume from the checkpoint at max_steps does (README): with the same max_steps it
+    """What a resume from the checkpoint at max_steps does (docs/optimizers.md): with the same max_steps it
     only evaluates the saved model (no second final outer step); with a larger one it continues
     from the exported model, and the next outer step is at the next multiple of k."""
     first, trainer = runs["snoo_adamw"]

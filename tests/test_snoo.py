@@ -333,7 +333,7 @@ def test_outer_metrics_are_the_global_norms_of_the_last_outer_step():
 
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_flush_takes_the_outer_step_on_a_partial_window_and_keeps_the_phase(nesterov):
-    """The end-of-training rule (README, SNOO section): flush() after 6 inner steps with k=4 is
+    """The end-of-training rule (docs/optimizers.md, SNOO section): flush() after 6 inner steps with k=4 is
     SGD(lr=eta, momentum=mu, nesterov) on w with gradient w - p over the 2-step window; a second
     flush changes nothing; the next outer step is still at step 8, from the flushed weights."""
     k = 4

@@ -374,7 +374,7 @@ def test_a_partial_prepare_of_another_config_is_not_mixed_in(tmp_path):
 
 
 def test_local_files_and_a_trained_tokenizer_prepare_and_train(tmp_path, bpe_dir):
-    """The README's path end to end: local jsonl + our own tokenizer -> store -> training with the
+    """docs/data.md's path end to end: local jsonl + our own tokenizer -> store -> training with the
     store's saved tokenizer (data.tokenizer unset)."""
     write_jsonl(tmp_path / "a.jsonl", make_docs(300, seed=5))
     out = tmp_path / "tokens"
