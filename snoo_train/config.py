@@ -224,7 +224,7 @@ class TrainerConfig:
     archive_previous_run: bool = False
     # A non-finite loss or gradient norm, found at the next log step or checkpoint: stop (raise;
     # no checkpoint holds a non-finite step) | skip (the step's update is masked on the device;
-    # host counters such as the LR schedule still advance: README "Steps without host syncs")
+    # host counters such as the LR schedule still advance: docs/development.md "Steps without host syncs")
     nonfinite: str = "stop"
     nonfinite_max_skips: int = 10  # skip: stop anyway after this many consecutive skipped steps
     # More than one rank: agree on a preemption signal (a host sync) every this many steps, besides

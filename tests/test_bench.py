@@ -373,3 +373,36 @@ def test_methods_bench_in_miniature(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     second = json.loads(out.with_suffix(".json").read_text())
     assert second["runs_reused"] == 2 and second["methods"] == report["methods"]
+
+
+# -- bench/gpu_check.py on CPU: the GPU check runs end to end, so it is ready when a GPU is lent ---
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_and_writes_every_part(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--model", "llama_tiny", "--steps", "3",
+           "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    parts = report["parts"]
+    assert set(parts) == {"llama", "moe", "checkpoint"}
+    configs = [f"{o}{ac}" for ac in ("", "_ac") for o in ("adamw", "snoo_adamw", "snoo_muon")]
+    for name in configs:
+        r = parts["llama"][name]
+        assert "error" not in r, r
+        assert r["tokens_per_s"] > 0 and r["mfu"] is None  # no peak FLOP/s known for a CPU
+        # Non-log steps read nothing from the device but the optimizers' own step counters.
+        assert r["host"]["host_reads"] == 0 and r["host"]["steps"] == 4
+        assert r["planned_peak_bytes"] > r["param_bytes"] > 0
+        assert (r["snoo_state_bytes"] > 0) == name.startswith("snoo")
+    assert parts["llama"]["tokens_per_s_over_adamw"]["adamw"] == 1.0
+    assert parts["moe"]["model"] == "moe_tiny" and parts["moe"]["tokens_per_s"] > 0
+    # SNOO(AdamW)'s checkpoint holds at least the parameters, two Adam moments and two outer copies.
+    ckpt = parts["checkpoint"]
+    assert ckpt["bytes"] >= 5 * parts["llama"]["snoo_adamw"]["param_bytes"]
+    assert ckpt["save_gb_per_s"] > 0 and ckpt["load_gb_per_s"] > 0
+    assert report["elapsed_s"] < report["settings"]["budget_s"]
