@@ -1,0 +1,128 @@
+"""A seeded normal draw of one rank's shard, bitwise equal to slicing the full draw, without it.
+
+Why this works (torch's CPU `normal_fill`, aten/src/ATen/native/cpu/DistributionTemplates.h): on
+a contiguous float32 tensor of n >= 16 elements `normal_` takes n uniforms from the generator's
+mt19937 stream (one 32-bit draw each), turns them into normals by Box-Muller in aligned blocks of
+16, and if n % 16 != 0 takes 16 more uniforms and redraws the last 16 elements from them. So a
+run of rows that starts on a 16-element boundary, once the generator has been advanced past the
+elements before it, is redrawn exactly by `normal_` on a buffer of those rows; a last run that
+ends the tensor redraws its tail exactly as the full tensor does. mt19937 has no jump in torch's
+API, so advancing costs one `uniform_` draw per skipped element (cheaper than a normal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.placement_types import _StridedShard
+
+# 16 MiB of float32: the most one draw holds, whatever the parameter's size.
+CHUNK_ELEMENTS = 1 << 22
+_BLOCK = 16  # normal_fill's Box-Muller block
+
+
+def local_indices(param: torch.Tensor) -> list[torch.Tensor] | None:
+    """Per tensor dimension, the global indices this rank's local tensor holds, in local order.
+
+    A plain tensor holds everything. For a DTensor, each Shard / _StridedShard placement splits
+    its dimension's index vector, mesh dimension by mesh dimension, with the placement's own
+    split: what `distribute_tensor` does to the data, so uneven (torch.chunk) shards and FSDP2's
+    strided shards over TP come out as FSDP2 and DTensor lay them out. None off the mesh.
+    """
+    index = [torch.arange(size) for size in param.shape]
+    if not isinstance(param, DTensor):
+        return index
+    coordinate = param.device_mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    for mesh_dim, placement in enumerate(param.placements):
+        if isinstance(placement, Replicate):
+            continue
+        if not isinstance(placement, Shard | _StridedShard):
+            raise ValueError(f"cannot initialize a parameter placed {placement}: not a shard")
+        dim = placement.dim % param.ndim
+        column = index[dim].view([-1 if d == dim else 1 for d in range(param.ndim)])
+        pieces, _ = placement._split_tensor(
+            column, param.device_mesh.size(mesh_dim), with_padding=False, contiguous=False
+        )
+        index[dim] = pieces[coordinate[mesh_dim]].reshape(-1)
+    return index
+
+
+def _row_index(shape: torch.Size, index: list[torch.Tensor]) -> torch.Tensor:
+    # The tensor seen as (rows, last dim): global row ids of the local rows, in local order.
+    rows = torch.zeros(1, dtype=torch.long)
+    for size, dim_index in zip(shape[:-1], index[:-1], strict=True):
+        rows = (rows[:, None] * size + dim_index[None, :]).reshape(-1)
+    return rows
+
+
+def _chunks(rows: int, cols: int, chunk_elements: int) -> list[tuple[int, int]]:
+    # Row ranges of at most ~chunk_elements, each starting on a 16-element boundary. A last
+    # range under 16 elements would be drawn element by element: it joins the one before.
+    align = _BLOCK // math.gcd(cols, _BLOCK)
+    step = max(align, chunk_elements // max(cols, 1) // align * align)
+    starts = list(range(0, rows, step))
+    if len(starts) > 1 and (rows - starts[-1]) * cols < _BLOCK:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [rows], strict=True))
+
+
+def _advance(generator: torch.Generator, count: int, scratch: torch.Tensor) -> None:
+    # float32 uniform_ takes one 32-bit draw per element, as normal_'s fill does.
+    flat = scratch.view(-1)
+    while count > 0:
+        n = min(count, flat.numel())
+        flat[:n].uniform_(generator=generator)
+        count -= n
+
+
+@torch.no_grad()
+def fill_normal_shard(
+    local: torch.Tensor,
+    shape: torch.Size,
+    index: list[torch.Tensor],
+    std: float,
+    generator: torch.Generator,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> None:
+    """Write into `local` the elements at `index` (per-dimension global indices, local order,
+    as `local_indices` gives) of `torch.empty(shape).normal_(0, std, generator=generator)`.
+
+    Bitwise the same values, drawn in row chunks: the rows before this shard's first are skipped
+    with cheap uniform draws, nothing after its last is drawn, and at most one chunk (plus this
+    chunk's selected part) exists at a time. `local` may live on any device and dtype (values are
+    cast as `full.to(dtype)` would cast them); `generator` is consumed.
+    """
+    rows, cols = _row_index(shape, index), index[-1]
+    if rows.numel() == 0 or cols.numel() == 0:
+        return
+    width = shape[-1]
+    # Written in place when the local tensor allows a (rows, columns) view, else staged on CPU.
+    direct = local.is_contiguous()
+    target = (
+        local.view(rows.numel(), cols.numel())
+        if direct
+        else torch.empty(rows.numel(), cols.numel(), dtype=local.dtype)
+    )
+    first, last = int(rows.min()), int(rows.max())
+    needed = [
+        (a, b)
+        for a, b in _chunks(math.prod(shape[:-1]), width, chunk_elements)
+        if b > first and a <= last
+    ]
+    buffer = torch.empty(max(b - a for a, b in needed) * width)
+    _advance(generator, needed[0][0] * width, buffer)
+    for a, b in needed:
+        chunk = buffer[: (b - a) * width].view(b - a, width)
+        chunk.normal_(0.0, std, generator=generator)
+        hit = ((rows >= a) & (rows < b)).nonzero().squeeze(1)
+        values = chunk.index_select(0, rows[hit] - a)
+        if cols.numel() != width:  # a column shard (TP Shard(1)): keep this rank's columns
+            values = values.index_select(1, cols)
+        target.index_copy_(0, hit.to(target.device), values.to(target.device, target.dtype))
+    if not direct:
+        local.copy_(target.view(local.shape))
