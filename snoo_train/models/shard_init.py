@@ -7,7 +7,9 @@ mt19937 stream (one 32-bit draw each), turns them into normals by Box-Muller in 
 run of rows that starts on a 16-element boundary, once the generator has been advanced past the
 elements before it, is redrawn exactly by `normal_` on a buffer of those rows; a last run that
 ends the tensor redraws its tail exactly as the full tensor does. mt19937 has no jump in torch's
-API, so advancing costs one `uniform_` draw per skipped element (cheaper than a normal).
+API, so advancing walks the stream (int64 `random_`, two draws per element): a rank still pays
+for the draws before its shard, but never holds them. tests/test_shard_init.py checks all this
+against the full draw, so a torch that changed `normal_fill` would fail there, not silently.
 """
 
 from __future__ import annotations
