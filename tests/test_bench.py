@@ -254,6 +254,32 @@ def test_comm_bench_counts_fsdp_and_diloco_traffic(tmp_path):
     assert diloco.get("sent_inner_cross", 0) == 0
 
 
+# -- bench/init_memory.py in miniature ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_init_memory_bench_reports_both_inits_identical_and_each_rank_s_shard(tmp_path):
+    out = tmp_path / "init.json"
+    cmd = [sys.executable, "bench/init_memory.py", "--model", "llama_tiny", "--world-size", "2",
+           "--vocab", "257", "--out", str(out)]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["identical"] is True and report["world_size"] == 2
+    # Each rank's shard: torch.chunk over 2 ranks of every parameter's dim 0, in fp32 (the
+    # embedding is tied, so the head is not counted twice). Vocabulary 257 -> 320 rows.
+    cfg = PRESETS["llama_tiny"]
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.hidden_size // cfg.num_heads
+    layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
+    shapes = [(320, h), (h,)] + layer * cfg.num_layers
+    for variant in ("full", "sharded"):
+        for rank, r in enumerate(report["results"][variant]["ranks"]):
+            rows = [len(range(s[0])[rank * -(-s[0] // 2):(rank + 1) * -(-s[0] // 2)]) for s in shapes]
+            want = sum(n * (s[1] if len(s) > 1 else 1) * 4 for n, s in zip(rows, shapes))
+            assert r["shard_bytes"] == want and r["peak_increase_bytes"] > 0, (variant, rank)
+
+
 # -- bench/methods.py: the comparison logic on synthetic runs, and in miniature -----------------
 
 

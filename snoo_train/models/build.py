@@ -4,8 +4,9 @@
 The model is always constructed on the meta device and then materialized, so a 1B model costs
 no memory until it has a home, and the single-process and the sharded model are initialized by
 the same code: every parameter is drawn on CPU from a generator seeded by (seed, parameter name),
-then copied (or, for an FSDP-sharded DTensor, sliced) into place. The weights therefore depend on
-the seed only, not on the device, the world size, or the order in which modules were built.
+each rank drawing only as far as its own shard and keeping its own elements. The weights
+therefore depend on the seed only, not on the device, the layout, the world size, or the order
+in which modules were built.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from snoo_train.config import ConfigError, ModelConfig
 from snoo_train.models.decoder import padded_vocab_size
 from snoo_train.models.llama import llama_config
+from snoo_train.models.shard_init import fill_normal_shard, local_indices
 
 # Wrappers that parallelize() may insert into parameter names; the init seed must not see them.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
@@ -104,33 +106,25 @@ def _init_std(name: str, cfg: LlamaConfig) -> float:
 def init_weights(model: nn.Module, *, seed: int) -> None:
     """Initialize every parameter from a CPU generator seeded by (seed, canonical name).
 
-    Normal(0, std) matrices, ones for norm weights, zeros for biases. Each full tensor is drawn
-    on CPU and a sharded parameter keeps only its own slice, so all ranks agree with a
-    single-process build without any communication.
+    Normal(0, std) matrices, ones for norm weights, zeros for biases. A matrix's values are
+    those of the full tensor drawn on CPU (`torch.empty(shape).normal_(0, std, generator)`), but
+    each rank draws only up to its own shard's rows, in chunks, and keeps its own elements
+    (snoo_train/models/shard_init.py): no rank ever holds a full tensor, and all ranks agree
+    with a single-process build, bit for bit, without any communication.
     """
     cfg = model.config
     for name, param in model.named_parameters():
         name = _canonical_name(name)
-        generator = torch.Generator().manual_seed(
-            (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-        )
-        full = torch.empty(param.shape, dtype=torch.float32)
+        local = param.to_local() if isinstance(param, DTensor) else param
         if name.endswith("bias"):
-            full.zero_()
+            local.zero_()
         elif param.ndim == 1:
-            full.fill_(1.0)
-        else:
-            full.normal_(0.0, _init_std(name, cfg), generator=generator)
-        _copy_full(param, full.to(param.dtype))
-
-
-def _copy_full(param: torch.Tensor, full: torch.Tensor) -> None:
-    if isinstance(param, DTensor):
-        # src_data_rank=None: every rank slices its own copy; no scatter from rank 0.
-        full = distribute_tensor(
-            full.to(param.device), param.device_mesh, param.placements, src_data_rank=None
-        )
-    param.copy_(full)
+            local.fill_(1.0)
+        elif (index := local_indices(param)) is not None:
+            generator = torch.Generator().manual_seed(
+                (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+            )
+            fill_normal_shard(local, param.shape, index, _init_std(name, cfg), generator)
 
 
 @torch.no_grad()

@@ -7,7 +7,7 @@ hold the same ones) and pays two all-to-alls per layer for the routed tokens ins
 
 What is transformers' own (5.24, `transformers.distributed.expert_parallel`), and why it is used:
 `MoEParamShard` turns `gate_up_proj` / `down_proj` into DTensors `Shard(0)` over the ep mesh
-(on the meta device too: `materialize` then slices the seeded full tensors into those shards,
+(on the meta device too: `materialize` then draws each rank's shard of the seeded tensors,
 so the init equals the single-process one), and `AllToAllEP` does the dispatch: counts
 exchanged first, then `all_to_all_single_autograd` with uneven split sizes, the local experts
 run by the model's own experts kernel (one grouped GEMM for `grouped_mm`, the per-expert loop
