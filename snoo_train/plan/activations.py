@@ -26,6 +26,8 @@ Activation checkpointing (one checkpoint per decoder layer) keeps only each laye
 dt s b h per layer (/ T: sequence parallel), and recomputes one layer at a time in backward:
 L dt s b h + one layer at the worst moment.
 
+In backward, one layer's gradients pass through besides: about 2 dt s b (I + h) / T.
+
 The loss: the head's logits are upcast to fp32 and `log_softmax` keeps its fp32 output; its
 backward holds that output, the incoming gradient and its own result at once: 12 s b V bytes
 (V / T with parallel.loss_parallel), usually the largest single term of a small model.
@@ -73,6 +75,13 @@ def stored_activation_bytes(m: Any, b: int, s: int, dt: int, *, tp: int = 1, che
     if checkpointing:
         return m.num_layers * dt * sbh // tp + final_norm
     return m.num_layers * layer_bytes(m, b, s, dt, tp) + final_norm
+
+
+def backward_transient_bytes(m: Any, b: int, s: int, dt: int, tp: int = 1) -> int:
+    """Gradients alive inside one layer's backward besides its saved tensors: about two of the
+    MLP's width (the gradients of silu(gate) * up and of its factors) and two hidden states."""
+    width = m.intermediate_size if m.family != "moe" else (m.moe_intermediate_size or m.intermediate_size) * m.num_experts_per_tok
+    return dt * s * b * (2 * width + 2 * m.hidden_size) // tp
 
 
 def loss_bytes(b: int, s: int, vocab: int) -> int:

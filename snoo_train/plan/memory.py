@@ -6,10 +6,12 @@ A step has three moments where memory peaks; the plan takes the largest:
     loss      the forward has ended, the loss's backward runs: every saved activation, the
               cross-entropy's three fp32 [b s V] tensors, FSDP's root group (embedding, final
               norm, head) and last layer unsharded in the compute dtype
-    backward  the last layer's backward: saved activations (plus the layer being recomputed
-              under checkpointing), the root, this layer and the prefetched next one unsharded,
-              this layer's unsharded gradient and its fp32 reduce-scatter buffer, the root's
-              unsharded gradient (reduce-scattered only when backward ends)
+    backward  the last layer's backward (saved activations, plus the layer being recomputed
+              under checkpointing) or the first layer's (every gradient made, that layer's
+              activations left), whichever is larger; either way the root, this layer and the
+              prefetched one unsharded, this layer's unsharded gradient and its fp32
+              reduce-scatter buffer, the root's unsharded gradient (reduce-scattered only when
+              backward ends), and the gradients passing through the layer
     optimizer the gradients exist (set to None again after the step), plus one temporary
               copy of this rank's shard (foreach AdamW's sqrt(v), SNOO's pseudo-gradient;
               DiLoCo adds the all-reduce buffer)
@@ -27,7 +29,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from snoo_train.config import Config, is_diloco
-from snoo_train.plan.activations import layer_bytes, loss_bytes, stored_activation_bytes
+from snoo_train.plan.activations import (
+    backward_transient_bytes,
+    layer_bytes,
+    loss_bytes,
+    stored_activation_bytes,
+)
 from snoo_train.plan.layout import LocalParam, local_params, unsharded_numel
 
 FP32 = 4
@@ -169,7 +176,8 @@ def _activations(cfg: Config, model: Any, world_size: int, dt: int) -> dict[str,
         "micro_batch": b,
         "stored_ac": stored_activation_bytes(m, b, s, act_dt, tp=p.tp, checkpointing=True) + cache,
         "stored_no_ac": stored_activation_bytes(m, b, s, act_dt, tp=p.tp, checkpointing=False) + cache,
-        "recompute": layer_bytes(m, b, s, act_dt, p.tp),
+        "layer": layer_bytes(m, b, s, act_dt, p.tp),
+        "transient": backward_transient_bytes(m, b, s, act_dt, p.tp),
         "loss": loss_bytes(b, s, vocab),
     }
 
@@ -182,7 +190,12 @@ def _moments(cfg, states, acts, fsdp, dt, checkpointing: bool) -> tuple[int, int
     stored = acts["stored_ac" if checkpointing else "stored_no_ac"]
     unsharded = dt * (root + layer) if sharded else 0  # FSDP: the root and the last layer
     loss = static + held_grads + stored + acts["loss"] + unsharded
-    backward = static + held_grads + stored + (acts["recompute"] if checkpointing else 0) + backward_buffers
+    in_flight = backward_buffers + acts["transient"]
+    # The last layer's backward (every activation saved, one layer recomputed under
+    # checkpointing) or the first layer's (every gradient made, one layer's activations left).
+    first = static + held_grads + stored + (acts["layer"] if checkpointing else 0) + in_flight
+    last = static + states["grad_bytes"] + acts["layer"] + in_flight
+    backward = max(first, last)
     optimizer = static + states["grad_bytes"] + _optimizer_temp_bytes(cfg, states["_local"])
     return loss, backward, optimizer
 
@@ -208,7 +221,7 @@ def estimate(cfg: Config, world_size: int, rank: int = 0) -> MemoryPlan:
     ac = cfg.trainer.activation_checkpointing
     with_ac, without_ac = (_moments(cfg, states, acts, fsdp, dt, c) for c in (True, False))
     loss, backward, optimizer = with_ac if ac else without_ac
-    act_ac = acts["stored_ac"] + acts["recompute"]
+    act_ac = acts["stored_ac"] + acts["layer"]
     public = {k: v for k, v in states.items() if not k.startswith("_")}
     return MemoryPlan(
         world_size=world_size, rank=rank, micro_batch=acts["micro_batch"], compute_bytes=dt, **public,
