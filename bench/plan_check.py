@@ -1,7 +1,9 @@
 """The memory planner (snoo_train/plan) against the measured peak of real CPU training runs.
 
     python bench/plan_check.py                       # 12 runs: adamw, snoo_adamw x AC off/on x ws 1, 2, 4
-    python bench/plan_check.py --world-sizes 1 --optims adamw --steps 2
+    python bench/plan_check.py --world-sizes 1 --optims adamw --checkpointing off model=llama_tiny
+
+Trailing key=value overrides replace the defaults below (the test suite runs it on llama_tiny).
 
 Each configuration trains in fresh processes (torchrun with gloo for world size > 1, one thread
 per rank) through the real Trainer for --steps steps (SNOO with optim.k=2, so an outer step and its
@@ -91,8 +93,8 @@ def measure(overrides: list[str], world_size: int, steps: int) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
 
 
-def check(optim: str, ac: bool, world_size: int, steps: int) -> dict:
-    overrides = [*BASE, f"optim={optim}", f"trainer.activation_checkpointing={str(ac).lower()}"]
+def check(optim: str, ac: bool, world_size: int, steps: int, extra: list[str]) -> dict:
+    overrides = [*BASE, f"optim={optim}", f"trainer.activation_checkpointing={str(ac).lower()}", *extra]
     plan = estimate(compose_config(overrides, "."), world_size)
     ranks = measure(overrides, world_size, steps)
     measured = max(r["peak_rise_bytes"] for r in ranks)
@@ -108,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--optims", nargs="+", default=["adamw", "snoo_adamw"])
+    parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plan_check_cpu.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -117,9 +120,9 @@ def main() -> None:
     rows = []
     print(f"{'optim':<12}{'AC':>4}{'ws':>4}{'planned MiB':>13}{'measured MiB':>14}{'ratio':>8}")
     for optim in args.optims:
-        for ac in (False, True):
+        for ac in [c == "on" for c in args.checkpointing]:
             for ws in args.world_sizes:
-                r = check(optim, ac, ws, args.steps)
+                r = check(optim, ac, ws, args.steps, overrides)
                 rows.append(r)
                 print(f"{optim:<12}{'on' if ac else 'off':>4}{ws:>4}{r['planned_peak_bytes'] / 2**20:>13.1f}"
                       f"{r['measured_peak_bytes'] / 2**20:>14.1f}{r['ratio_measured_over_planned']:>8.3f}", flush=True)  # fmt: skip
@@ -128,7 +131,7 @@ def main() -> None:
         "benchmark": "plan_check",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "command": " ".join(["python bench/plan_check.py", *sys.argv[1:]]),
-        "overrides": BASE,
+        "overrides": BASE + overrides,
         "steps": args.steps,
         "measurement": "per rank: VmHWM during the steps minus VmRSS before the model is built (clear_refs 5), "
         "MALLOC_MMAP_THRESHOLD_=65536; the max over ranks; planned: rank 0's peak_bytes",

@@ -185,3 +185,18 @@ def test_python_dash_m_runs():
         cwd=REPO, env=entry_env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 1 and "does NOT fit" in proc.stdout, proc.stderr
+
+
+def test_plan_check_bench_runs(tmp_path):
+    """bench/plan_check.py in miniature (llama_tiny, one run): it measures and reports. Its
+    ratios mean something only at the bench's own model size, where training dominates the RSS."""
+    out = tmp_path / "plan_check.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/plan_check.py", "--world-sizes", "1", "--optims", "adamw", "--checkpointing", "off",
+         "--steps", "1", "--out", str(out), "model=llama_tiny", "model.hidden_size=64", "model.intermediate_size=172",
+         "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2"],
+        cwd=REPO, env=entry_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["measured_peak_bytes"] > 0 and row["plan"]["peak_bytes"] == row["planned_peak_bytes"] > 0

@@ -73,8 +73,8 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:10.3f} GiB"
 
 
-def format_plan(plan, cfg: Config, memory: int | None) -> str:
-    """The plan as the table the CLI prints."""
+def format_plan(plan, cfg: Config, memory: int | None, last=None) -> str:
+    """The plan as the table the CLI prints; `last`: the last rank's plan (the smallest shards)."""
     ac = cfg.trainer.activation_checkpointing
     moment = max(("loss", plan.loss_moment_bytes), ("backward", plan.backward_moment_bytes),
                  ("optimizer", plan.optimizer_moment_bytes), key=lambda kv: kv[1])[0]  # fmt: skip
@@ -99,6 +99,8 @@ def format_plan(plan, cfg: Config, memory: int | None) -> str:
     lines.append(f"  {'peak (at the ' + moment + ' moment)':<42}{_gib(plan.peak_bytes)}")
     lines.append(f"  {'  activations without / with checkpointing':<42}{_gib(plan.activation_bytes_without_ac)} / {plan.activation_bytes_with_ac / 2**30:.3f} GiB")
     lines.append(f"  {'  peak without / with checkpointing':<42}{_gib(plan.peak_bytes_without_ac)} / {plan.peak_bytes_with_ac / 2**30:.3f} GiB")
+    if last is not None and last.peak_bytes != plan.peak_bytes:
+        lines.append(f"  {'  rank ' + str(last.rank) + ' (smallest shards): peak':<42}{_gib(last.peak_bytes)}")
     host = plan.outer_state_host_bytes + plan.snapshot_host_bytes
     if host:
         lines.append(f"host memory (optim.outer_state_device=cpu): {host / 2**30:.3f} GiB")
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides, world_size, memory, as_json = parse_args(argv)
         cfg = compose_training_config(overrides)
         plan = estimate(cfg, world_size)
+        last = estimate(cfg, world_size, rank=world_size - 1) if world_size > 1 else None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         out = plan.as_dict() | ({"device_memory_bytes": memory, "fits": plan.peak_bytes <= memory} if memory else {})
         print(json.dumps(out, indent=2))
     else:
-        print(format_plan(plan, cfg, memory))
+        print(format_plan(plan, cfg, memory, last))
     return 0 if memory is None or plan.peak_bytes <= memory else 1
 
 
