@@ -115,14 +115,15 @@ def _saved_bytes(model, input_ids) -> int:
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("model", ["llama_tiny", "moe_tiny"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_activation_formula_matches_what_autograd_saves(tmp_path, checkpointing):
+def test_activation_formula_matches_what_autograd_saves(tmp_path, checkpointing, model):
     """fp32 on CPU, SDPA without a mask (as the trainer runs it): the formula's saved tensors
     against the storages autograd really keeps, within the small tensors it leaves out."""
     from snoo_train.models import build_model, parallelize
     from snoo_train.trainer.step import causal_attention_without_mask
 
-    cfg = make_config(tmp_path, ["model.num_layers=3"])
+    cfg = make_config(tmp_path, [f"model={model}", "model.num_layers=3"])
     m, b, s = cfg.model, 4, 64
     model = build_model(m, 257, seed=0)
     parallelize(model, mesh=None, activation_checkpointing=checkpointing)
