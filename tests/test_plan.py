@@ -26,6 +26,8 @@ LAYOUTS = {
     "muon": ["optim=muon", "model.intermediate_size=171"],
     "snoo_adamw_tp2": ["optim=snoo_adamw", "parallel.tp=2"],
     "moe_ep2": ["model=moe_tiny", "optim=adamw", "parallel.ep=2"],
+    "gpa": ["optim=gpa_adamw", "model.intermediate_size=171"],
+    "schedule_free": ["optim=schedule_free_adamw", "trainer.lr_schedule=constant", "model.intermediate_size=171"],
 }
 OUTER_PREFIXES = ("snoo_", "gpa_", "ema_")
 
