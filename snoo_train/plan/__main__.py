@@ -3,6 +3,8 @@
 Prints one rank's memory plan for the config `python -m snoo_train.train [overrides]` would run
 on N ranks (world_size=1 by default). Exit status: 0 when it fits `--device-memory` (or none was
 given), 1 when its peak does not fit, 2 for bad input (a bad override or value, one line).
+The plan is for an accelerator (bf16 compute, as trainer.mixed_precision=auto picks there)
+unless trainer.device=cpu or trainer.mixed_precision=fp32; --json prints the MemoryPlan's fields.
 """
 
 from __future__ import annotations
