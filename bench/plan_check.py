@@ -23,6 +23,12 @@ this model size). Pages count when touched; torch writes every tensor it allocat
 The model is llama_small widened (hidden 512, 4 layers, ~14M parameters at the byte vocabulary)
 with 8 x 128-token batches, so that optimizer state and activations are of one size and both
 show in the peak. Writes bench/results/plan_check_cpu.json and prints planned vs measured.
+
+bf16 on CPU (trainer.mixed_precision=bf16, FSDP2's MixedPrecisionPolicy; plan_check_cpu_bf16.json)
+measures a constant 18-26 MiB per rank above the plan: the same with 4 or 8 layers and with 4 or
+8 sequences per rank, so not a tensor the model or the batch sizes. CPU bf16 kernels bring their
+own pages (a first bf16 matmul + SDPA alone raises RSS by 7.5 MiB on this machine); a CUDA
+allocator's peak counts tensors only.
 """
 
 from __future__ import annotations
