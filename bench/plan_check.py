@@ -26,7 +26,7 @@ show in the peak. Writes bench/results/plan_check_cpu.json and prints planned vs
 
 bf16 on CPU (trainer.mixed_precision=bf16, FSDP2's MixedPrecisionPolicy; plan_check_cpu_bf16.json)
 measures a constant 18-26 MiB per rank above the plan: the same with 4 or 8 layers and with 4 or
-8 sequences per rank, so not a tensor the model or the batch sizes. CPU bf16 kernels bring their
+8 sequences per rank, so no tensor whose size follows the model or the batch. CPU bf16 kernels bring their
 own pages (a first bf16 matmul + SDPA alone raises RSS by 7.5 MiB on this machine); a CUDA
 allocator's peak counts tensors only.
 """
