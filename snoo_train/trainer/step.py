@@ -177,7 +177,7 @@ class StepRunner:
         # the norm is their global norm: every rank, or one replica under DiLoCo), so those
         # ranks hold the same flag and mask the same steps.
         ok = self.policy.record(step, loss, grad_norm)
-        if self.guard_outer:
+        if self.guard_outer and self.mask is None:  # under skip, SkipMask hands the wrapper its flag
             self.optimizer.guard_outer_step(self.policy.outer_step_flag(ok))
         taken = True
         if self.mask is None:
