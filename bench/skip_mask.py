@@ -30,7 +30,7 @@ from common import REPO, compose_config, local_bytes, repo_path, write_report
 
 from snoo_train.dist import init_distributed
 from snoo_train.trainer import Trainer
-from snoo_train.trainer.nonfinite import _is_masked, _local
+from snoo_train.trainer.nonfinite import _local
 
 
 class OldSkipMask:
@@ -47,7 +47,7 @@ class OldSkipMask:
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 out.append(p)
-                out += [v for v in self.optimizer.state.get(p, {}).values() if _is_masked(v)]
+                out += [v for v in self.optimizer.state.get(p, {}).values() if _old_is_masked(v)]
         return out
 
     def _state_missing(self) -> bool:
@@ -80,6 +80,11 @@ class OldSkipMask:
         for t, saved in zip(tensors, self._saved):
             flag = flags.setdefault(t.device, ok.to(t.device))
             torch.where(flag, t, saved, out=t)
+
+
+def _old_is_masked(v) -> bool:
+    # every tensor but a 0-d CPU one (a host step counter)
+    return isinstance(v, torch.Tensor) and not (_local(v).ndim == 0 and _local(v).device.type == "cpu")
 
 
 def build(args, nonfinite: str, run_dir: str, device: str) -> Trainer:

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from snoo_train.optim import SNOO
 from snoo_train.optim.snoo import MOMENTUM, SLOW
-from snoo_train.trainer.nonfinite import SkipMask
+from snoo_train.trainer.nonfinite import SkipMask, _is_masked
 
 K, ETA, MU, LR = 3, 0.7, 0.5, 1e-2
 
@@ -158,3 +158,12 @@ def test_after_an_applied_outer_step_nothing_changes(then):
             for p in model.parameters():
                 assert torch.equal(p, opt.state[p][SLOW])
     assert bitwise_equal(everything(model, opt), before)
+
+
+def test_step_counters_are_left_to_advance_on_every_device():
+    # Fused AdamW keeps its counters on the device (meta stands in for a GPU): like the host
+    # counters they advance on a skipped step; any other device tensor is masked.
+    assert not _is_masked(torch.zeros((), device="meta"), "step")
+    assert not _is_masked(torch.zeros(()), "step")
+    assert _is_masked(torch.zeros((), device="meta"), "exp_avg")
+    assert _is_masked(torch.zeros(3, device="meta"), "step")

@@ -37,7 +37,10 @@ Non-finite training under DiLoCo (`guard_outer_step`): each replica says, as a d
 whether its fast weights are finite; the flag rides in the outer all-reduce as one more element,
 and if any replica's is False every replica drops that outer step (slow weights and momentum
 unchanged, fast weights restarted from them). All replicas take the outer step or none does,
-decided on the device, and the slow weights never take in a non-finite pseudo-gradient.
+decided on the device, and the slow weights never take in a non-finite pseudo-gradient. The
+same guard serves trainer.nonfinite=skip on one replica too: the trainer's SkipMask hands SNOO
+its flag and so needs no copy of the slow weights and momentum (`guarded_state_keys`), and
+tells SNOO afterwards which steps it undid (`masked_step`).
 """
 
 from __future__ import annotations

@@ -198,7 +198,8 @@ class SkipMask:
 
     What a skipped step does not undo, because it lives on the host and knowing the flag there
     would need a sync: the LR schedule, the optimizers' step counters (AdamW's and Muon's bias
-    correction `step`, SNOO's `snoo_step`, schedule-free's `k` and weight sum) and EMA-Nesterov's
+    correction `step`, fused AdamW's on the device too, SNOO's `snoo_step`, schedule-free's `k` and
+    weight sum) and EMA-Nesterov's
     applied beta all advance as if the step had been taken. So an outer step due on a skipped
     step is dropped with it, and the steps after a skip run one position further along the
     schedule. Parameters and device state after a skipped step equal those before it, bitwise.
@@ -221,7 +222,7 @@ class SkipMask:
             for p in group["params"]:
                 out.append(p)
                 state = self.optimizer.state.get(p, {})
-                out += [v for k, v in state.items() if k not in self._guarded and _is_masked(v)]
+                out += [v for k, v in state.items() if k not in self._guarded and _is_masked(v, k)]
         return out
 
     def _state_missing(self) -> bool:
@@ -291,5 +292,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _is_masked(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and not _host_counter(_local(v))
+def _is_masked(v: Any, key: str = "") -> bool:
+    # A 0-d `step` is a step counter wherever it lives: fused AdamW keeps its counters on the
+    # device, and they advance on a skipped step like the host ones (one behaviour on every
+    # device, and no two extra kernels per parameter per step).
+    if not isinstance(v, torch.Tensor) or (key == "step" and v.ndim == 0):
+        return False
+    return not _host_counter(_local(v))
