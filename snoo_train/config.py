@@ -69,6 +69,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.1
+    # The AdamW kernel (inner=adamw, and Muon's AdamW part; snoo_train/optim/kernels.py):
+    # auto (fused on accelerators, torch's default elsewhere) | fused | foreach | forloop
+    implementation: str = "auto"
     outer: str = "none"  # none | snoo | gpa | ema_nesterov
     k: int = 20  # inner steps per outer step
     outer_lr: float = 0.7  # eta
@@ -479,6 +482,7 @@ def _unit_interval(key: str, value: float) -> None:
 def _check_optim(o: Any) -> None:
     # The registry is the one list of optimizers (optim/build.py; torch only, no cycle).
     from snoo_train.optim.build import INNER, OUTER
+    from snoo_train.optim.kernels import IMPLEMENTATIONS
 
     _choice("optim.inner", o.inner, tuple(INNER))
     if o.inner == "muon":
@@ -489,6 +493,12 @@ def _check_optim(o: Any) -> None:
         allowed = ("matrix", "expert", "embedding", "head", "router")  # vectors cannot be orthogonalised
         for c in o.muon_categories:
             _choice("optim.muon_categories", c, allowed)
+    _choice("optim.implementation", o.implementation, IMPLEMENTATIONS)
+    if o.inner == "schedule_free_adamw" and o.implementation == "fused":
+        raise ConfigError(
+            "optim.implementation=fused: optim.inner=schedule_free_adamw (the schedulefree package) has no "
+            "fused kernel; use auto or foreach (the same) or forloop"
+        )
     _choice("optim.outer", o.outer, tuple(OUTER))
     if o.inner == "schedule_free_adamw" and o.outer != "none":
         raise ConfigError(

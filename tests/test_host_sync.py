@@ -5,7 +5,8 @@ A host read of a device value is an `aten::_local_scalar_dense` op (`.item()`, `
 `bool(t)`, `if t:`), which the torch profiler records even when a kernel calls it internally.
 On this CPU-only machine every tensor is on the host, so the count also sees reads that cost
 nothing on a GPU: torch's AdamW and our Muon keep their `step` counters as 0-d CPU tensors by
-design (AdamW: unless capturable/fused) and read them with `.item()`. A dispatch mode tells
+design (AdamW: unless capturable/fused) and read them with `.item()`; fused AdamW keeps them on
+the parameters' device (here the CPU too), where its kernel reads them. A dispatch mode tells
 those apart by the tensor read, but it cannot see reads made inside C++ kernels and it would
 record its own ops twice in a profile, so the two instruments take turns: on some non-log steps
 the mode checks that every read from Python is one of a step counter (the same number every
@@ -41,6 +42,9 @@ def host_reads(prof: profile) -> int:
     return sum(e.name in HOST_READS for e in prof.events())
 
 
+FUSED_ADAM = (torch.ops.aten._fused_adam_.default, torch.ops.aten._fused_adamw_.default)
+
+
 class CounterReads(TorchDispatchMode):
     """Host reads made from Python: of the optimizer's own 0-d CPU step counters (free on a GPU
     too), and of anything else."""
@@ -54,6 +58,10 @@ class CounterReads(TorchDispatchMode):
         self.n = self.others = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in FUSED_ADAM:
+            # The CPU fused kernel reads each of its step counters (state_steps) on the host from
+            # C++, where this mode cannot see it; on a GPU they live on the device.
+            self.n += sum(1 for t in args[5] if t.device.type == "cpu")
         if func is torch.ops.aten._local_scalar_dense.default:
             if args[0].data_ptr() in self.counters:
                 self.n += 1
@@ -128,9 +136,15 @@ def test_the_counter_sees_a_host_read():
     assert host_reads(prof) == 2
 
 
-@pytest.mark.parametrize("optim", ["snoo_adamw", "muon"])
+# Fused AdamW (optim/kernels.py): its step counters live with the parameters (here the CPU) and
+# only its kernel reads them (CounterReads counts those reads).
+FUSED = "optim.implementation=fused"
+
+
+@pytest.mark.parametrize("optim", ["snoo_adamw", "muon", f"snoo_adamw {FUSED}", f"muon {FUSED}"])
 def test_a_step_that_does_not_log_never_reads_the_device(tmp_path, optim):
-    trainer = Trainer(make_config(tmp_path / "run", [f"optim={optim}", *SYNC_FREE]), init_distributed("cpu"))
+    overrides = [f"optim={optim.split()[0]}", *optim.split()[1:], *SYNC_FREE]
+    trainer = Trainer(make_config(tmp_path / "run", overrides), init_distributed("cpu"))
     # Step 1 logs (the first of a session); so do 4 and 8.
     turns = {2: "counter", 3: "counter", 5: "profiler", 6: "profiler", 7: "profiler"}
     refs, reads, _ = drive(trainer, instrument=turns.get)

@@ -11,7 +11,8 @@ on the 2-D (shard, tp) mesh).
 
 Meshes: a 1-D mesh is plain FSDP over all its ranks. A 2-D (replicate, shard) mesh is either
 HSDP (`fully_shard` on the 2-D mesh: parameters sharded within a replica, gradients
-reduce-scattered within it and all-reduced across replicas every step) or, with `diloco=True`,
+reduce-scattered within it every micro-batch and all-reduced across replicas once per step, on
+the last micro-batch: trainer/step.py's `accumulate_across_replicas`) or, with `diloco=True`,
 independent replicas (`fully_shard` on `mesh["shard"]` only: forward and backward never talk
 across replicas; SNOO's `replicate_group` averages the replicas every K steps).
 """

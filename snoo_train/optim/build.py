@@ -18,6 +18,7 @@ from torch import nn
 
 from snoo_train.optim.ema_nesterov import EMANesterov
 from snoo_train.optim.gpa import GPA
+from snoo_train.optim.kernels import keep_kernel_after_load, kernel_flags
 from snoo_train.optim.muon import Muon, muon_param_groups
 from snoo_train.optim.snoo import SNOO
 
@@ -42,9 +43,13 @@ def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str,
 
 
 def build_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
-    )
+    """torch's AdamW with the kernel optim.implementation asks for (optim/kernels.py), kept
+    when a checkpoint written with another kernel is loaded."""
+    groups = weight_decay_groups(model, cfg.weight_decay)
+    flags = kernel_flags((p for g in groups for p in g["params"]), cfg.implementation)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **flags)
+    keep_kernel_after_load(optimizer, flags)
+    return optimizer
 
 
 def build_muon(model: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -64,17 +69,22 @@ def build_muon(model: nn.Module, cfg) -> torch.optim.Optimizer:
         period=cfg.muon_period,
         adamw_betas=tuple(cfg.betas),
         adamw_eps=cfg.eps,
+        adamw_implementation=cfg.implementation,
     )
 
 
 def build_schedule_free_adamw(model: nn.Module, cfg) -> torch.optim.Optimizer:
     """Stands alone (it averages its iterates itself); its warm-up is the trainer's constant
-    schedule's (the same (k + 1) / warmup formula)."""
+    schedule's (the same (k + 1) / warmup formula). The package has foreach and per-parameter
+    kernels only: optim.implementation=fused is refused (config.py), auto is its default, foreach."""
     from snoo_train.optim.schedule_free import ScheduleFreeAdamW
 
-    return ScheduleFreeAdamW(
-        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    flags = {"foreach": cfg.implementation != "forloop"}
+    optimizer = ScheduleFreeAdamW(
+        weight_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **flags
     )
+    keep_kernel_after_load(optimizer, flags)
+    return optimizer
 
 
 INNER: dict[str, Callable[[nn.Module, Any], torch.optim.Optimizer]] = {

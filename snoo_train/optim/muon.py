@@ -29,7 +29,8 @@ The result equals single-process Muon up to floating-point reassociation (batche
 bitwise equal to NS matrix by matrix on CPU). Layouts and buckets are planned once per param
 group (`_GroupPlan`) and planned afresh when the groups change (add_param_group,
 load_state_dict). Momentum and the update are applied with torch._foreach_ ops, NS is compiled
-on CUDA, and the AdamW part is torch's functional AdamW (foreach).
+on CUDA, and the AdamW part is torch's functional AdamW (fused on accelerators, foreach
+elsewhere: `adamw_implementation`).
 
 MuonBP (block-periodic, arXiv 2510.16981): with `period=P > 1`, on steps where step % P != 0
 each rank orthogonalises its local slice as a block of its own (no communication), and every
@@ -55,6 +56,7 @@ from torch.optim import Optimizer
 from torch.optim.adamw import adamw as _functional_adamw
 
 from snoo_train.optim._dtensor import local as _local
+from snoo_train.optim.kernels import kernel_flags, place_step
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -391,6 +393,8 @@ class Muon(Optimizer):
         weight_decay: decoupled, p *= 1 - lr * weight_decay (both rules).
         period: MuonBP period; 1 is plain Muon.
         adamw_lr, adamw_betas, adamw_eps: the AdamW rule's defaults.
+        adamw_implementation: the AdamW rule's kernel, auto | fused | foreach | forloop
+            (snoo_train/optim/kernels.py; auto: fused on accelerators, foreach elsewhere).
         ns_dtype: NS compute dtype; None: bf16 on CUDA, fp32 elsewhere.
 
     Example::
@@ -412,6 +416,7 @@ class Muon(Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         ns_dtype: torch.dtype | None = None,
+        adamw_implementation: str = "auto",
     ) -> None:
         if not lr > 0.0 or not adamw_lr > 0.0:
             raise ValueError(f"lr and adamw_lr must be > 0, got {lr!r} and {adamw_lr!r}")
@@ -422,6 +427,7 @@ class Muon(Optimizer):
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps!r}")
         self._adamw_lr = adamw_lr
+        self.adamw_implementation = adamw_implementation
         self.ns_dtype = ns_dtype
         self.last_comm_bytes = 0  # bytes this rank sent in the last step (the benchmark reads it)
         self._plans: dict[int, _GroupPlan] = {}
@@ -445,6 +451,8 @@ class Muon(Optimizer):
         super().add_param_group(param_group)
         self._plans = {}
         group = self.param_groups[-1]
+        if not group["use_muon"]:
+            kernel_flags(group["params"], self.adamw_implementation)  # refuses fused where torch cannot
         if group["use_muon"]:
             flat = [p for p in group["params"] if p.ndim < 2]
             if flat:
@@ -571,16 +579,22 @@ class Muon(Optimizer):
         torch._foreach_add_(locals_, orthos, alpha=-lr * scale)
 
     def _adamw(self, group: dict[str, Any]) -> None:
-        """torch's functional AdamW (foreach) on local shards: element-wise, no communication."""
+        """torch's functional AdamW on local shards (element-wise, no communication), with the
+        kernel `adamw_implementation` picks; fused keeps the step counters on the device."""
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             return
+        flags = kernel_flags(params, self.adamw_implementation, default_foreach=True)
+        fused = bool(flags["fused"])
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] = torch.tensor(0.0)  # on CPU, as torch's AdamW: no host sync
+                # where the kernel reads it, as torch's AdamW: on CPU (no host sync) unless fused
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+            else:  # a checkpoint written with another kernel (metadata only, unless it must move)
+                state["step"] = place_step(state["step"], p, fused)
         beta1, beta2 = group["betas"]
         _functional_adamw(
             [_local(p) for p in params],
@@ -589,7 +603,8 @@ class Muon(Optimizer):
             [_local(state["exp_avg_sq"]) for state in states],
             [],
             [state["step"] for state in states],
-            foreach=True,
+            foreach=flags["foreach"],
+            fused=flags["fused"],
             amsgrad=False,
             beta1=beta1,
             beta2=beta2,

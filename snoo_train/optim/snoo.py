@@ -37,7 +37,10 @@ Non-finite training under DiLoCo (`guard_outer_step`): each replica says, as a d
 whether its fast weights are finite; the flag rides in the outer all-reduce as one more element,
 and if any replica's is False every replica drops that outer step (slow weights and momentum
 unchanged, fast weights restarted from them). All replicas take the outer step or none does,
-decided on the device, and the slow weights never take in a non-finite pseudo-gradient.
+decided on the device, and the slow weights never take in a non-finite pseudo-gradient. The
+same guard serves trainer.nonfinite=skip on one replica too: the trainer's SkipMask hands SNOO
+its flag and so needs no copy of the slow weights and momentum (`guarded_state_keys`), and
+tells SNOO afterwards which steps it undid (`masked_step`).
 """
 
 from __future__ import annotations
@@ -166,6 +169,10 @@ class SNOO(InnerWrapper):
         self.reduce_dtype = reduce_dtype
         self.state_device = None if state_device is None else torch.device(state_device)
         self._metrics_device: torch.device | None = None
+        # masked_step(): per group whose last outer step a SkipMask may have undone, (the group,
+        # the device bool "it stood"); the host counters alone would say fast == slow there.
+        self._restarts: dict[int, tuple[dict[str, Any], torch.Tensor]] = {}
+        self._last_due: list[dict[str, Any]] = []
 
     # -- torch.optim.Optimizer API (the rest is InnerWrapper's) ------------------------------
 
@@ -179,6 +186,7 @@ class SNOO(InnerWrapper):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self._restarts = {}  # the groups are new dicts
         if self.state_device is not None:
             # Optimizer.load_state_dict moves every state tensor to its parameter's device.
             for state in self.state.values():
@@ -202,6 +210,18 @@ class SNOO(InnerWrapper):
         `outer_step_ok` (a device bool, the same on every replica) is False. The rule, in short:
         a non-finite replica at an outer step drops that outer step on every replica."""
         self._finite = finite
+
+    # What a step guarded with False leaves bitwise as it was: a SkipMask (trainer.nonfinite=skip)
+    # hands SNOO its flag through guard_outer_step and leaves these out of its snapshot.
+    guarded_state_keys = (SLOW, MOMENTUM)
+
+    def masked_step(self, applied: torch.Tensor) -> None:
+        """A SkipMask's word after step(): the step stands only where the device bool `applied`
+        is True, elsewhere the parameters were put back as they were before it. If that step
+        took an outer step, its restart (fast <- slow) may have been undone with it: evaluation
+        and flush() then no longer take fast == slow for granted (no host read of `applied`)."""
+        for group in self._last_due:
+            self._restarts[id(group)] = (group, applied)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
@@ -238,6 +258,8 @@ class SNOO(InnerWrapper):
             group["snoo_step"] += 1
             if group["snoo_step"] % group["snoo_k"] == 0:
                 due.append(group)
+                self._restarts.pop(id(group), None)  # a new restart: masked_step may follow
+        self._last_due = due
         if due:
             self._outer_step(due, finite)
             self.outer_step_taken = True
@@ -255,12 +277,24 @@ class SNOO(InnerWrapper):
         the last checkpoint and the export hold the last (lowest learning-rate) inner steps;
         call it in your own loop before evaluating or saving the final model (timm's Lookahead
         calls the same thing `sync_lookahead`). Training may go on afterwards: the next outer
-        step is still at the next multiple of k, after a window that much shorter."""
-        due = [group for group in self.param_groups if not self._params_are_eval_point(group)]
+        step is still at the next multiple of k, after a window that much shorter.
+
+        Right after an outer step that a SkipMask may have undone (`masked_step`), the step is
+        taken where the device flag says it was undone, and dropped (a no-op) where it stood."""
+        due = [group for group in self.param_groups if not self._restarted(group)]
         if due:
             self._outer_step(due)
-            for group in due:
-                group[FLUSHED_AT] = group["snoo_step"]
+        undone: dict[int, tuple[torch.Tensor, list[dict[str, Any]]]] = {}
+        for group, stood in self._restarts.values():
+            if self._restarted(group):
+                undone.setdefault(id(stood), (stood, []))[1].append(group)
+        for stood, groups in undone.values():  # one flag per outer step; in practice one
+            self._outer_step(groups, ~stood)
+            due += groups
+        self._restarts = {}
+        for group in due:
+            group[FLUSHED_AT] = group["snoo_step"]
+        if due:
             self.outer_step_taken = True
 
     def _to_state_device(self, t: torch.Tensor, pin: bool = True) -> torch.Tensor:
@@ -323,10 +357,11 @@ class SNOO(InnerWrapper):
         eta, mu = group["snoo_lr"], group["snoo_momentum"]
         keep = None if ok is None else ok.to(slow[0].device)
         if keep is not None:
-            # A dropped step: s = 0 (a NaN never meets arithmetic), b * 1 + 0 = b, w - eta * 0 = w.
+            # A dropped step: s = -0 (a NaN never meets arithmetic), b * 1 + (-0) = b and
+            # w - eta * 0 = w bitwise (x + -0 is x for every x, -0 included; x + 0 is not).
             drop = ~keep
             for s in pseudo_grad:
-                s.masked_fill_(drop, 0.0)
+                s.masked_fill_(drop, -0.0)
 
         # Local squared norms only: turning them into global norms needs a collective, which
         # outer_metrics() makes when the training loop asks, never the step itself. After the
@@ -425,9 +460,14 @@ class SNOO(InnerWrapper):
     eval_sequence = "slow"
     _buffer_key = SLOW
 
-    def _params_are_eval_point(self, group: dict[str, Any]) -> bool:
-        # Right after an outer step (every k-th inner step, or a flush) fast == slow.
+    def _restarted(self, group: dict[str, Any]) -> bool:
+        # The host counters: this group's last step was an outer step (every k-th), or a flush.
         return group["snoo_step"] % group["snoo_k"] == 0 or group["snoo_step"] == group[FLUSHED_AT]
+
+    def _params_are_eval_point(self, group: dict[str, Any]) -> bool:
+        # Right after an outer step fast == slow, unless a SkipMask may have undone it: then the
+        # swap copies the slow weights in (harmless where they are already there).
+        return self._restarted(group) and id(group) not in self._restarts
 
     def _write_eval_point(self, group: dict[str, Any], params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
         torch._foreach_copy_(params, buffers)

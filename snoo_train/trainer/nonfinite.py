@@ -171,20 +171,35 @@ class SkipMask:
     """trainer.nonfinite=skip without a host sync: the optimizer step runs every step, and when
     the device flag says the step was not finite, every tensor it changed is put back.
 
-    Before the step the parameters and every optimizer state tensor (local shards) are copied
-    into a persistent snapshot; after it `torch.where(ok, new, saved)` keeps the new values of a
-    good step bitwise and restores a bad step's bitwise. That works for any optimizer (AdamW,
-    Muon, SNOO, Lookahead, GPA, EMA-Nesterov, schedule-free) without touching its math.
+    Before the step the parameters and the optimizer state tensors the step may write (local
+    shards) are copied into a persistent snapshot; after it `torch.where(ok, new, saved)` keeps
+    the new values of a good step bitwise and restores a bad step's bitwise. That works for any
+    optimizer (AdamW, Muon, SNOO, Lookahead, GPA, EMA-Nesterov, schedule-free) without touching
+    its math. An outer wrapper that can drop its own outer step on the device (SNOO:
+    `guard_outer_step`, the guard DiLoCo uses) is handed the flag instead, and the state it keeps
+    bitwise on a dropped step (`guarded_state_keys`: SNOO's slow weights and momentum, written
+    only at outer steps) stays out of the snapshot; after the step it is told which steps stood
+    (`masked_step`), so that it never takes fast weights put back by the mask for its slow ones.
 
-    Cost: memory for one more copy of the parameters and of the optimizer's device state (AdamW:
-    3 x parameters; SNOO(AdamW): 5 x parameters, per rank, sharded like them), and two passes
-    over that memory per step (the copy and the select), bandwidth-bound element-wise work;
-    only with trainer.nonfinite=skip. Measured once on a shared 2-core CPU (llama_small,
-    SNOO(AdamW), 8 x 64 tokens): 51.0 -> 54.4 ms per step (+7%), a snapshot of 5.00 x params.
+    Why `torch.where`, one per tensor: no foreach op selects bitwise. A blend by multiplication
+    (`_foreach_mul_` / `_foreach_lerp_` with the flag as a weight) keeps a NaN (NaN * 0 = NaN), and
+    the exact integer blend on bit views needs 7 passes over the memory instead of where's 3. The
+    flag is moved once per device per step.
+
+    Cost: memory for one more copy of the parameters and of the inner optimizer's device state
+    (AdamW: 3 x parameters, per rank, sharded like them; SNOO(AdamW) the same, its outer state
+    is guarded), and two passes over that memory per step (the copy and the select),
+    bandwidth-bound element-wise work; only with trainer.nonfinite=skip. bench/skip_mask.py
+    (llama_small, SNOO(AdamW), 8 x 64 tokens, one CPU thread, the three sides interleaved in one
+    process, 2026-12-02): stop 100.4 ms per step, this mask 110.2 (+9.7%, a 3.00 x params
+    snapshot), the mask before issue 21 116.2 (+15.7%, 5.00 x params). The shared machine's noise
+    moves the overheads by a few points between runs (another run: +3.3% vs +9.2%); the ~6 ms
+    per step between the two masks held in both.
 
     What a skipped step does not undo, because it lives on the host and knowing the flag there
     would need a sync: the LR schedule, the optimizers' step counters (AdamW's and Muon's bias
-    correction `step`, SNOO's `snoo_step`, schedule-free's `k` and weight sum) and EMA-Nesterov's
+    correction `step`, fused AdamW's on the device too, SNOO's `snoo_step`, schedule-free's `k` and
+    weight sum) and EMA-Nesterov's
     applied beta all advance as if the step had been taken. So an outer step due on a skipped
     step is dropped with it, and the steps after a skip run one position further along the
     schedule. Parameters and device state after a skipped step equal those before it, bitwise.
@@ -196,14 +211,18 @@ class SkipMask:
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
         self._saved: list[torch.Tensor] = []
+        self._guard = getattr(optimizer, "guard_outer_step", None)
+        self._guarded = frozenset(getattr(optimizer, "guarded_state_keys", ())) if self._guard else frozenset()
 
     def _tensors(self) -> list[torch.Tensor]:
-        """The parameters and the state tensors a step may change, host counters left out."""
+        """The parameters and the state tensors a step may change, host counters and the outer
+        state the optimizer guards itself left out."""
         out = []
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 out.append(p)
-                out += [v for v in self.optimizer.state.get(p, {}).values() if _is_masked(v)]
+                state = self.optimizer.state.get(p, {})
+                out += [v for k, v in state.items() if k not in self._guarded and _is_masked(v, k)]
         return out
 
     def _state_missing(self) -> bool:
@@ -231,12 +250,12 @@ class SkipMask:
             # host read: only before the optimizer has made its state
             if not agree_on_host(bool(ok)):
                 return False, torch.zeros_like(ok)
-            self.optimizer.step()
+            self._step(ok)
             return True, agreed(ok)
         tensors = self._tensors()
         with torch.no_grad():
             self._snapshot([_local(t) for t in tensors])
-        self.optimizer.step()
+        self._step(ok)
         applied = agreed(ok)
         after = self._tensors()
         if len(after) != len(tensors) or any(a is not b for a, b in zip(after, tensors)):
@@ -246,7 +265,14 @@ class SkipMask:
             )
         with torch.no_grad():
             self._restore_if_bad([_local(t) for t in tensors], applied)
+        if self._guard is not None:
+            self.optimizer.masked_step(applied)
         return True, applied
+
+    def _step(self, ok: torch.Tensor) -> None:
+        if self._guard is not None:
+            self._guard(ok)  # a bad step's outer step is dropped by the wrapper, on the device
+        self.optimizer.step()
 
     def _snapshot(self, tensors: list[torch.Tensor]) -> None:
         if [(s.shape, s.dtype, s.device) for s in self._saved] != [(t.shape, t.dtype, t.device) for t in tensors]:
@@ -255,17 +281,21 @@ class SkipMask:
             torch._foreach_copy_(self._saved, tensors)
 
     def _restore_if_bad(self, tensors: list[torch.Tensor], ok: torch.Tensor) -> None:
-        flags: dict[torch.device, torch.Tensor] = {}
+        # The flag once per device (state kept on another device, optim.outer_state_device=cpu,
+        # needs it there: one device-to-host copy per step, not one per tensor).
+        flags = {device: ok.to(device) for device in {t.device for t in tensors}}
         for t, saved in zip(tensors, self._saved):
-            # State kept on another device (optim.outer_state_device=cpu) needs the flag there:
-            # a device-to-host copy, as SNOO's CPU outer step makes anyway.
-            flag = flags.setdefault(t.device, ok.to(t.device))
-            torch.where(flag, t, saved, out=t)
+            torch.where(flags[t.device], t, saved, out=t)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def _is_masked(v: Any) -> bool:
-    return isinstance(v, torch.Tensor) and not _host_counter(_local(v))
+def _is_masked(v: Any, key: str = "") -> bool:
+    # A 0-d `step` is a step counter wherever it lives: fused AdamW keeps its counters on the
+    # device, and they advance on a skipped step like the host ones (one behaviour on every
+    # device, and no two extra kernels per parameter per step).
+    if not isinstance(v, torch.Tensor) or (key == "step" and v.ndim == 0):
+        return False
+    return not _host_counter(_local(v))

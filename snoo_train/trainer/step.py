@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 from transformers import AttentionInterface
@@ -144,6 +145,9 @@ class StepRunner:
         self.replica_group = replica_group
         # DiLoCo: every replica takes an outer step or none does (SNOO.guard_outer_step).
         self.guard_outer = replica_group is not None and hasattr(optimizer, "guard_outer_step")
+        # Every FSDP module, expert groups on their own meshes included (accumulate_across_replicas).
+        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.defer_all_reduce = True  # False: all-reduce on every micro-batch (the tests' reference)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -156,7 +160,9 @@ class StepRunner:
         skipped as non-finite)."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
+            if len(micro_batches) > 1 and self.defer_all_reduce:
+                self.accumulate_across_replicas(last=i == len(micro_batches) - 1)
             with self.autocast:
                 # Equal-size micro-batches of packed windows: scaling each mean by 1/n makes the
                 # accumulated gradient the gradient of the mean over all of them.
@@ -171,7 +177,7 @@ class StepRunner:
         # the norm is their global norm: every rank, or one replica under DiLoCo), so those
         # ranks hold the same flag and mask the same steps.
         ok = self.policy.record(step, loss, grad_norm)
-        if self.guard_outer:
+        if self.guard_outer and self.mask is None:  # under skip, SkipMask hands the wrapper its flag
             self.optimizer.guard_outer_step(self.policy.outer_step_flag(ok))
         taken = True
         if self.mask is None:
@@ -187,6 +193,15 @@ class StepRunner:
         if taken:
             self.scheduler.step()
         return loss, grad_norm, ~ok
+
+    def accumulate_across_replicas(self, *, last: bool) -> None:
+        """HSDP (a (replicate, shard) mesh): the coming backward all-reduces the gradients across
+        replicas only on the last micro-batch. Every micro-batch is still reduce-scattered within
+        the replica, so each rank keeps only its shard of the gradient (memory); FSDP adds the
+        earlier micro-batches' shards to the last one's before its one all-reduce. Without a
+        replicate dimension FSDP has no all-reduce and the flag changes nothing."""
+        for module in self.fsdp_modules:
+            module.set_requires_all_reduce(last, recurse=False)
 
     def _agreed(self, ok: torch.Tensor) -> torch.Tensor:
         """After the optimizer step: not applied either if this was an outer step that some

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from snoo_train.config import Config, ignored_optim_keys, is_diloco
+from snoo_train.config import Config, ConfigError, ignored_optim_keys, is_diloco
 from snoo_train.data import BatchLoader, build_datasets, resolve_tokenizer
 from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from snoo_train.metrics import LossWindow, MetricsLogger, Throughput, peak_flops, peak_memory_bytes
@@ -47,6 +47,7 @@ from snoo_train.models import (
 )
 from snoo_train.optim import SNOO
 from snoo_train.optim.build import build_optimizer
+from snoo_train.optim.kernels import KernelUnavailable
 from snoo_train.preemption import Preempted, PreemptionHandler, process_handler
 from snoo_train.schedule import build_scheduler
 from snoo_train.trainer.evaluator import Evaluator
@@ -145,7 +146,10 @@ class Trainer:
 
     def _build_optimizer(self) -> None:
         cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
-        self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=self.dist.replicate_group)
+        try:
+            self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=self.dist.replicate_group)
+        except KernelUnavailable as e:  # optim.implementation=fused where torch cannot fuse
+            raise ConfigError(str(e)) from None
         self.is_snoo = isinstance(self.optimizer, SNOO)
         self.router = (
             # With auxiliary-loss-free balancing the load metrics count the biased choice.
