@@ -103,7 +103,7 @@ def format_plan(plan, cfg: Config, memory: int | None, last=None) -> str:
     lines.append(f"  {'  peak without / with checkpointing':<42}{_gib(plan.peak_bytes_without_ac)} / {plan.peak_bytes_with_ac / 2**30:.3f} GiB")
     if last is not None and last.peak_bytes != plan.peak_bytes:
         lines.append(f"  {'  rank ' + str(last.rank) + ' (smallest shards): peak':<42}{_gib(last.peak_bytes)}")
-    host = plan.outer_state_host_bytes + plan.snapshot_host_bytes
+    host = plan.outer_state_host_bytes
     if host:
         lines.append(f"host memory (optim.outer_state_device=cpu): {host / 2**30:.3f} GiB")
     if memory is not None:

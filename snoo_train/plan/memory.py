@@ -57,7 +57,6 @@ class MemoryPlan:
     outer_state_bytes: int
     outer_state_host_bytes: int
     snapshot_bytes: int
-    snapshot_host_bytes: int
     activation_bytes: int  # saved activations (+ one recomputed layer under checkpointing)
     activation_bytes_with_ac: int
     activation_bytes_without_ac: int
@@ -110,8 +109,9 @@ def _states(cfg: Config, model: Any, params: list[LocalParam]) -> dict[str, int]
     on_host = cfg.optim.outer == "snoo" and cfg.optim.outer_state_device == "cpu"
     skip = cfg.trainer.nonfinite == "skip"
     scalars = STEP_SCALAR * len(params) if cfg.optim.inner != "schedule_free_adamw" else 0
-    # SkipMask copies the local shards of parameters and of every state tensor but host counters.
-    snapshot = local + inner - scalars + (0 if on_host else outer) if skip else 0
+    # SkipMask copies the local shards of parameters and of every state tensor but the step
+    # counters; SNOO guards its own outer state (SNOO.guarded_state_keys), the others' is copied.
+    snapshot = local + inner - scalars + (0 if cfg.optim.outer == "snoo" else outer) if skip else 0
     return {
         "param_bytes": padded,
         "grad_bytes": padded,
@@ -119,7 +119,6 @@ def _states(cfg: Config, model: Any, params: list[LocalParam]) -> dict[str, int]
         "outer_state_bytes": 0 if on_host else outer,
         "outer_state_host_bytes": outer if on_host else 0,
         "snapshot_bytes": snapshot,
-        "snapshot_host_bytes": outer if skip and on_host else 0,
         "_local": local,
     }
 
