@@ -120,7 +120,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plan_check_cpu.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args, overrides = parser.parse_known_args()
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after the base ones)")
+    args = parser.parse_intermixed_args()
+    overrides = args.overrides
     if args.worker:
         return worker(args.worker, overrides, args.steps)
     rows = []

@@ -130,6 +130,7 @@ class Interface:
     schema: type | None = None  # Hydra overrides are checked against this dataclass tree
     flags: frozenset[str] = frozenset()
     argparse: bool = False
+    keys: frozenset[str] = frozenset()  # key=value arguments of the tool's own, beside the schema's
 
 
 def argparse_of(path: Path) -> tuple[frozenset[str], bool]:
@@ -142,6 +143,16 @@ def argparse_of(path: Path) -> tuple[frozenset[str], bool]:
             flags.update(n for n in names if n.startswith("-"))
             overrides |= "overrides" in names
     return frozenset(flags), overrides
+
+
+def declared_cli(path: Path) -> tuple[frozenset[str], frozenset[str]] | None:
+    """A tool that parses its own arguments around the trainer's overrides declares them in
+    module-level CLI_OPTIONS and CLI_KEYS tuples (snoo_train/plan/__main__.py)."""
+    found = {}
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and getattr(node.targets[0], "id", "") in ("CLI_OPTIONS", "CLI_KEYS"):
+            found[node.targets[0].id] = frozenset(ast.literal_eval(node.value))
+    return (found.get("CLI_OPTIONS", frozenset()), found.get("CLI_KEYS", frozenset())) if found else None
 
 
 def hydra_schema_of(path: Path) -> type | None:
@@ -167,6 +178,9 @@ def interface(target: str) -> Interface | str:
         path = base.with_suffix(".py") if base.with_suffix(".py").exists() else base / "__main__.py"
     if not path.is_file():
         return f"`{target}` does not exist ({path.relative_to(REPO)})"
+    declared = declared_cli(path)
+    if declared is not None:  # its overrides are the trainer's (compose_training_config)
+        return Interface(target, config_module.Config, declared[0], argparse=True, keys=declared[1])
     schema = hydra_schema_of(path)
     flags, overrides = argparse_of(path)
     if schema is None and overrides:
@@ -234,6 +248,8 @@ def check_arguments(entry: Interface, args: list[str]) -> Iterator[str]:
                 takes_value = HYDRA_FLAGS[flag] and "=" not in arg
                 continue
             yield f"`{flag}` is not an option of {entry.name}"
+        elif arg.partition("=")[0] in entry.keys:
+            continue
         elif entry.schema is not None and ("=" in arg or arg.startswith("~")):
             problem = check_override(arg, entry.schema, user_configs)
             if problem:

@@ -15,6 +15,9 @@ import sys
 
 from snoo_train.config import Config, ConfigError
 
+# What the planner takes besides the trainer's overrides (tests/test_docs.py reads these too).
+CLI_OPTIONS = ("--device-memory", "--json", "--help", "-h")
+CLI_KEYS = ("world_size",)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
@@ -45,7 +48,7 @@ def parse_args(argv: list[str]) -> tuple[list[str], int, int | None, bool]:
             memory = parse_size(value)
         elif arg == "--json":
             as_json = True
-        elif arg.startswith("-"):
+        elif arg.startswith("-") and arg.split("=", 1)[0] not in CLI_OPTIONS:
             raise ConfigError(f"unknown option {arg!r}; see python -m snoo_train.plan --help")
         else:
             overrides.append(arg)
