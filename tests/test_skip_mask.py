@@ -167,3 +167,29 @@ def test_step_counters_are_left_to_advance_on_every_device():
     assert not _is_masked(torch.zeros(()), "step")
     assert _is_masked(torch.zeros((), device="meta"), "exp_avg")
     assert _is_masked(torch.zeros(3, device="meta"), "step")
+
+
+@pytest.mark.parametrize("skipped", [True, False])
+def test_a_checkpoint_at_an_outer_step_knows_whether_it_stood(skipped):
+    """The flag masked_step keeps is not in the state dict: loaded into a fresh SNOO, a state saved
+    right after a skipped outer step still evaluates the slow weights (the initial ones here), and
+    one saved after an applied outer step evaluates the parameters as they are."""
+    if skipped:
+        model, opt, initial, _ = _skipped_outer_step()
+    else:
+        model, opt = make()
+        mask = SkipMask(opt)
+        for n in range(1, K + 1):
+            step(model, opt, mask, n)
+        initial = [opt.state[p][SLOW].clone() for p in model.parameters()]
+    saved_params = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_optim = opt.state_dict()
+    resumed, fresh = make()
+    resumed.load_state_dict(saved_params)  # the model first, as set_state_dict does
+    fresh.load_state_dict(saved_optim)
+    assert all(fresh._restarted(g) for g in fresh.param_groups)  # the host counters: at a restart
+    with fresh.eval_parameters():
+        for p, w in zip(resumed.parameters(), initial):
+            assert torch.equal(p, w)
+    for p, saved in zip(resumed.parameters(), saved_params.values()):
+        assert torch.equal(p, saved)

@@ -187,6 +187,7 @@ class SNOO(InnerWrapper):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._restarts = {}  # the groups are new dicts
+        self._restarts_from_weights()
         if self.state_device is not None:
             # Optimizer.load_state_dict moves every state tensor to its parameter's device.
             for state in self.state.values():
@@ -222,6 +223,19 @@ class SNOO(InnerWrapper):
         and flush() then no longer take fast == slow for granted (no host read of `applied`)."""
         for group in self._last_due:
             self._restarts[id(group)] = (group, applied)
+
+    @torch.no_grad()
+    def _restarts_from_weights(self) -> None:
+        """After a load, at an outer step's position: masked_step's flag did not travel with the
+        checkpoint, and the restart stood exactly where fast == slow bitwise (it is a copy), so
+        the flag is taken from the weights (on the device, once per load; call after the
+        parameters are loaded: set_state_dict loads the model first)."""
+        for group in self.param_groups:
+            pairs = [(p, self.state[p][SLOW]) for p in group["params"] if SLOW in self.state.get(p, ())]
+            if not pairs or not self._restarted(group):
+                continue
+            equal = [(_local(p) == _local(w).to(_local(p).device)).all() for p, w in pairs]
+            self._restarts[id(group)] = (group, torch.stack(equal).all())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> Any:
