@@ -47,10 +47,14 @@ def _pinned(batches: Batches) -> Batches:
     return [{k: v.pin_memory() for k, v in batch.items()} for batch in batches]
 
 
-def _steps(loader: BatchLoader, pin: bool) -> Iterator[tuple[Batches, Position]]:
+def _steps(loader: BatchLoader, pin: bool, device: torch.device) -> Iterator[tuple[Batches, Position]]:
     """The loader's steps, each with the position after it (on the producer thread: the loader
     is touched by it alone while it runs). A free function, so that the thread does not keep
     the PrefetchLoader alive (its finalizer stops the thread)."""
+    if pin and device.type == "cuda":
+        # A new thread's current device is GPU 0: pinning there would open a CUDA context on
+        # GPU 0 for every rank of the node (torch's DataLoader pins the same way).
+        torch.cuda.set_device(device)
     while True:
         batches = loader.next_step()
         yield (_pinned(batches) if pin else batches), _position(loader)
@@ -68,10 +72,12 @@ class PrefetchLoader:
     still continues from there); `close()` stops it too (the trainer calls it at the end of
     `fit`, on errors and on preemption)."""
 
-    def __init__(self, loader: BatchLoader, *, steps: int, pin: bool):
+    def __init__(self, loader: BatchLoader, *, steps: int, pin: bool, device: torch.device | None = None):
+        """`device`: where the batches go (the producer thread pins for that CUDA device)."""
         if steps < 0:
             raise ValueError(f"data.prefetch={steps} must be >= 0")
         self.loader, self.steps, self.pin = loader, steps, pin
+        self.device = device if device is not None else torch.device("cpu")
         self.tokens_per_step, self.streaming = loader.tokens_per_step, loader.streaming
         self._background: Background | None = None
         # The position after the last step taken, while the thread runs ahead of it.
@@ -85,7 +91,7 @@ class PrefetchLoader:
         if self._background is None:
             self._taken = _position(self.loader)  # nothing taken yet: where the loader stands
             self._background = Background(
-                _steps(self.loader, self.pin), self.steps, name="snoo-prefetch", ended="the training batches ended"
+                _steps(self.loader, self.pin, self.device), self.steps, name="snoo-prefetch", ended="the training batches ended"
             )
             # A loader dropped without close() (a benchmark driving train_step) ends its thread.
             self._finalizer = weakref.finalize(self, self._background.request_stop)

@@ -124,7 +124,7 @@ class Trainer:
         # The next steps assembled on a thread while the device computes (data.prefetch),
         # pinned for asynchronous copies (data.pin_memory); the same batches either way.
         pin = pin_batches(self.cfg.data.pin_memory, d.device)
-        self.loader = PrefetchLoader(loader, steps=self.cfg.data.prefetch, pin=pin)
+        self.loader = PrefetchLoader(loader, steps=self.cfg.data.prefetch, pin=pin, device=d.device)
 
     def _build_model(self) -> None:
         """Built on the meta device and materialized after sharding: each rank only ever
