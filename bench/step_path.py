@@ -1,0 +1,144 @@
+"""The step path before and after issue 21: tokens/s of one model trained "before" and "after"
+(two lists of Hydra overrides), through the real trainer, in ONE process, in alternating blocks
+of steps (ABBA: bench/common.py time_interleaved), so the ratio is measured in one run.
+
+    python bench/step_path.py                    # llama_small; before: data.prefetch=0, after: data.prefetch=2
+    python bench/step_path.py --before data.prefetch=0 optim.implementation=foreach --after data.prefetch=2
+    python bench/step_path.py --model llama_tiny --steps 4 --block 2 --warmup 1   # a smoke run
+
+Extra positional arguments are Hydra overrides applied to both sides. Besides tokens/s, each
+side reports the time the training thread spent getting each step's batches
+(`Trainer.loader.next_step`: assembling them with data.prefetch=0, taking them off the queue
+with prefetching) and its validation loss after the same steps: with the same optimizer code on
+both sides the losses are equal, prefetching changes no batch. Prints a table and writes JSON
+(bench/results/step_path_<model>_<device>.json by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+from common import REPO, compose_config, time_interleaved, write_report
+
+from snoo_train.config import Config, validate_config
+from snoo_train.dist import init_distributed
+from snoo_train.trainer import Trainer
+
+SIDES = ("before", "after")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="llama_small")
+    parser.add_argument("--before", nargs="+", default=["data.prefetch=0"], help="overrides of the 'before' side")
+    parser.add_argument("--after", nargs="+", default=["data.prefetch=2"], help="overrides of the 'after' side")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per side")
+    parser.add_argument("--block", type=int, default=5, help="steps per timed block")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per side first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both sides")
+    args = parser.parse_intermixed_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def make_config(side_overrides: list[str], args: argparse.Namespace, run_dir: str) -> Config:
+    cfg = compose_config(
+        [f"model={args.model}", *args.overrides, *side_overrides, "trainer.progress=false",
+         "trainer.eval_interval=0", "logging.wandb.mode=disabled", "checkpoint.interval=0"],
+        run_dir,
+    )  # fmt: skip
+    validate_config(cfg)
+    cfg.trainer.max_steps = args.warmup + args.steps
+    return cfg
+
+
+def time_batches(trainer: Trainer) -> list[float]:
+    """Record, from now on, the seconds each `loader.next_step` call takes on the training thread."""
+    seconds: list[float] = []
+    next_step = trainer.loader.next_step
+
+    def timed():
+        t0 = time.perf_counter()
+        out = next_step()
+        seconds.append(time.perf_counter() - t0)
+        return out
+
+    trainer.loader.next_step = timed
+    return seconds
+
+
+def measure(args: argparse.Namespace) -> tuple[dict, dict]:
+    tmp = tempfile.mkdtemp(prefix="snoo_step_path_")
+    cfgs = {side: make_config(getattr(args, side), args, os.path.join(tmp, side)) for side in SIDES}
+    info = init_distributed(cfgs["before"].trainer.device)
+    trainers = {side: Trainer(cfg, info) for side, cfg in cfgs.items()}
+    waits = {side: time_batches(t) for side, t in trainers.items()}
+    step, elapsed, timed_steps = time_interleaved(trainers, warmup=args.warmup, steps=args.steps, block=args.block)
+    tokens_per_step = trainers["before"].loader.tokens_per_step
+    results = {}
+    for side, trainer in trainers.items():
+        results[side] = {
+            "overrides": getattr(args, side),
+            "tokens_per_s": timed_steps * tokens_per_step / elapsed[side],
+            "step_time_s": elapsed[side] / timed_steps,
+            "batch_wait_ms_median": 1e3 * statistics.median(waits[side][args.warmup :]),
+            "batch_wait_ms_mean": 1e3 * statistics.fmean(waits[side][args.warmup :]),
+            "steps_trained": step[side],
+            "val_loss": trainer.evaluate(),
+        }
+        trainer.loader.close()
+        trainer.metrics.close()
+    meta = {
+        "device": info.device,
+        "params": trainers["before"].num_params,
+        "tokens_per_step": tokens_per_step,
+        "timed_steps": timed_steps,
+    }
+    return results, meta
+
+
+def main() -> None:
+    args = parse_args()
+    results, meta = measure(args)
+    device = meta.pop("device")
+    before, after = results["before"], results["after"]
+    report = {
+        "benchmark": "step_path",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["bench/step_path.py", *sys.argv[1:]]),
+        "machine": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "model": args.model,
+        **meta,
+        "results": results,
+        "tokens_per_s_ratio_after_over_before": after["tokens_per_s"] / before["tokens_per_s"],
+        "val_loss_equal": before["val_loss"] == after["val_loss"],
+    }
+    print(f"\n{args.model} ({meta['params'] / 1e6:.2f}M params), {device.type}, "
+          f"{meta['timed_steps']} timed steps per side, {meta['tokens_per_step']} tokens/step")
+    print(f"{'side':<8}{'tokens/s':>11}{'step ms':>10}{'batch ms':>10}{'val_loss':>12}  overrides")
+    for side in SIDES:
+        r = results[side]
+        print(f"{side:<8}{r['tokens_per_s']:>11.0f}{1e3 * r['step_time_s']:>10.1f}{r['batch_wait_ms_median']:>10.3f}"
+              f"{r['val_loss']:>12.6f}  {' '.join(r['overrides'])}")  # fmt: skip
+    print(f"tokens/s ratio after/before: {report['tokens_per_s_ratio_after_over_before']:.4f}; "
+          f"validation losses equal: {report['val_loss_equal']}")
+    write_report(report, args.out or REPO / "bench" / "results" / f"step_path_{args.model}_{device.type}.json")
+
+
+if __name__ == "__main__":
+    main()
