@@ -35,15 +35,10 @@ class Background:
         self._thread.start()
 
     def _put(self, item) -> bool:
-        """Queue `item` unless asked to stop first (polling, so that a full queue cannot
-        keep the thread alive after stop())."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+        """Queue `item` (waiting while the queue is full: no polling, the thread sleeps until
+        the consumer takes one, or stop empties the queue); False once asked to stop."""
+        self._queue.put(item)
+        return not self._stop.is_set()
 
     def _run(self, items: Iterator) -> None:
         try:
@@ -66,12 +61,19 @@ class Background:
         return item
 
     def request_stop(self) -> None:
-        """Ask the thread to end at its next item, without waiting (safe from any thread)."""
+        """Ask the thread to end after its next item, without waiting (safe from any thread).
+        The queue is emptied: a thread waiting to put its item goes on, puts it, and ends, and
+        after the flag is set it puts at most one item, which the emptied queue has room for."""
         self._stop.set()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
 
     def stop(self, timeout: float = 60.0) -> None:
         """Ask the thread to end and wait for it: it finishes the item it is making first."""
-        self._stop.set()
+        self.request_stop()
         self._thread.join(timeout=timeout)
         if self._thread.is_alive():
             log.warning("data: the %s thread did not end within %.0f s; leaving it (a daemon)", self._thread.name, timeout)

@@ -10,6 +10,7 @@ ahead: every queued step carries the position after it, and `state_dict()` /
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -90,9 +91,8 @@ class PrefetchLoader:
             return _pinned(batches) if self.pin else batches
         if self._background is None:
             self._taken = _position(self.loader)  # nothing taken yet: where the loader stands
-            self._background = Background(
-                _steps(self.loader, self.pin, self.device), self.steps, name="snoo-prefetch", ended="the training batches ended"
-            )
+            steps = _steps(self.loader, self.pin, self.device)
+            self._background = Background(steps, self.steps, name="snoo-prefetch", ended="the training batches ended")
             # A loader dropped without close() (a benchmark driving train_step) ends its thread.
             self._finalizer = weakref.finalize(self, self._background.request_stop)
         batches, self._taken = self._background.get()
@@ -101,14 +101,15 @@ class PrefetchLoader:
     def _current(self) -> Position:
         return self._taken if self._background is not None else _position(self.loader)
 
+    # Copies, as BatchLoader gives: the caller may keep or change them.
     def state_dict(self) -> dict:
-        return self._current().state
+        return copy.deepcopy(self._current().state)
 
     def rank_state(self) -> str:
         return self._current().rank_state
 
     def tokens_drawn(self) -> dict[str, int]:
-        return self._current().tokens_drawn
+        return dict(self._current().tokens_drawn)
 
     def load_state_dict(self, state: dict) -> None:
         self._halt(rewind=True)
