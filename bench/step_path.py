@@ -6,8 +6,9 @@ of steps (ABBA: bench/common.py time_interleaved), so the ratio is measured in o
     python bench/step_path.py --before data.prefetch=0 optim.implementation=foreach --after data.prefetch=2
     python bench/step_path.py --model llama_tiny --steps 4 --block 2 --warmup 1   # a smoke run
 
-Extra positional arguments are Hydra overrides applied to both sides. Besides tokens/s, each
-side reports the time the training thread spent getting each step's batches
+Extra positional arguments are Hydra overrides applied to both sides. Besides tokens/s (timed
+steps over their blocks' wall time) and the median step time (robust to a machine's bursts of
+other work), each side reports the time the training thread spent getting each step's batches
 (`Trainer.loader.next_step`: assembling them with data.prefetch=0, taking them off the queue
 with prefetching) and its validation loss after the same steps: with the same optimizer code on
 both sides the losses are equal, prefetching changes no batch. Prints a table and writes JSON
@@ -62,18 +63,23 @@ def make_config(side_overrides: list[str], args: argparse.Namespace, run_dir: st
     return cfg
 
 
-def time_batches(trainer: Trainer) -> list[float]:
-    """Record, from now on, the seconds each `loader.next_step` call takes on the training thread."""
-    seconds: list[float] = []
-    next_step = trainer.loader.next_step
+def instrument(trainer: Trainer) -> dict[str, list[float]]:
+    """Record, from now on, the seconds of each step (`train_step`: a machine busy with other
+    work slows some steps, and the median shrugs them off) and of each `loader.next_step` call
+    on the training thread (the batch wait prefetching takes off the step path)."""
+    seconds: dict[str, list[float]] = {"step": [], "batch": []}
 
-    def timed():
-        t0 = time.perf_counter()
-        out = next_step()
-        seconds.append(time.perf_counter() - t0)
-        return out
+    def timed(fn, key):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            seconds[key].append(time.perf_counter() - t0)
+            return out
 
-    trainer.loader.next_step = timed
+        return call
+
+    trainer.loader.next_step = timed(trainer.loader.next_step, "batch")
+    trainer.train_step = timed(trainer.train_step, "step")
     return seconds
 
 
@@ -82,17 +88,20 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
     cfgs = {side: make_config(getattr(args, side), args, os.path.join(tmp, side)) for side in SIDES}
     info = init_distributed(cfgs["before"].trainer.device)
     trainers = {side: Trainer(cfg, info) for side, cfg in cfgs.items()}
-    waits = {side: time_batches(t) for side, t in trainers.items()}
+    seconds = {side: instrument(t) for side, t in trainers.items()}
     step, elapsed, timed_steps = time_interleaved(trainers, warmup=args.warmup, steps=args.steps, block=args.block)
     tokens_per_step = trainers["before"].loader.tokens_per_step
     results = {}
     for side, trainer in trainers.items():
+        steps, batches = seconds[side]["step"][args.warmup :], seconds[side]["batch"][args.warmup :]
         results[side] = {
             "overrides": getattr(args, side),
             "tokens_per_s": timed_steps * tokens_per_step / elapsed[side],
             "step_time_s": elapsed[side] / timed_steps,
-            "batch_wait_ms_median": 1e3 * statistics.median(waits[side][args.warmup :]),
-            "batch_wait_ms_mean": 1e3 * statistics.fmean(waits[side][args.warmup :]),
+            "step_time_s_median": statistics.median(steps),
+            "tokens_per_s_of_median_step": tokens_per_step / statistics.median(steps),
+            "batch_wait_ms_median": 1e3 * statistics.median(batches),
+            "batch_wait_ms_mean": 1e3 * statistics.fmean(batches),
             "steps_trained": step[side],
             "val_loss": trainer.evaluate(),
         }
@@ -126,17 +135,18 @@ def main() -> None:
         **meta,
         "results": results,
         "tokens_per_s_ratio_after_over_before": after["tokens_per_s"] / before["tokens_per_s"],
+        "median_step_ratio_before_over_after": before["step_time_s_median"] / after["step_time_s_median"],
         "val_loss_equal": before["val_loss"] == after["val_loss"],
     }
     print(f"\n{args.model} ({meta['params'] / 1e6:.2f}M params), {device.type}, "
           f"{meta['timed_steps']} timed steps per side, {meta['tokens_per_step']} tokens/step")
-    print(f"{'side':<8}{'tokens/s':>11}{'step ms':>10}{'batch ms':>10}{'val_loss':>12}  overrides")
+    print(f"{'side':<8}{'tokens/s':>11}{'step ms':>10}{'median ms':>11}{'batch ms':>10}{'val_loss':>12}  overrides")
     for side in SIDES:
         r = results[side]
-        print(f"{side:<8}{r['tokens_per_s']:>11.0f}{1e3 * r['step_time_s']:>10.1f}{r['batch_wait_ms_median']:>10.3f}"
-              f"{r['val_loss']:>12.6f}  {' '.join(r['overrides'])}")  # fmt: skip
-    print(f"tokens/s ratio after/before: {report['tokens_per_s_ratio_after_over_before']:.4f}; "
-          f"validation losses equal: {report['val_loss_equal']}")
+        print(f"{side:<8}{r['tokens_per_s']:>11.0f}{1e3 * r['step_time_s']:>10.1f}{1e3 * r['step_time_s_median']:>11.1f}"
+              f"{r['batch_wait_ms_median']:>10.3f}{r['val_loss']:>12.6f}  {' '.join(r['overrides'])}")  # fmt: skip
+    print(f"tokens/s ratio after/before: {report['tokens_per_s_ratio_after_over_before']:.4f} (median step ratio "
+          f"{report['median_step_ratio_before_over_after']:.4f}); validation losses equal: {report['val_loss_equal']}")
     write_report(report, args.out or REPO / "bench" / "results" / f"step_path_{args.model}_{device.type}.json")
 
 
