@@ -65,15 +65,19 @@ def make_config(side_overrides: list[str], args: argparse.Namespace, run_dir: st
 
 def instrument(trainer: Trainer) -> dict[str, list[float]]:
     """Record, from now on, the seconds of each step (`train_step`: a machine busy with other
-    work slows some steps, and the median shrugs them off) and of each `loader.next_step` call
-    on the training thread (the batch wait prefetching takes off the step path)."""
-    seconds: dict[str, list[float]] = {"step": [], "batch": []}
+    work slows some steps, and the median shrugs them off), the process's CPU seconds in it
+    (every thread's, the producer's included; other processes' load does not inflate them),
+    and of each `loader.next_step` call on the training thread (the batch wait prefetching
+    takes off the step path)."""
+    seconds: dict[str, list[float]] = {"step": [], "batch": [], "cpu": []}
 
     def timed(fn, key):
         def call(*args):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(*args)
             seconds[key].append(time.perf_counter() - t0)
+            if key == "step":
+                seconds["cpu"].append(time.process_time() - c0)
             return out
 
         return call
@@ -93,13 +97,14 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
     tokens_per_step = trainers["before"].loader.tokens_per_step
     results = {}
     for side, trainer in trainers.items():
-        steps, batches = seconds[side]["step"][args.warmup :], seconds[side]["batch"][args.warmup :]
+        steps, batches, cpu = (seconds[side][key][args.warmup :] for key in ("step", "batch", "cpu"))
         results[side] = {
             "overrides": getattr(args, side),
             "tokens_per_s": timed_steps * tokens_per_step / elapsed[side],
             "step_time_s": elapsed[side] / timed_steps,
             "step_time_s_median": statistics.median(steps),
             "tokens_per_s_of_median_step": tokens_per_step / statistics.median(steps),
+            "cpu_s_per_step_median": statistics.median(cpu),
             "batch_wait_ms_median": 1e3 * statistics.median(batches),
             "batch_wait_ms_mean": 1e3 * statistics.fmean(batches),
             "steps_trained": step[side],
@@ -136,17 +141,20 @@ def main() -> None:
         "results": results,
         "tokens_per_s_ratio_after_over_before": after["tokens_per_s"] / before["tokens_per_s"],
         "median_step_ratio_before_over_after": before["step_time_s_median"] / after["step_time_s_median"],
+        "cpu_per_step_ratio_before_over_after": before["cpu_s_per_step_median"] / after["cpu_s_per_step_median"],
         "val_loss_equal": before["val_loss"] == after["val_loss"],
     }
     print(f"\n{args.model} ({meta['params'] / 1e6:.2f}M params), {device.type}, "
           f"{meta['timed_steps']} timed steps per side, {meta['tokens_per_step']} tokens/step")
-    print(f"{'side':<8}{'tokens/s':>11}{'step ms':>10}{'median ms':>11}{'batch ms':>10}{'val_loss':>12}  overrides")
+    print(f"{'side':<8}{'tokens/s':>11}{'step ms':>10}{'median ms':>11}{'CPU ms':>10}{'batch ms':>10}{'val_loss':>12}  overrides")
     for side in SIDES:
         r = results[side]
         print(f"{side:<8}{r['tokens_per_s']:>11.0f}{1e3 * r['step_time_s']:>10.1f}{1e3 * r['step_time_s_median']:>11.1f}"
-              f"{r['batch_wait_ms_median']:>10.3f}{r['val_loss']:>12.6f}  {' '.join(r['overrides'])}")  # fmt: skip
-    print(f"tokens/s ratio after/before: {report['tokens_per_s_ratio_after_over_before']:.4f} (median step ratio "
-          f"{report['median_step_ratio_before_over_after']:.4f}); validation losses equal: {report['val_loss_equal']}")
+              f"{1e3 * r['cpu_s_per_step_median']:>10.1f}{r['batch_wait_ms_median']:>10.3f}{r['val_loss']:>12.6f}"
+              f"  {' '.join(r['overrides'])}")  # fmt: skip
+    print(f"tokens/s ratio after/before: {report['tokens_per_s_ratio_after_over_before']:.4f}; median step "
+          f"before/after: {report['median_step_ratio_before_over_after']:.4f}; CPU per step before/after: "
+          f"{report['cpu_per_step_ratio_before_over_after']:.4f}; validation losses equal: {report['val_loss_equal']}")
     write_report(report, args.out or REPO / "bench" / "results" / f"step_path_{args.model}_{device.type}.json")
 
 
