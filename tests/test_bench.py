@@ -271,13 +271,15 @@ def test_step_path_bench_in_miniature(tmp_path):
     report = json.loads(out.read_text())
     before, after = report["results"]["before"], report["results"]["after"]
     assert before["overrides"] == ["data.prefetch=0", "data.pin_memory=false"] and after["overrides"] == ["data.prefetch=3"]
-    assert report["timed_steps"] == 2 and before["steps_trained"] == after["steps_trained"] == 3
+    # Two copies per side (one built first, one last), each 1 warm-up + 2 timed steps.
+    assert report["timed_steps_per_side"] == 4 and before["steps_trained"] == after["steps_trained"] == 6
     assert report["tokens_per_step"] == 8 * 64
     for side in (before, after):
         assert side["tokens_per_s"] == pytest.approx(report["tokens_per_step"] / side["step_time_s"])
         assert side["batch_wait_ms_median"] >= 0
-    assert report["tokens_per_s_ratio_after_over_before"] == pytest.approx(after["tokens_per_s"] / before["tokens_per_s"])
-    assert before["val_loss"] == after["val_loss"] and report["val_loss_equal"] is True
+    assert report["tokens_per_s_ratio_after_over_before"] == pytest.approx(before["step_time_s_median"] / after["step_time_s_median"])
+    assert report["tokens_per_s_ratio_of_block_totals"] == pytest.approx(after["tokens_per_s"] / before["tokens_per_s"])
+    assert len(set(before["val_losses"] + after["val_losses"])) == 1 and report["val_loss_equal"] is True
 
 
 # -- bench/methods.py: the comparison logic on synthetic runs, and in miniature -----------------
