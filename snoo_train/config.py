@@ -138,6 +138,12 @@ class DataConfig:
     # prepared: shard sizes are always checked at start-up (O(shards)); true also checks every
     # shard's sha256 (reads the whole store once)
     verify_checksums: bool = False
+    # Training steps assembled ahead on a background thread while the device computes
+    # (data/prefetch.py); 0 assembles each on the training thread. The batches are the same.
+    prefetch: int = 2
+    # Batches in pinned host memory, so that their non_blocking copy to the GPU never blocks
+    # the host: auto (when training on CUDA) | true | false
+    pin_memory: str = "auto"
 
 
 # DataConfig keys that decide what goes into a token store: a prepared run cannot change them
@@ -568,6 +574,8 @@ def _check_data(d: Any) -> None:
         _choice("data.format", d.format, ("text", "jsonl", "parquet"))
     _choice("data.sample_by", d.sample_by, ("document", "paragraph", "line"))
     _positive("data.shuffle_buffer", d.shuffle_buffer)
+    _positive("data.prefetch", d.prefetch, strict=False)
+    _check_pin_memory(d.pin_memory)
     _positive("data.seq_len", d.seq_len)
     _unit_interval("data.val_fraction", d.val_fraction)
     if d.source == "prepared":
@@ -580,6 +588,24 @@ def _check_data(d: Any) -> None:
             raise ConfigError(f"data.{key} mixes token stores and needs data=prepared (data.source={d.source})")
     if d.streaming and d.source == "stdlib":
         raise ConfigError("data.streaming=true reads hf or local sources; the embedded corpus is small enough to pack")
+
+
+def pin_memory_mode(value: Any) -> str:
+    """data.pin_memory as auto | true | false: Hydra reads `data.pin_memory=true` as a boolean,
+    which the str field then holds as "True"."""
+    return str(value).lower()
+
+
+def _check_pin_memory(value: Any) -> None:
+    mode = pin_memory_mode(value)
+    _choice("data.pin_memory", mode, ("auto", "true", "false"))
+    import torch  # here: the config module stays importable without torch's start-up cost
+
+    if mode == "true" and not torch.cuda.is_available():
+        raise ConfigError(
+            "data.pin_memory=true pins batches for copies to a CUDA device, and no CUDA device is visible: "
+            "use auto (pins only when training on CUDA) or false"
+        )
 
 
 def _check_prepared(d: Any) -> None:

@@ -280,6 +280,37 @@ def test_init_memory_bench_reports_both_inits_identical_and_each_rank_s_shard(tm
             assert r["shard_bytes"] == want and r["peak_increase_bytes"] > 0, (variant, rank)
 
 
+# -- bench/step_path.py in miniature ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_step_path_bench_in_miniature(tmp_path):
+    """bench/step_path.py with its before/after override lists: the same optimizer code on both
+    sides, so prefetching must leave the validation loss bit for bit the same."""
+    out = tmp_path / "step_path.json"
+    cmd = [
+        sys.executable, "bench/step_path.py", "--model", "llama_tiny", "--steps", "2", "--block", "1",
+        "--warmup", "1", "--threads", "1", "--before", "data.prefetch=0", "data.pin_memory=false",
+        "--after", "data.prefetch=3", "--out", str(out),
+        "trainer.batch_size=8", "data.seq_len=64", "data.max_documents=200", "trainer.device=cpu",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    before, after = report["results"]["before"], report["results"]["after"]
+    assert before["overrides"] == ["data.prefetch=0", "data.pin_memory=false"] and after["overrides"] == ["data.prefetch=3"]
+    # Two copies per side (one built first, one last), each 1 warm-up + 2 timed steps.
+    assert report["timed_steps_per_side"] == 4 and before["steps_trained"] == after["steps_trained"] == 6
+    assert report["tokens_per_step"] == 8 * 64
+    for side in (before, after):
+        assert side["tokens_per_s"] == pytest.approx(report["tokens_per_step"] / side["step_time_s"])
+        assert side["batch_wait_ms_median"] >= 0
+    assert report["tokens_per_s_ratio_after_over_before"] == pytest.approx(before["step_time_s_median"] / after["step_time_s_median"])
+    assert report["tokens_per_s_ratio_of_block_totals"] == pytest.approx(after["tokens_per_s"] / before["tokens_per_s"])
+    assert len(set(before["val_losses"] + after["val_losses"])) == 1 and report["val_loss_equal"] is True
+
+
 # -- bench/methods.py: the comparison logic on synthetic runs, and in miniature -----------------
 
 

@@ -6,6 +6,7 @@ from .build import build_datasets, resolve_tokenizer
 from .errors import DataError
 from .loader import BatchLoader, eval_batches
 from .packing import PackedDataset, StreamingPackedDataset
+from .prefetch import PrefetchLoader, pin_batches
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, build_tokenizer
 
 __all__ = [
@@ -14,10 +15,12 @@ __all__ = [
     "DataError",
     "HFTokenizer",
     "PackedDataset",
+    "PrefetchLoader",
     "StreamingPackedDataset",
     "Tokenizer",
     "build_datasets",
     "resolve_tokenizer",
     "build_tokenizer",
     "eval_batches",
+    "pin_batches",
 ]

@@ -24,13 +24,12 @@ streaming run resumes at the same world size only; data=prepared resumes at any.
 from __future__ import annotations
 
 import copy
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Any, Optional
 
 import numpy as np
 
+from .background import Background
 from .errors import DataError
 from .packing import num_windows, storage_dtype
 from .sources import Source, check_text
@@ -95,7 +94,7 @@ class RankStream:
         self.dtype = storage_dtype(tokenizer.vocab_size)
         self.prefetch_windows = prefetch_windows
         self._state = {"start": BlockStart(0, 0, None, np.empty(0, dtype=self.dtype)), "consumed": 0}
-        self._thread: Optional[_Producer] = None
+        self._thread: Optional[Background] = None
         self.documents_read = 0  # documents this rank took from the stream (tests, benchmarks)
 
     # -- the documents of this rank --
@@ -178,7 +177,10 @@ class RankStream:
 
     def next_windows(self, n: int) -> np.ndarray:
         if self._thread is None:
-            self._thread = _Producer(self._produce(), self.prefetch_windows)
+            # blocks() cycles epochs: the stream never ends.
+            self._thread = Background(
+                self._produce(), self.prefetch_windows, name="snoo-stream", ended="the training stream ended"
+            )
         out = []
         for _ in range(n):
             window, self._state = self._thread.get()
@@ -194,51 +196,10 @@ class RankStream:
 
     def close(self) -> None:
         if self._thread is not None:
-            self._thread.stop()
+            self._thread.stop(timeout=5)
             self._thread = None
 
 
 def _unpack(windows: list[np.ndarray]) -> np.ndarray:
     """The flat tokens that consecutive windows were cut from (they share one token)."""
     return np.concatenate([windows[0][:1]] + [w[1:] for w in windows])
-
-
-class _Producer:
-    """Runs an iterator in a daemon thread, `size` items ahead; an exception there is raised
-    here, at the next `get`."""
-
-    _DONE = object()
-
-    def __init__(self, items: Iterator, size: int):
-        self._queue: queue.Queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True, name="snoo-stream")
-        self._thread.start()
-
-    def _run(self, items: Iterator) -> None:
-        try:
-            for item in items:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-        except BaseException as err:  # handed to the training thread
-            self._queue.put(err)
-            return
-        self._queue.put(self._DONE)
-
-    def get(self):
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        if item is self._DONE:
-            raise DataError("the training stream ended")  # blocks() cycles epochs: not reached
-        return item
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)

@@ -14,7 +14,9 @@ runs the loop. Each component decides its own interval:
 A step that does not log never waits for the device: the loss, grad norm and finite flag stay
 device tensors (step.py, metrics.LossWindow) and are read at log steps; the non-finite policy
 is checked there and before every checkpoint; ranks agree on a preemption signal only at log,
-checkpoint and trainer.preemption_check_interval steps. Under DiLoCo (parallel.replicas > 1)
+checkpoint and trainer.preemption_check_interval steps. Nor does it wait for data: the next
+steps' batches are assembled on a background thread meanwhile, in pinned memory on CUDA
+(data.prefetch, data.pin_memory: data/prefetch.py). Under DiLoCo (parallel.replicas > 1)
 nothing crosses replicas between outer steps except at those log and checkpoint steps: the loss
 is averaged within a replica, the replicas' loss windows and non-finite tallies are merged at log
 steps, SNOO's outer all-reduce carries each replica's non-finite flag, and the periodic
@@ -32,7 +34,13 @@ import torch
 from omegaconf import OmegaConf
 
 from snoo_train.config import Config, ConfigError, ignored_optim_keys, is_diloco
-from snoo_train.data import BatchLoader, build_datasets, resolve_tokenizer
+from snoo_train.data import (
+    BatchLoader,
+    PrefetchLoader,
+    build_datasets,
+    pin_batches,
+    resolve_tokenizer,
+)
 from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
 from snoo_train.metrics import LossWindow, MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
@@ -105,7 +113,7 @@ class Trainer:
         t, d = self.cfg.trainer, self.dist
         self.tokenizer = resolve_tokenizer(self.cfg.data)
         self.train_set, self.val_set = build_datasets(self.cfg.data, self.tokenizer, seed=t.seed)
-        self.loader = BatchLoader(
+        loader = BatchLoader(
             self.train_set,
             global_batch_size=t.batch_size,
             grad_accum=t.grad_accum,
@@ -114,6 +122,10 @@ class Trainer:
             world_size=d.dp_size,
             seed=t.seed,
         )
+        # The next steps assembled on a thread while the device computes (data.prefetch),
+        # pinned for asynchronous copies (data.pin_memory); the same batches either way.
+        pin = pin_batches(self.cfg.data.pin_memory, d.device)
+        self.loader = PrefetchLoader(loader, steps=self.cfg.data.prefetch, pin=pin, device=d.device)
 
     def _build_model(self) -> None:
         """Built on the meta device and materialized after sharding: each rank only ever
