@@ -142,6 +142,7 @@ def free(trainer: Trainer | None) -> None:
     """Drop a trainer and everything compiled for it before the next is built."""
     if trainer is not None:
         trainer.metrics.close()
+        trainer.loader.close()  # the prefetch thread holds pinned batches
     del trainer
     torch._dynamo.reset()
     gc.collect()
@@ -234,6 +235,7 @@ def one_configuration(check: Check, name: str, overrides: list[str]) -> dict:
     try:
         result = timed(check, trainer)
         result["host"] = host_syncs(check, trainer)
+        result["batches_pinned"] = trainer.loader.pin  # data.pin_memory=auto: on CUDA
         result.update(state_bytes(trainer))
         result["planned_peak_bytes"] = planned_peak(trainer)
         if check.device.type == "cuda":

@@ -454,6 +454,7 @@ def test_gpu_check_runs_on_cpu_and_writes_every_part(tmp_path):
         assert r["tokens_per_s"] > 0 and r["mfu"] is None  # no peak FLOP/s known for a CPU
         # Non-log steps read nothing from the device but the optimizers' own step counters.
         assert r["host"]["host_reads"] == 0 and r["host"]["steps"] == 4
+        assert r["batches_pinned"] is False  # pinned only for a CUDA device
         assert r["planned_peak_bytes"] > r["param_bytes"] > 0
         assert (r["snoo_state_bytes"] > 0) == name.startswith("snoo")
     assert parts["llama"]["tokens_per_s_over_adamw"]["adamw"] == 1.0
