@@ -27,8 +27,21 @@ THREAD = "snoo-prefetch"
 KINDS = ["map", "mixture", "streaming"]
 
 
+_EARLIER: set[threading.Thread] = set()
+
+
+@pytest.fixture(autouse=True)
+def _threads_of_earlier_tests():
+    """Prefetch threads other tests in this worker left running (a Trainer driven without fit()
+    ends its thread only when it is collected) are not this test's."""
+    _EARLIER.clear()
+    _EARLIER.update(t for t in threading.enumerate() if t.name == THREAD)
+    yield
+
+
 def prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == THREAD]
+    """The prefetch threads this test started that are still running."""
+    return [t for t in threading.enumerate() if t.name == THREAD and t not in _EARLIER]
 
 
 @pytest.fixture
