@@ -81,7 +81,12 @@ def _assert_round_trip(hf: Path, run_dir: Path, out: Path) -> None:
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+        logits, want_logits = exported(ids).logits, reference(ids).logits
+    torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+    # The figures for the docs (pytest -s shows them).
+    weights = max((got[n] - t).abs().max().item() for n, t in want.items())
+    print(f"\nround trip {run_dir.parent.name}: max |weight diff| {weights:.1e}, max |logit diff| "
+          f"{(logits - want_logits).abs().max().item():.1e}")
 
 
 @pytest.mark.parametrize("family", ["llama", "moe"])

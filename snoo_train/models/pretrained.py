@@ -123,7 +123,8 @@ def pretrained_model_config(cfg: ModelConfig, reference: ModelConfig) -> ModelCo
 
 
 class _Checkpoint:
-    """The safetensors files of a directory, opened lazily, by tensor name."""
+    """The safetensors files of a directory, by tensor name. Each read opens its file anew: the
+    pages a read maps are released with it, so a rank's resident memory stays near its shard."""
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
@@ -137,14 +138,18 @@ class _Checkpoint:
                 raise ConfigError(f"model.from_pretrained: no model.safetensors in {directory}")
             with safe_open(single, "pt") as f:
                 files = {name: "model.safetensors" for name in f.keys()}
-        self.directory, self.files, self._open = directory, files, {}
-        self._safe_open = safe_open
+        self.directory, self.files, self._safe_open = directory, files, safe_open
 
-    def slice(self, name: str) -> Any:
-        file = self.files[name]
-        if file not in self._open:
-            self._open[file] = self._safe_open(self.directory / file, "pt")
-        return self._open[file].get_slice(name)
+    def read(self, name: str, shape: torch.Size, box: tuple[slice, ...]) -> torch.Tensor:
+        """The `box` of tensor `name`, after checking its shape is `shape`."""
+        with self._safe_open(self.directory / self.files[name], "pt") as f:
+            part = f.get_slice(name)
+            if tuple(part.get_shape()) != tuple(shape):
+                raise ConfigError(
+                    f"model.from_pretrained: tensor {name} is {list(part.get_shape())} in the checkpoint, "
+                    f"{list(shape)} in the model built from its config"
+                )
+            return part[box].clone()
 
 
 def _read(ckpt: _Checkpoint, name: str, shape: torch.Size, index: list[torch.Tensor]) -> torch.Tensor:
@@ -152,15 +157,10 @@ def _read(ckpt: _Checkpoint, name: str, shape: torch.Size, index: list[torch.Ten
     box from each dimension's first to last index, then keeps the indexed ones."""
     if name not in ckpt.files:
         raise ConfigError(f"model.from_pretrained: tensor {name} is missing from {ckpt.directory}")
-    part = ckpt.slice(name)
-    if tuple(part.get_shape()) != tuple(shape):
-        raise ConfigError(
-            f"model.from_pretrained: tensor {name} is {list(part.get_shape())} in the checkpoint, "
-            f"{list(shape)} in the model built from its config"
-        )
-    box = part[tuple(slice(int(i.min()), int(i.max()) + 1) for i in index)]
+    box = ckpt.read(name, shape, tuple(slice(int(i.min()), int(i.max()) + 1) for i in index))
     for dim, i in enumerate(index):
-        box = box.index_select(dim, i - i.min())
+        if i.numel() != box.shape[dim] or bool((i.diff() != 1).any()):  # not a plain range
+            box = box.index_select(dim, i - i.min())
     return box
 
 
