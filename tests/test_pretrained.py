@@ -180,3 +180,19 @@ def test_resume_ignores_from_pretrained(hf_dirs, tmp_path, caplog):
     assert resumed.resumed_from is not None and resumed.step == 2
     ignored = [r for r in caplog.records if "model.from_pretrained=" in r.getMessage() and "ignored" in r.getMessage()]
     assert len(ignored) == 1
+
+
+def test_entry_point_takes_the_shape_before_validating(hf_dirs, tmp_path):
+    """`python -m snoo_train.train model.from_pretrained=DIR`: the run trains the checkpoint's
+    shape (recorded in its config.yaml), the preset's only where config.json is silent."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import TINY, run_entry
+
+    args = [*TINY, *_overrides(hf_dirs["moe"], "moe"), "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = run_entry(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    model = OmegaConf.load(tmp_path / "run" / "config.yaml").model
+    assert (model.family, model.num_experts, model.vocab_size, model.from_pretrained) == (
+        "moe", 4, VOCAB, str(hf_dirs["moe"]))
+    assert model.experts_implementation == "auto"  # not in config.json: the preset's

@@ -203,13 +203,13 @@ def load_pretrained(model: nn.Module, directory: Path, canonical: Callable[[str]
 
 
 def apply_pretrained(cfg: Any, world_size: int) -> None:
-    """With `model.from_pretrained`: take the model's shape from the checkpoint's config.json
-    into `cfg.model` and re-validate the whole config against it (TP and EP divisibility)."""
+    """validate_config, after taking the model's shape from `model.from_pretrained`'s
+    config.json into `cfg.model` (so TP and EP divisibility are checked against the checkpoint's
+    shape, not the preset's). Idempotent: the entry point and the Trainer both call it."""
     from snoo_train.config import validate_config
     from snoo_train.models.presets import PRESETS
 
-    if not cfg.model.from_pretrained:
-        return
-    reference = PRESETS.get(cfg.model.name, ModelConfig())
-    cfg.model = pretrained_model_config(cfg.model, reference)
+    if cfg.model.from_pretrained:
+        reference = PRESETS.get(cfg.model.name, ModelConfig())
+        cfg.model = pretrained_model_config(cfg.model, reference)
     validate_config(cfg, world_size=world_size)

@@ -85,7 +85,8 @@ class Trainer:
             # Honoured or refused elsewhere; these are neither: say so once, before the build.
             for ignored in ignored_optim_keys(cfg.optim):
                 log.warning("warning: %s", ignored)
-        apply_pretrained(cfg, dist.world_size)
+        if cfg.model.from_pretrained:  # the entry point did this already; a library caller may not have
+            apply_pretrained(cfg, dist.world_size)
         torch.manual_seed(cfg.trainer.seed)
         self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
