@@ -56,6 +56,9 @@ class ModelConfig:
     # the top-k choice only, moved by this much towards balance after every optimizer step
     # (snoo_train/models/moe.py: update_router_bias); 0 turns it off.
     router_bias_update_rate: float = 0.0
+    # Warm start (snoo_train/models/pretrained.py): a Hugging Face directory or hub id whose
+    # config.json sets the shape and whose safetensors are the initial weights; null: seeded init.
+    from_pretrained: Optional[str] = None
 
 
 @dataclass
@@ -432,6 +435,11 @@ def _check_parallel(cfg: Any, world_size: int) -> None:
         for key, size in widths.items():
             if size % p.tp:
                 raise ConfigError(f"parallel.tp={p.tp} must divide {key}={size}: each tp rank takes an equal share")
+        if m.from_pretrained and m.vocab_size is not None and m.vocab_size % p.tp:
+            raise ConfigError(
+                f"parallel.tp={p.tp} must divide the vocabulary of model.from_pretrained={m.from_pretrained!r} "
+                f"({m.vocab_size}): the embedding and head are split over the tp ranks"
+            )
         if VOCAB_MULTIPLE % p.tp:
             raise ConfigError(
                 f"parallel.tp={p.tp} must divide {VOCAB_MULTIPLE} (the vocabulary is padded to a multiple "
@@ -459,6 +467,8 @@ def _check_parallel(cfg: Any, world_size: int) -> None:
 
 def _check_model(m: Any) -> None:
     _choice("model.family", m.family, MODEL_FAMILIES)
+    if m.from_pretrained is not None and not str(m.from_pretrained).strip():
+        raise ConfigError("model.from_pretrained is empty; name a directory or hub id, or null for a fresh init")
     for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
         _positive(f"model.{key}", getattr(m, key))
     if m.hidden_size % m.num_heads:

@@ -30,7 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from snoo_train.checkpoint import CheckpointError
-from snoo_train.config import Config, ConfigError, validate_config
+from snoo_train.config import Config, ConfigError
 from snoo_train.configs import CONFIG_DIR, accept_async_alias, reject_unknown_keys
 from snoo_train.data import DataError
 from snoo_train.dist import (
@@ -46,6 +46,7 @@ from snoo_train.dist import (
     raised_on_every_rank,
 )
 from snoo_train.metrics import check_wandb_online
+from snoo_train.models.pretrained import apply_pretrained
 from snoo_train.preemption import REQUEUE_EXIT_CODE, Preempted, report_requeue_status
 from snoo_train.rundir import lock_run_dir
 from snoo_train.sweep import Sweep, fail, group_sweep_runs
@@ -57,7 +58,7 @@ log = logging.getLogger("snoo_train")
 def run(cfg: Config, run_dir: str) -> dict[str, Any]:
     """Validate, join the process group, train, and leave the group. Rank 0 writes the files."""
     with raised_alike(ConfigError):  # a check of the config every rank holds
-        validate_config(cfg, world_size=env_world_size())
+        apply_pretrained(cfg, env_world_size())  # validate_config, with the checkpoint's shape
     p = cfg.parallel
     info = init_distributed(cfg.trainer.device, replicas=p.replicas, tp=p.tp, ep=p.ep)
     clean = False

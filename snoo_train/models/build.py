@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from snoo_train.config import ConfigError, ModelConfig
 from snoo_train.models.decoder import padded_vocab_size
 from snoo_train.models.llama import llama_config
+from snoo_train.models.pretrained import load_pretrained, resolve_pretrained
 from snoo_train.models.shard_init import fill_normal_shard, local_indices
 
 # Wrappers that parallelize() may insert into parameter names; the init seed must not see them.
@@ -65,14 +66,15 @@ def build_model(
 
 @torch.no_grad()
 def materialize(
-    model: LlamaForCausalLM, *, device: str | torch.device, seed: int
+    model: LlamaForCausalLM, *, device: str | torch.device, seed: int, pretrained: str | None = None
 ) -> LlamaForCausalLM:
     """Allocate a meta-device (possibly FSDP-sharded) model on `device` and initialize it.
 
     `to_empty` leaves garbage in every tensor, buffers included: the rotary `inv_freq` is not a
     parameter, so a plain re-init would miss it and the model would train with random position
     frequencies. It also unties a tied head on plain tensors, which is re-tied here. Buffers
-    that are not recomputed (the MoE routing bias) start at zero.
+    that are not recomputed (the MoE routing bias) start at zero. With `pretrained` (a
+    `model.from_pretrained` name) the weights are read from that checkpoint instead of drawn.
     """
     model.to_empty(device=device)
     for buffer in model.buffers():
@@ -82,7 +84,10 @@ def materialize(
         and model.lm_head.weight is not model.model.embed_tokens.weight
     ):
         model.lm_head.weight = model.model.embed_tokens.weight
-    init_weights(model, seed=seed)
+    if pretrained:
+        load_pretrained(model, resolve_pretrained(pretrained), _canonical_name)
+    else:
+        init_weights(model, seed=seed)
     reset_rotary(model)
     return model
 

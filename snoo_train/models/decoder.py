@@ -8,12 +8,20 @@ from snoo_train.config import VOCAB_MULTIPLE, ConfigError, ModelConfig
 
 
 def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:
-    """`cfg.vocab_size` if set, else the tokenizer's, rounded up to a multiple of 64.
+    """`cfg.vocab_size` if set, else the tokenizer's, rounded up to a multiple of 64 (with
+    `model.from_pretrained`: the checkpoint's vocabulary, unpadded).
 
     Padding keeps the embedding and output matmuls on tensor-core-friendly shapes; the extra
     rows are never looked up and their logits are trained down like any unused token.
     """
     size = cfg.vocab_size if cfg.vocab_size is not None else vocab_size
+    if cfg.from_pretrained and size < vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {vocab_size} ids but model.from_pretrained={cfg.from_pretrained!r} has a "
+            f"vocabulary of {size}: use the checkpoint's own tokenizer (leave data.tokenizer unset) or one that fits"
+        )
+    if cfg.from_pretrained:
+        return size  # a checkpoint's vocabulary is taken as is: its embedding has that many rows
     if size < vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's vocabulary "

@@ -53,6 +53,7 @@ from snoo_train.models import (
     parallelize,
     update_router_bias,
 )
+from snoo_train.models.pretrained import apply_pretrained
 from snoo_train.optim import SNOO
 from snoo_train.optim.build import build_optimizer
 from snoo_train.optim.kernels import KernelUnavailable
@@ -84,6 +85,8 @@ class Trainer:
             # Honoured or refused elsewhere; these are neither: say so once, before the build.
             for ignored in ignored_optim_keys(cfg.optim):
                 log.warning("warning: %s", ignored)
+        if cfg.model.from_pretrained:  # the entry point did this already; a library caller may not have
+            apply_pretrained(cfg, dist.world_size)
         torch.manual_seed(cfg.trainer.seed)
         self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
@@ -92,6 +95,8 @@ class Trainer:
         self.step = 0  # optimizer steps taken: the resumed step, then the loop's
         self.state = RunState(self)
         self.resumed_from = self.state.resume()
+        if self.resumed_from and cfg.model.from_pretrained and dist.is_main:
+            log.info("model.from_pretrained=%s ignored: resumed from %s", cfg.model.from_pretrained, self.resumed_from)
         self.metrics = MetricsLogger(
             cfg.run_dir,
             cfg,
@@ -148,7 +153,7 @@ class Trainer:
             ep_mesh=self.dist.ep_mesh,
             efsdp_mesh=self.dist.efsdp_mesh,
         )
-        materialize(self.model, device=device, seed=t.seed)
+        materialize(self.model, device=device, seed=t.seed, pretrained=cfg.model.from_pretrained)
         # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.
         self.autocast = (
             torch.autocast(device.type, dtype=dtype) if dtype is not None and self.dist.mesh is None else nullcontext()
