@@ -59,7 +59,7 @@ LOCK_UPGRADE ?= --upgrade
 lock:
 	test -x $(LOCK_VENV)/bin/uv || ($(PYTHON) -m venv $(LOCK_VENV) && \
 		$(LOCK_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION))
-	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --extra dev \
+	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval \
 		--constraint requirements/torch-cpu.txt $(LOCK_TORCH_SOURCE) \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--custom-compile-command "make lock" $(LOCK_UPGRADE) --output-file $(LOCK)
