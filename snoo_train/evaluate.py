@@ -183,7 +183,7 @@ def run_tasks(
     try:
         return simple_evaluate(
             model=lm, tasks=opts["tasks"], task_manager=manager, limit=opts["limit"],
-            num_fewshot=opts["num_fewshot"], log_samples=False, bootstrap_iters=0,
+            num_fewshot=opts["num_fewshot"], log_samples=False, bootstrap_iters=1000,  # acc and other means: the analytic stderr, no resampling
         )  # fmt: skip
     except ConnectionError as e:  # datasets' offline refusal of a dataset missing from the cache
         if offline is None:
