@@ -77,7 +77,19 @@ def parse_args(argv: list[str]) -> tuple[str, dict[str, Any]]:
         raise EvalError(f"weights: expected eval or params, got {opts['weights']!r}")
     if opts["include"] is not None and not Path(str(opts["include"])).is_dir():
         raise EvalError(f"include: {opts['include']} is not a directory of task YAMLs")
+    check_device(str(opts["device"]))
     return paths[0], opts
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise EvalError(f"device: {device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device: {device} asked for, but this torch sees no CUDA device")
 
 
 @functools.lru_cache(maxsize=4)
@@ -177,6 +189,8 @@ def run_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
+    # HFLM leaves a model it is handed where it is (its `device` only places models it loads).
+    model = model.to(opts["device"])
     lm = HFLM(
         pretrained=model, tokenizer=tokenizer, batch_size=opts["batch_size"], device=opts["device"]
     )

@@ -167,6 +167,7 @@ def test_a_hub_task_without_network_fails_in_seconds_with_one_line(evaluated):
         (["tasks=[a]", "task=[a]"], "task: unknown option"),
         (["tasks=[a]", "weights=fast"], "weights: expected eval or params"),
         (["tasks=[a]", "include=/no/such/dir"], "include: /no/such/dir is not a directory"),
+        (["tasks=[a]", "device=gpu0"], "device: 'gpu0' is not a torch device"),
     ],
 )
 def test_bad_options_name_their_key(args, fragment):
