@@ -70,7 +70,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade $(PIP_ARGS) "$(TORCH_LATEST)" -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade $(PIP_ARGS) "$(TORCH_LATEST)" -e ".[dev,eval]"
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
