@@ -59,7 +59,7 @@ LOCK_UPGRADE ?= --upgrade
 lock:
 	test -x $(LOCK_VENV)/bin/uv || ($(PYTHON) -m venv $(LOCK_VENV) && \
 		$(LOCK_VENV)/bin/python -m pip install --quiet uv==$(UV_VERSION))
-	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --extra dev \
+	$(LOCK_VENV)/bin/uv pip compile pyproject.toml --extra dev --extra eval \
 		--constraint requirements/torch-cpu.txt $(LOCK_TORCH_SOURCE) \
 		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--custom-compile-command "make lock" $(LOCK_UPGRADE) --output-file $(LOCK)
@@ -70,7 +70,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade $(PIP_ARGS) "$(TORCH_LATEST)" -e ".[dev]"
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade $(PIP_ARGS) "$(TORCH_LATEST)" -e ".[dev,eval]"
 	$(LATEST_VENV)/bin/python -m pip list --format=freeze > $(LATEST_VENV)/versions.txt
 	$(LATEST_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
