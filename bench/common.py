@@ -4,6 +4,8 @@ training process for peak memory, and interleaved (ABBA) timing of several Train
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -114,3 +116,22 @@ def time_interleaved(
         for name in names if r % 2 == 0 else reversed(names):
             run_block(name, block, timed=True)
     return step, elapsed, rounds * block
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a job's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_ranks(script: str | Path, world_size: int, args: Sequence[str], out: Path, report: str, what: str) -> list[dict]:
+    """Run `script args` as a torchrun job of `world_size` ranks (one thread each) and read the
+    JSON each rank wrote to `out / report.format(rank=r)`; exit with the job's output if it failed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world_size}",
+           f"--master_port={free_port()}", str(Path(script).resolve()), *args]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{what} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return [json.loads((out / report.format(rank=r)).read_text()) for r in range(world_size)]

@@ -156,23 +156,22 @@ def free(trainer: Trainer | None) -> None:
 
 def timed(check: Check, trainer: Trainer) -> dict:
     """Warm-up steps (the first compiles), then timed steps with the device drained around them."""
-    a, step = check.args, 0
-    check.sync()
-    t0 = time.perf_counter()
-    for _ in range(a.warmup):
-        step += 1
-        trainer.train_step(step)
-    check.sync()
-    warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        step += 1
-        trainer.train_step(step)
-    check.sync()
-    seconds = time.perf_counter() - t0
+    a = check.args
+
+    def steps(n: int) -> float:
+        check.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            trainer.step += 1
+            trainer.train_step(trainer.step)
+        check.sync()
+        return time.perf_counter() - t0
+
+    trainer.step = 0
+    warmup_s = steps(a.warmup)
+    seconds = steps(a.steps)
     tokens_per_s = a.steps * trainer.loader.tokens_per_step / seconds
     mfu = tokens_per_s * trainer.flops_per_token / trainer.peak_flops if trainer.peak_flops else None
-    trainer.step = step
     return {"tokens_per_s": round(tokens_per_s, 1), "step_s": seconds / a.steps, "mfu": mfu,
             "warmup_s": round(warmup_s, 1), "params": trainer.num_params}  # fmt: skip
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from common import REPO, repo_path, write_report
+from common import REPO, repo_path, torchrun_ranks, write_report
 
 GIB = 2**30
 VARIANTS = ("full", "sharded")
@@ -130,29 +129,13 @@ def _commit() -> str:
         return "unknown"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(variant: str, args: argparse.Namespace, scratch: Path) -> list[dict]:
     """Run one variant as a torchrun job; its ranks' reports, by rank."""
     out = scratch / variant
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}",
-        f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", variant,
-        "--out", str(out), "--model", args.model, "--vocab", str(args.vocab),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{variant} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return [json.loads((out / f"{variant}_{r}.json").read_text()) for r in range(args.world_size)]
+    worker = ["--worker", variant, "--out", str(out), "--model", args.model, "--vocab", str(args.vocab)]
+    return torchrun_ranks(__file__, args.world_size, worker, out, f"{variant}_{{rank}}.json", variant)
 
 
 def summarize(runs: dict[str, list[list[dict]]]) -> dict:

@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from common import free_port
 from torch.profiler import ProfilerActivity, profile
 
 REPO = Path(__file__).resolve().parent.parent
@@ -201,11 +201,6 @@ def measure(args, info) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _rank_main(rank: int, ws: int, port: int, args, device: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -229,7 +224,7 @@ def run_world(args, ws: int, device: str) -> dict:
         return measure(args, init_distributed(device))
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.json")
-        mp.start_processes(_rank_main, args=(ws, _free_port(), args, device, out), nprocs=ws,
+        mp.start_processes(_rank_main, args=(ws, free_port(), args, device, out), nprocs=ws,
                            join=True, start_method="spawn")
         return json.loads(Path(out).read_text())
 

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import REPO, write_report
+from common import REPO, torchrun_ranks, write_report
 
 MIB = 2**20
 
@@ -93,28 +90,12 @@ def save_checkpoint(args: argparse.Namespace, directory: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def launch(args: argparse.Namespace, scratch: Path) -> list[dict]:
     out = scratch / "ranks"
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}",
-        f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker",
-        "--out", str(out), "--model", args.model, "--vocab", str(args.vocab), "--checkpoint", args.checkpoint,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"warm start failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return [json.loads((out / f"rank_{r}.json").read_text()) for r in range(args.world_size)]
+    worker = ["--worker", "--out", str(out), "--model", args.model, "--vocab", str(args.vocab), "--checkpoint", args.checkpoint]
+    return torchrun_ranks(__file__, args.world_size, worker, out, "rank_{rank}.json", "warm start")
 
 
 def main() -> None:
