@@ -18,6 +18,8 @@ non-finite step) is written as null: the file is strict JSON.
     peak_mem_bytes  this rank's peak: CUDA allocator peak on GPU, process max RSS on CPU
     mfu             model FLOPs utilisation, only where a peak FLOP/s is known
     val_loss        held-out loss (token mean over all ranks) at the slow weights, on eval steps
+    weight_norm     global L2 norm of the weights evaluation sees (SNOO: the slow weights, so
+                    between outer steps it stays at the last outer step's value), at log steps
     snoo/pseudo_grad_norm, snoo/slow_weight_norm   SNOO only, from the last outer step
     moe/aux_loss    MoE only: router load-balancing loss (unscaled; the training loss includes
                     model.router_aux_loss_coef x it), mean over the steps since the last record

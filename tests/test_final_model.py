@@ -28,6 +28,7 @@ from tests.dist_utils import run_distributed
 
 STEPS, K = 25, 10
 LAST_OUTER = STEPS - STEPS % K  # 20
+MID_WINDOW = 15  # a log step between outer steps: the slow weights are those of step 10
 # One evaluation and one checkpoint, both at max_steps.
 RUN = [f"trainer.max_steps={STEPS}", f"optim.k={K}", "trainer.eval_interval=0", f"checkpoint.interval={STEPS}"]
 FINAL_CHECKPOINT = f"checkpoints/step_{STEPS:08d}"
@@ -43,7 +44,7 @@ class RecordingTrainer(Trainer):
 
     def train_step(self, step: int):
         out = super().train_step(step)
-        if step in (LAST_OUTER, STEPS):
+        if step in (MID_WINDOW, LAST_OUTER, STEPS):
             opt, seen = self.optimizer, self.__dict__.setdefault("seen", {})
             seen[step] = {
                 name: {
@@ -141,6 +142,27 @@ def test_final_model_holds_the_partial_window(runs, tmp_path, optim):
     assert (group["snoo_step"], group["snoo_flushed_at"]) == (STEPS, STEPS)
 
 
+def _norm(weights: dict[str, torch.Tensor]) -> float:
+    return torch.linalg.vector_norm(torch.cat([w.double().flatten() for w in weights.values()])).item()
+
+
+@pytest.mark.parametrize("optim", ["snoo_adamw", "lookahead_adamw"])
+def test_weight_norm_is_the_slow_weights_norm(runs, optim):
+    """metrics.jsonl's weight_norm (issue 25: the paper's observation on weight norms) is the norm
+    of the weights evaluation sees: mid-window the slow weights of the last outer step, not the
+    fast ones; after the final flush, the exported model's."""
+    run_dir, trainer = runs[optim]
+    logged = {r["step"]: r["weight_norm"] for r in read_records(run_dir)}
+    seen = trainer.seen
+    mid_slow = _norm({n: v["slow"] for n, v in seen[MID_WINDOW].items()})
+    mid_fast = _norm({n: v["fast"] for n, v in seen[MID_WINDOW].items()})
+    assert logged[MID_WINDOW] == pytest.approx(mid_slow, rel=1e-6)
+    assert abs(mid_fast - mid_slow) > 1e-4 * mid_slow  # the fast weights would have been another figure
+    assert logged[LAST_OUTER] == pytest.approx(_norm({n: v["slow"] for n, v in seen[LAST_OUTER].items()}), rel=1e-6)
+    final = {n: p.detach() for n, p in trainer.model.named_parameters()}
+    assert logged[STEPS] == pytest.approx(_norm(final), rel=1e-6)
+
+
 def test_resuming_the_final_checkpoint(runs, tmp_path):
     """What a resume from the checkpoint at max_steps does (docs/optimizers.md): with the same max_steps it
     only evaluates the saved model (no second final outer step); with a larger one it continues
@@ -198,6 +220,11 @@ def test_diloco_replicas_take_the_final_outer_step_together(tmp_path):
     cfg = make_config(tmp_path / "run", RUN + ["parallel.replicas=2"], world_size=2)
     exported = export_weights(tmp_path / "run", tmp_path / "hf")
     assert_export_is_the_reference(cfg.optim, ranks[0]["seen"], exported, [r["fast"] for r in ranks])
+    # weight_norm counts the replicas' equal slow weights once.
+    logged = {r["step"]: r["weight_norm"] for r in read_records(tmp_path / "run")}
+    mid_slow = {n: v["slow"] for n, v in ranks[0]["seen"][MID_WINDOW].items()}
+    assert logged[MID_WINDOW] == pytest.approx(_norm(mid_slow), rel=1e-6)
+    assert logged[STEPS] == pytest.approx(_norm(ranks[0]["final"]), rel=1e-6)
     for n in names:
         if n in exported:
             torch.testing.assert_close(ranks[0]["final"][n], exported[n], rtol=0, atol=0, msg=n)

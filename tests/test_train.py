@@ -37,6 +37,7 @@ RECORD_FIELDS = {
     "tokens_per_s",
     "elapsed_s",
     "peak_mem_bytes",
+    "weight_norm",
 }
 SNOO_FIELDS = {"snoo/pseudo_grad_norm", "snoo/slow_weight_norm"}
 
@@ -291,7 +292,7 @@ def test_torchrun_two_ranks_share_one_run_dir_and_match_one_process(single_runs,
     assert json.loads((run_dirs[0] / "summary.json").read_text())["world_size"] == 2
 
     reference = read_records(single_runs["snoo_adamw"])
-    keys = ("loss", "grad_norm", "val_loss", "snoo/pseudo_grad_norm", "snoo/slow_weight_norm")
+    keys = ("loss", "grad_norm", "val_loss", "weight_norm", "snoo/pseudo_grad_norm", "snoo/slow_weight_norm")
     assert_records_match(records, reference, keys, rel=1e-3)
 
 

@@ -1,5 +1,6 @@
 """What the optimizers need to know about DTensors and process groups, in one place (torch only,
-like the rest of optim/): the local shard of a tensor, and the size of the running group."""
+like the rest of optim/): the local shard of a tensor, the size of the running group, and how many
+ranks hold a copy of a rank's piece (for global norms summed over ranks)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import torch
 import torch.distributed as dist
 
 try:  # DTensor is public from torch 2.5; keep the optimizers importable without it.
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
+    Replicate = None  # type: ignore[assignment,misc]
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -20,3 +22,16 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def world_size() -> int:
     """Ranks in the default process group; 1 when none is running."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def replication_factor(t: torch.Tensor) -> int:
+    """How many ranks hold an identical copy of this rank's piece, so that summing every rank's
+    squared norm counts each element once. Plain tensors in a process group are replicas, and so
+    are DTensors on a sub-mesh (DiLoCo's replicas hold equal slow weights after an outer step)."""
+    if DTensor is not None and isinstance(t, DTensor):
+        factor = 1
+        for dim, placement in enumerate(t.placements):
+            if isinstance(placement, Replicate):
+                factor *= t.device_mesh.size(dim)
+        return factor * (world_size() // t.device_mesh.size())
+    return world_size()

@@ -48,6 +48,9 @@ class ScheduleFreeAdamW(AdamWScheduleFree):
     """
 
     eval_sequence = "x"
+    # .eval() then .train() brings y back only up to the rounding of two lerps: a reader that
+    # must leave training untouched (the weight norm at log steps) restores y from a copy.
+    eval_swap_restores_bitwise = False
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -54,14 +54,14 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from snoo_train.optim._dtensor import replication_factor as _replication_factor
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
 
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - very old torch
     DTensor = None  # type: ignore[assignment,misc]
-    Replicate = None  # type: ignore[assignment,misc]
 
 SLOW = "snoo_slow"
 MOMENTUM = "snoo_momentum"
@@ -75,18 +75,6 @@ def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     present, so that copying it to the device is fast."""
     out = t.detach().to("cpu", copy=True)
     return out.pin_memory() if pin and torch.cuda.is_available() else out
-
-
-def _replication_factor(t: torch.Tensor) -> int:
-    """How many ranks hold an identical copy of this rank's piece, so that summing every rank's
-    squared norm counts each element once. Plain tensors in a process group are replicas."""
-    if DTensor is not None and isinstance(t, DTensor):
-        factor = 1
-        for dim, placement in enumerate(t.placements):
-            if isinstance(placement, Replicate):
-                factor *= t.device_mesh.size(dim)
-        return factor * (world_size() // t.device_mesh.size())
-    return world_size()
 
 
 class SNOO(InnerWrapper):

@@ -13,6 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from snoo_train.data import eval_batches
 from snoo_train.dist import DistInfo, all_reduce_sum
+from snoo_train.optim._dtensor import local, replication_factor
 from snoo_train.trainer.step import causal_lm_loss
 
 
@@ -63,6 +64,24 @@ class Evaluator:
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
+
+    @torch.no_grad()
+    def weight_norm(self) -> float:
+        """Global L2 norm of the evaluation weights (SNOO's slow weights, GPA's x, AdamW's
+        parameters): each rank's squared local norms, each element counted once
+        (`replication_factor`), summed in one all-reduce. Call on every rank, at log steps.
+        Training goes on exactly as without it: where the swap back is not bitwise
+        (Schedule-Free), the parameters are restored from a copy."""
+        params = list(self.model.parameters())
+        exact = getattr(self.optimizer, "eval_swap_restores_bitwise", True)
+        backup = None if exact else [local(p).detach().clone() for p in params]
+        with self.weights():
+            norms = torch._foreach_norm([local(p).detach().float() for p in params])
+            sq = torch.stack([n.double().square() / replication_factor(p) for n, p in zip(norms, params)]).sum()
+        if backup is not None:
+            torch._foreach_copy_([local(p).detach() for p in params], backup)
+        (total,) = all_reduce_sum([sq.item()], self.dist.device)
+        return total**0.5
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -337,6 +337,8 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "elapsed_s": self._meter.elapsed(),
             "peak_mem_bytes": peak_memory_bytes(self.dist.device),
+            # The evaluated model's norm (SNOO: the slow weights), as in the paper's section 4.
+            "weight_norm": self.evaluator.weight_norm(),
         }
         if self.peak_flops:
             record["mfu"] = tokens_per_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
