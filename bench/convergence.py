@@ -198,7 +198,8 @@ def run_one(spec: Spec, args: argparse.Namespace, work: Path) -> Spec:
             return spec
     run = load_run(run_dir)
     steps, losses = run.series("val_loss", "step")
-    spec.curve = {"step": steps, "val_loss": losses}
+    norm_steps, norms = run.series("weight_norm", "step")
+    spec.curve = {"step": steps, "val_loss": losses, "norm_step": norm_steps, "weight_norm": norms}
     summary = json.loads((run_dir / "summary.json").read_text())
     spec.wall_time_s = summary["train_time_s"] + summary["eval_time_s"]
     spec.final_val_loss = losses[-1] if losses else math.nan
@@ -265,8 +266,25 @@ def best(specs: list[Spec]) -> Spec:
     return min(ok, key=lambda s: s.final_val_loss)
 
 
+def draw_weight_norms(ax, report: dict, specs: list[Spec]) -> None:
+    """The two winners' weight norms against step (the paper's section 4, observation 1: SNOO's
+    slow weights keep a smaller norm, still falling late, while the baseline's level off)."""
+    winners = [s for s in specs if s.name in (report["baseline"]["name"], report["snoo"]["name"])]
+    drawn = False
+    for spec, color in zip(winners, ("tab:blue", "tab:red")):
+        if spec.curve.get("weight_norm"):
+            ax.plot(spec.curve["norm_step"], spec.curve["weight_norm"], color=color, label=spec.settings())
+            drawn = True
+    if not drawn:  # runs made before metrics.jsonl had weight_norm
+        ax.text(0.5, 0.5, "no weight_norm in these runs' metrics", transform=ax.transAxes, ha="center")
+    ax.set(xlabel="optimizer step", ylabel="L2 norm of the weights (slow for SNOO)", title="weight norm, winners")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+
+
 def draw(report: dict, specs: list[Spec], out: Path) -> None:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.6))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.6))
+    draw_weight_norms(middle, report, specs)
     target = report["target_val_loss"]
     full = [s for s in specs if s.side != "budget" and s.curve.get("step")]
     for spec, (color, ls, marker) in zip(full, styles()):

@@ -157,6 +157,12 @@ def test_convergence_writes_documented_json_and_png(convergence):
     assert report["target_val_loss"] == base["final_val_loss"] == base["curve"]["val_loss"][-1]
     assert base["curve"]["step"] == [5, 10, 15, 20]
     assert set(report["budget"]) == {"0.5", "1.0"}
+    # The middle panel's weight norms are the runs' logged ones, read from their metrics.
+    for r in runs:
+        lines = (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        logged = {rec["step"]: rec["weight_norm"] for rec in map(json.loads, lines)}
+        assert dict(zip(r["curve"]["norm_step"], r["curve"]["weight_norm"])) == logged
+        assert all(v > 0 for v in logged.values())
 
     # The figures agree with the losses they were computed from.
     target = report["target_val_loss"]
