@@ -122,6 +122,8 @@ class Spec:
     seed: int | None = None  # None: --seed (the sweep); set for the --seeds repeats
     reused: bool = False  # found finished in the work directory, not trained by this invocation
     wall_time_s: float | None = None  # the run's own wall time (summary.json: train + eval)
+    lr_key: str | None = None  # the key `lr` sets; None: --lr-key
+    extra: list = field(default_factory=list)  # more Hydra overrides for this run (e.g. its data)
 
     def settings(self) -> str:
         s = f"{self.optim} lr={self.lr:g}"
@@ -148,7 +150,7 @@ def overrides_for(spec: Spec, args: argparse.Namespace) -> list[str]:
     o = [
         f"model={args.model}",
         f"optim={spec.optim}",
-        f"{args.lr_key}={spec.lr}",
+        f"{spec.lr_key or args.lr_key}={spec.lr}",
         f"trainer.max_steps={spec.steps}",
         f"trainer.batch_size={args.batch_size}",
         f"data.seq_len={args.seq_len}",
@@ -162,7 +164,7 @@ def overrides_for(spec: Spec, args: argparse.Namespace) -> list[str]:
     ]
     if spec.k is not None:
         o += [f"optim.k={spec.k}", f"optim.outer_lr={spec.eta}", f"optim.outer_momentum={spec.mu}"]
-    return o + list(args.overrides)
+    return o + list(spec.extra) + list(args.overrides)
 
 
 def run_one(spec: Spec, args: argparse.Namespace, work: Path) -> Spec:
@@ -185,8 +187,9 @@ def run_one(spec: Spec, args: argparse.Namespace, work: Path) -> Spec:
             WANDB_MODE="disabled",
         )
         # No checkpoints: the run directories are results (kept in bench/results), not restarts.
-        cmd = [sys.executable, "-m", "snoo_train.train", *overrides,
-               f"data.cache_dir={args.data_cache}", f"hydra.run.dir={run_dir}",
+        # A token store (data=prepared) is its own cache: no data.cache_dir for it.
+        cache = [f"data.cache_dir={args.data_cache}"] if args.data_cache else []
+        cmd = [sys.executable, "-m", "snoo_train.train", *overrides, *cache, f"hydra.run.dir={run_dir}",
                "checkpoint.interval=0", "trainer.resume=none"]  # fmt: skip
         done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode != 0:

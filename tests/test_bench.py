@@ -470,3 +470,43 @@ def test_gpu_check_runs_on_cpu_and_writes_every_part(tmp_path):
     assert ckpt["bytes"] >= 5 * parts["llama"]["snoo_adamw"]["param_bytes"]
     assert ckpt["save_gb_per_s"] > 0 and ckpt["load_gb_per_s"] > 0
     assert report["elapsed_s"] < report["settings"]["budget_s"]
+
+
+# -- bench/repetition.py in miniature --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_repetition_runs_every_epoch_count_on_one_held_out_set(tmp_path):
+    out, data = tmp_path / "rep", tmp_path / "data"
+    cmd = [
+        sys.executable, "bench/repetition.py", "--model", "llama_tiny", "--epochs", "1,2", "--pairs", "adamw",
+        "--seeds", "0", "--steps", "8", "--batch-size", "4", "--seq-len", "32", "--eval-interval", "4",
+        "--eval-batches", "1", "--adamw-lrs", "3e-3", "--snoo-adamw-lrs", "3e-3", "--outer", "4,0.7,0.5",
+        "--out", str(out), "--data-dir", str(data), "trainer.warmup_steps=2",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+    # Corpus E holds B/E tokens (its last document cut to fit); every E holds out the same documents.
+    budget = 8 * 4 * 32
+    manifests = {c["epochs"]: json.loads((data / c["store"] / "manifest.json").read_text()) for c in report["corpora"]}
+    for c in report["corpora"]:
+        assert manifests[c["epochs"]]["splits"]["train"]["tokens"] == c["train_tokens"] == -(-budget // c["epochs"])
+    assert manifests[1]["splits"]["val"] == manifests[2]["splits"]["val"]
+
+    # The table's figures are the runs' own final validation losses, read from their metrics.
+    final = {}
+    for r in report["runs"]:
+        metrics = REPO / r["run_dir"] / "metrics.jsonl"  # run_dir: repository-relative, or absolute outside it
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        final[(r["optim"], r["epochs"])] = [x["val_loss"] for x in records if "val_loss" in x][-1]
+        assert all(x["weight_norm"] > 0 for x in records)
+    assert len(final) == 4
+    for e in ("1", "2"):
+        row = report["table"]["adamw"][e]
+        assert row["adamw"]["mean"] == final[("adamw", int(e))]
+        assert row["snoo_adamw"]["mean"] == final[("snoo_adamw", int(e))]
+        assert row["gap"]["mean"] == pytest.approx(final[("adamw", int(e))] - final[("snoo_adamw", int(e))])
