@@ -510,3 +510,36 @@ def test_repetition_runs_every_epoch_count_on_one_held_out_set(tmp_path):
         assert row["adamw"]["mean"] == final[("adamw", int(e))]
         assert row["snoo_adamw"]["mean"] == final[("snoo_adamw", int(e))]
         assert row["gap"]["mean"] == pytest.approx(final[("adamw", int(e))] - final[("snoo_adamw", int(e))])
+
+
+def test_batch_size_retunes_each_batch_size_by_its_rule(tmp_path, monkeypatch):
+    """bench/batch_size.py's glue, with convergence.py's sweep replaced by a recorder (the sweep
+    itself is tested above): the steps keep the token budget, the lr grids follow sqrt(b / ref),
+    k is swept at every b, and each row carries its report's seed statistics."""
+    sys.path.insert(0, str(REPO / "bench"))
+    import batch_size
+    import convergence
+
+    calls = {}
+
+    def fake_main(argv):
+        opts = dict(zip(argv[::2], argv[1::2]))
+        b = int(opts["--batch-size"])
+        calls[b] = opts
+        spread = {"mean": 1.0 + b / 100, "std": 0.01}
+        return {"baseline": {"lr": 1.0}, "snoo": {"lr": 2.0},
+                "seeds": {"crossing_speedup": spread, "budget_speedup": spread, "baseline_final": spread,
+                          "snoo_final": spread, "gain": {"verdict": f"v{b}"}}}  # fmt: skip
+
+    monkeypatch.setattr(convergence, "main", fake_main)
+    out = batch_size.main(["--batch-sizes", "4,16", "--tokens", "6400", "--seq-len", "32", "--ref-batch", "4",
+                           "--baseline-lrs", "1e-3,2e-3", "--snoo-lrs", "5e-4", "--ks", "5,10",
+                           "--evals", "4", "--out", str(tmp_path / "bs")])  # fmt: skip
+    assert sorted(calls) == [4, 16]
+    assert calls[4]["--steps"] == "50" and calls[16]["--steps"] == "12"  # 6400 tokens / (b x 32)
+    assert calls[4]["--baseline-lrs"] == "0.001,0.002" and calls[16]["--baseline-lrs"] == "0.002,0.004"
+    assert calls[16]["--snoo-lrs"] == "0.001" and calls[16]["--eval-interval"] == "3"
+    assert calls[16]["--outer"] == "5,0.7,0.5;10,0.7,0.5"
+    assert [r["crossing_speedup"]["mean"] for r in out["rows"]] == [1.04, 1.16]
+    assert [r["gain"]["verdict"] for r in out["rows"]] == ["v4", "v16"]
+    assert (tmp_path / "bs.png").stat().st_size > 10_000
