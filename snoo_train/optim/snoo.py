@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from snoo_train.optim import outer_quant as quant
+from snoo_train.optim.outer_quant import CODECS, start_average
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
 
@@ -93,8 +93,8 @@ def _replication_factor(t: torch.Tensor) -> int:
 
 
 def _check_quant(codec: str | None, error_feedback: bool, group: Any, reduce_dtype: torch.dtype | None) -> None:
-    if codec is not None and codec not in quant.CODECS:
-        raise ValueError(f"outer_quant must be None or one of {sorted(quant.CODECS)}, got {codec!r}")
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"outer_quant must be None or one of {sorted(CODECS)}, got {codec!r}")
     if codec is not None and group is None:
         raise ValueError("outer_quant needs a replicate_group: one replica communicates nothing")
     if codec is not None and reduce_dtype is not None:
@@ -462,7 +462,7 @@ class SNOO(InnerWrapper):
         if replicas == 1:  # one replica: plain SNOO, no collective
             return torch._foreach_sub(slow, fast_on_state), finite
         if self.outer_quant is not None:
-            pending = quant.start_average(
+            pending = start_average(
                 torch._foreach_sub(slow, fast_on_state), self.outer_quant, group,
                 finite=finite, residuals=residuals, device=fast[0].device,
             )  # fmt: skip
