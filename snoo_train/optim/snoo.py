@@ -55,9 +55,9 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from snoo_train.optim.outer_quant import CODECS, start_average
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
+from snoo_train.optim.outer_quant import CODECS, start_average
 
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
     from torch.distributed.tensor import DTensor, Replicate

@@ -145,6 +145,7 @@ class RunState:
         o = self.cfg.optim
         copies = {"adamw": 2, "muon": 1, "schedule_free_adamw": 2}.get(o.inner, 1)
         copies += {"snoo": 2, "gpa": 1, "ema_nesterov": 1}.get(o.outer, 0)
+        copies += 1 if is_diloco(self.cfg) and o.error_feedback else 0  # SNOO's residuals
         per_replica = self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
         check_free_space(self.dir, 4 * self.trainer.num_params * (1 + copies) * per_replica, "checkpoint.dir")
 
