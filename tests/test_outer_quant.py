@@ -22,12 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
 
 from snoo_train.config import ConfigError
 from snoo_train.optim.outer_quant import BLOCK, CODECS, decode, encode, message_bytes, start_average
 from snoo_train.optim.snoo import SNOO
 from tests.conftest import make_config
 from tests.dist_utils import fit_layout, run_distributed
+from tests.test_host_sync import host_reads
 
 WS = 4
 QMAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}  # the largest code magnitude, by definition
@@ -213,8 +215,10 @@ def _train_snoo(group, replica: int, shard: int, codec: str, ef: bool, steps: in
                     p.grad[0] = float("nan")
             if kind == "guard" and inner == K - 1:
                 opt.guard_outer_step(torch.tensor(replica != bad))
-            opt.step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                opt.step()
         seen.append({
+            "host_reads": host_reads(prof),  # of the outer step (the window's last step)
             "slow": [opt.state[p]["snoo_slow"].clone() for p in params],
             "residual": [opt.state[p]["snoo_residual"].clone() for p in params] if ef else None,
             "ok": None if opt.outer_step_ok is None else bool(opt.outer_step_ok),
@@ -250,6 +254,7 @@ def _snoo_checks(rank: int, world_size: int) -> dict:
                     "residual_nonzero": ef and any(bool((e != 0).any()) for e in seen[-1]["residual"]),
                     "agree": all(_replicas_agree(group, s["slow"]) for s in seen),
                     "ok": [s["ok"] for s in seen],
+                    "host_reads": sum(s["host_reads"] for s in seen),
                 }
         # A NaN on the last replica at outer step 1, a guard False on replica 0 at outer step 2:
         # both dropped everywhere, slow weights and residuals bitwise as they were.
@@ -346,6 +351,7 @@ def test_quantized_average_equals_the_hand_computation(runs):
         for name, case in result["snoo"].items():
             if name.endswith("drop"):
                 continue
+            assert case["host_reads"] == 0, name  # the outer step never waits for the device
             assert case["slow_err"] <= 1e-6, name
             assert case["residual_err"] <= 1e-6, name
             assert case["ok"] == [True] * OUTER_STEPS, name
