@@ -82,6 +82,11 @@ class OptimConfig:
     nesterov: bool = True
     # outer=snoo with parallel.replicas > 1 (DiLoCo): dtype of the pseudo-gradient all-reduce
     outer_reduce_dtype: str = "fp32"  # fp32 | bf16 (half the bytes, s rounded to bf16)
+    # ... or quantized (docs/parallelism.md#quantized-outer-sync): none (the all-reduce above) |
+    # bf16 | fp8 | int8 | int4, one scale per 128 values, gathered and summed in replica order
+    outer_quant: str = "none"
+    # with outer_quant: carry each replica's quantization residual into its next outer step
+    error_feedback: bool = False
     # where SNOO's slow weights and momentum live: param (the parameter's device) | cpu (saves
     # 2 x params/ranks of accelerator memory; a D2H + H2D copy of the params per outer step)
     outer_state_device: str = "param"
@@ -426,6 +431,12 @@ def _check_parallel(cfg: Any, world_size: int) -> None:
         raise ConfigError(
             f"parallel.replicas={p.replicas} needs optim.outer=snoo (DiLoCo) or none (HSDP), got {o.outer!r}"
         )
+    if o.outer == "snoo" and o.outer_quant != "none" and p.replicas == 1:
+        # Refused, not ignored: the user asked for a wire format and nothing would be sent.
+        raise ConfigError(
+            f"optim.outer_quant={o.outer_quant} quantizes what DiLoCo replicas send each other at outer "
+            "steps; with parallel.replicas=1 nothing is sent: use optim.outer_quant=none or parallel.replicas > 1"
+        )
     if p.tp > 1:
         # Colwise q/k/v/gate/up and rowwise o/down split heads and the MLP width; the embedding
         # and head split the vocabulary, which is padded to a multiple of VOCAB_MULTIPLE.
@@ -537,13 +548,35 @@ def _check_optim(o: Any) -> None:
         _positive("optim.outer_lr", o.outer_lr)
         _unit_interval("optim.outer_momentum", o.outer_momentum)
     _choice("optim.outer_reduce_dtype", o.outer_reduce_dtype, ("fp32", "bf16"))
+    _check_outer_quant(o)
     _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
+
+
+def _check_outer_quant(o: Any) -> None:
+    from snoo_train.optim.outer_quant import CODECS
+
+    _choice("optim.outer_quant", o.outer_quant, ("none", *CODECS))
+    if not isinstance(o.error_feedback, bool):
+        raise ConfigError(f"optim.error_feedback={o.error_feedback!r} must be true or false")
+    if o.error_feedback and o.outer_quant == "none":
+        raise ConfigError(
+            "optim.error_feedback=true needs optim.outer_quant (bf16, fp8, int8 or int4): without "
+            "quantization there is no residual to carry"
+        )
+    if o.outer_quant != "none" and o.outer_reduce_dtype != "fp32":
+        raise ConfigError(
+            f"optim.outer_reduce_dtype={o.outer_reduce_dtype} and optim.outer_quant={o.outer_quant} both set the "
+            "pseudo-gradient's wire format: outer_reduce_dtype is the all-reduce's (outer_quant=none); set one"
+        )
 
 
 # Keys that one inner optimizer or outer wrapper alone reads (optim/build.py); the rest (lr,
 # betas, eps, weight_decay) every optimizer reads.
 OPTIM_KEYS_OF = {
-    ("outer", "snoo"): ("k", "outer_lr", "outer_momentum", "nesterov", "outer_reduce_dtype", "outer_state_device"),
+    ("outer", "snoo"): (
+        "k", "outer_lr", "outer_momentum", "nesterov", "outer_reduce_dtype", "outer_state_device",
+        "outer_quant", "error_feedback",
+    ),  # fmt: skip
     ("outer", "gpa"): ("gpa_mu_x", "gpa_mu_y"),
     ("outer", "ema_nesterov"): ("ema_gamma", "ema_beta", "ema_beta_follows_lr"),
     ("inner", "muon"): ("muon_lr", "muon_momentum", "ns_steps", "muon_period", "muon_categories"),

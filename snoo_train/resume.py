@@ -64,6 +64,8 @@ PARAM_GROUP_KEYS = {
     "optim.ns_steps": ("ns_steps",),
     "optim.muon_period": ("period",),
 }
+# optim.outer_quant and optim.error_feedback are SNOO's constructor arguments, applied by building
+# the optimizer from this run's config; residuals a checkpoint lacks start at zero (trainer/state.py).
 LR_KEYS = {"optim.lr", "optim.muon_lr"}
 SCHEDULE_KEYS = {
     "trainer.max_steps",

@@ -27,6 +27,9 @@ LAYOUTS = {
     "snoo_adamw_tp2": ["optim=snoo_adamw", "parallel.tp=2"],
     "moe_ep2": ["model=moe_tiny", "optim=adamw", "parallel.ep=2"],
     "gpa": ["optim=gpa_adamw", "model.intermediate_size=171"],
+    # DiLoCo on 2 replicas of one rank: the error-feedback residual is a third outer copy
+    "diloco_int8_ef": ["optim=snoo_adamw", "parallel.replicas=2", "optim.outer_quant=int8", "optim.error_feedback=true",
+                       "model.intermediate_size=171"],
     "schedule_free": ["optim=schedule_free_adamw", "trainer.lr_schedule=constant", "model.intermediate_size=171"],
 }
 OUTER_PREFIXES = ("snoo_", "gpa_", "ema_")

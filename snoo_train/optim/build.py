@@ -105,6 +105,8 @@ def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch
         replicate_group=replicate_group,
         reduce_dtype=torch.bfloat16 if cfg.outer_reduce_dtype == "bf16" else None,
         state_device="cpu" if cfg.outer_state_device == "cpu" else None,
+        outer_quant=None if cfg.outer_quant == "none" or replicate_group is None else cfg.outer_quant,
+        error_feedback=cfg.error_feedback and cfg.outer_quant != "none" and replicate_group is not None,
     )  # fmt: skip
 
 

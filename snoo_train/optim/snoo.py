@@ -29,8 +29,9 @@ after its last step, so the final evaluation, the last checkpoint and the export
 Multi-replica DiLoCo (`replicate_group`): R replicas of the model each train on their own data,
 each fully sharded over its own ranks, with no communication between replicas during the inner
 steps. At an outer step the pseudo-gradient `s` is averaged over the replicas (ONE all-reduce of
-this rank's local shards over `replicate_group`, optionally in bf16) and the same Nesterov update
-follows; all replicas then hold identical slow (and fast) weights. Without a group (or with a
+this rank's local shards over `replicate_group`, optionally in bf16; or, with `outer_quant`, one
+all_gather of quantized shards with error feedback: optim/outer_quant.py) and the same Nesterov
+update follows; all replicas then hold identical slow (and fast) weights. Without a group (or with a
 one-rank group) SNOO issues no collective at all.
 
 Non-finite training under DiLoCo (`guard_outer_step`): each replica says, as a device bool,
@@ -57,6 +58,7 @@ from torch.optim import Optimizer
 from snoo_train.optim._dtensor import replication_factor as _replication_factor
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
+from snoo_train.optim.outer_quant import CODECS, start_average
 
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
     from torch.distributed.tensor import DTensor
@@ -65,6 +67,7 @@ except ImportError:  # pragma: no cover - very old torch
 
 SLOW = "snoo_slow"
 MOMENTUM = "snoo_momentum"
+RESIDUAL = "snoo_residual"  # error feedback: what quantization left out of this replica's sends
 # In each param group: the inner-step count at which flush() last took an outer step (0: never),
 # so that a flushed window counts as closed (in a checkpoint too) and a second flush is a no-op.
 FLUSHED_AT = "snoo_flushed_at"
@@ -75,6 +78,17 @@ def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     present, so that copying it to the device is fast."""
     out = t.detach().to("cpu", copy=True)
     return out.pin_memory() if pin and torch.cuda.is_available() else out
+
+
+def _check_quant(codec: str | None, error_feedback: bool, group: Any, reduce_dtype: torch.dtype | None) -> None:
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"outer_quant must be None or one of {sorted(CODECS)}, got {codec!r}")
+    if codec is not None and group is None:
+        raise ValueError("outer_quant needs a replicate_group: one replica communicates nothing")
+    if codec is not None and reduce_dtype is not None:
+        raise ValueError("outer_quant and reduce_dtype both set the wire format: pass one")
+    if error_feedback and codec is None:
+        raise ValueError("error_feedback needs outer_quant: without quantization there is no residual")
 
 
 class SNOO(InnerWrapper):
@@ -97,6 +111,15 @@ class SNOO(InnerWrapper):
         reduce_dtype: dtype of that all-reduce (e.g. `torch.bfloat16`: half the bytes; the
             averaged pseudo-gradient is rounded to bf16, the slow weights and momentum stay in
             their own dtype). None: the pseudo-gradient's dtype.
+        outer_quant: with `replicate_group`, average quantized pseudo-gradients instead:
+            "bf16" | "fp8" | "int8" | "int4" with one absmax scale per 128-element block; every
+            replica all_gathers the others' codes and sums them in replica order, so all end
+            bitwise equal (snoo_train/optim/outer_quant.py). A non-finite value on any replica
+            drops that outer step on every replica, as guard_outer_step does. None: all-reduce.
+        error_feedback: with `outer_quant`, keep per parameter the quantization residual e
+            (`state[p]["snoo_residual"]`, like the slow weights) and send s + e: what one outer
+            step leaves out is sent at the next (e <- s + e - deQ(Q(s + e)); a dropped step
+            leaves e as it was).
         state_device: None keeps the slow weights and momentum on the parameter's device;
             "cpu" keeps them in CPU memory (page-locked where CUDA is present), saving
             2 x parameter bytes of accelerator memory at the price of a device-to-host copy of
@@ -124,6 +147,8 @@ class SNOO(InnerWrapper):
         replicate_group: dist.ProcessGroup | None = None,
         reduce_dtype: torch.dtype | None = None,
         state_device: str | torch.device | None = None,
+        outer_quant: str | None = None,
+        error_feedback: bool = False,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -137,6 +162,7 @@ class SNOO(InnerWrapper):
             raise ValueError(f"reduce_dtype must be None or a floating torch.dtype, got {reduce_dtype!r}")
         if state_device is not None and torch.device(state_device).type != "cpu":
             raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
+        _check_quant(outer_quant, error_feedback, replicate_group, reduce_dtype)
 
         super().__init__(
             inner,
@@ -155,6 +181,8 @@ class SNOO(InnerWrapper):
         self._last_outer_sq: torch.Tensor | None = None
         self.replicate_group = replicate_group
         self.reduce_dtype = reduce_dtype
+        self.outer_quant = outer_quant
+        self.error_feedback = bool(error_feedback)
         self.state_device = None if state_device is None else torch.device(state_device)
         self._metrics_device: torch.device | None = None
         # masked_step(): per group whose last outer step a SkipMask may have undone, (the group,
@@ -179,7 +207,7 @@ class SNOO(InnerWrapper):
         if self.state_device is not None:
             # Optimizer.load_state_dict moves every state tensor to its parameter's device.
             for state in self.state.values():
-                for key in (SLOW, MOMENTUM):
+                for key in (SLOW, MOMENTUM, RESIDUAL):
                     if key in state and _local(state[key]).device != self.state_device:
                         state[key] = self._to_state_device(state[key], pin=key == SLOW)
 
@@ -202,7 +230,7 @@ class SNOO(InnerWrapper):
 
     # What a step guarded with False leaves bitwise as it was: a SkipMask (trainer.nonfinite=skip)
     # hands SNOO its flag through guard_outer_step and leaves these out of its snapshot.
-    guarded_state_keys = (SLOW, MOMENTUM)
+    guarded_state_keys = (SLOW, MOMENTUM, RESIDUAL)
 
     def masked_step(self, applied: torch.Tensor) -> None:
         """A SkipMask's word after step(): the step stands only where the device bool `applied`
@@ -253,6 +281,8 @@ class SNOO(InnerWrapper):
             if p.grad is not None:
                 self.state[p][SLOW] = slow
                 self.state[p][MOMENTUM] = torch.zeros_like(slow)
+                if self.error_feedback:
+                    self.state[p][RESIDUAL] = torch.zeros_like(slow)
 
         self.outer_step_taken = False
         due = []
@@ -329,6 +359,7 @@ class SNOO(InnerWrapper):
             [_local(self.state[p][SLOW]) for _, params in todo for p in params],
             [_local(p) for _, params in todo for p in params],
             finite,
+            [_local(self.state[p][RESIDUAL]) for _, params in todo for p in params] if self.error_feedback else None,
         )
         self.outer_step_ok = ok
         pseudo_grads = iter(pseudo_grads_list)
@@ -398,13 +429,18 @@ class SNOO(InnerWrapper):
         return sq_pseudo, sq_slow
 
     def _pseudo_gradients(
-        self, slow: list[torch.Tensor], fast: list[torch.Tensor], finite: torch.Tensor | None = None
+        self,
+        slow: list[torch.Tensor],
+        fast: list[torch.Tensor],
+        finite: torch.Tensor | None = None,
+        residuals: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """s = w - p for local shards, on the state's device; with `replicate_group`, averaged
         over the replicas in ONE all-reduce of a flat buffer holding every shard (in
         `reduce_dtype`, on the parameters' device, which the backend needs: NCCL's is the GPU).
         Also returns whether every replica's `finite` flag is True (None without a flag): the
-        flags travel as the buffer's last element, a count of non-finite replicas."""
+        flags travel as the buffer's last element, a count of non-finite replicas. With
+        `outer_quant`, the quantized average of outer_quant.py instead (updating `residuals`)."""
         if self.state_device is not None:
             fast_on_state = [f.to(self.state_device) for f in fast]  # device-to-host
         else:
@@ -413,6 +449,12 @@ class SNOO(InnerWrapper):
         replicas = 1 if group is None else dist.get_world_size(group)
         if replicas == 1:  # one replica: plain SNOO, no collective
             return torch._foreach_sub(slow, fast_on_state), finite
+        if self.outer_quant is not None:
+            pending = start_average(
+                torch._foreach_sub(slow, fast_on_state), self.outer_quant, group,
+                finite=finite, residuals=residuals, device=fast[0].device,
+            )  # fmt: skip
+            return pending.wait()
 
         dtype = self.reduce_dtype or functools.reduce(torch.promote_types, (w.dtype for w in slow))
         numels = [w.numel() for w in slow]

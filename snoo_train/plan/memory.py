@@ -106,6 +106,8 @@ def _states(cfg: Config, model: Any, params: list[LocalParam]) -> dict[str, int]
     padded = FP32 * sum(p.padded_numel for p in params)
     inner = _inner_state_bytes(cfg, params, _muon_names(model, cfg))
     outer = OUTER_COPIES[cfg.optim.outer] * local
+    if cfg.optim.outer == "snoo" and is_diloco(cfg) and cfg.optim.error_feedback:
+        outer += local  # the error-feedback residual (snoo_residual), a third copy
     on_host = cfg.optim.outer == "snoo" and cfg.optim.outer_state_device == "cpu"
     skip = cfg.trainer.nonfinite == "skip"
     scalars = STEP_SCALAR * len(params) if cfg.optim.inner != "schedule_free_adamw" else 0
@@ -142,6 +144,15 @@ def _optimizer_temp_bytes(cfg: Config, local: int) -> int:
     """One temporary copy of this rank's shard on the device (foreach AdamW's sqrt(v), Muon's
     update, SNOO's pseudo-gradient), plus DiLoCo's flat all-reduce buffer."""
     o = cfg.optim
+    if o.outer == "snoo" and is_diloco(cfg) and o.outer_quant != "none":
+        # optim/outer_quant.py, in fp32: s, the flat buffer, the sum, a decoded message (codes,
+        # then values), plus s + e and the new residual with error feedback; in bytes: this
+        # replica's message and the R gathered ones (codes, and a 4-byte scale per 128 values)
+        from snoo_train.optim.outer_quant import CODECS
+
+        bits = CODECS[o.outer_quant][1]
+        message = local * bits // 32 + (0 if o.outer_quant == "bf16" else local // 128)
+        return (5 + 2 * o.error_feedback) * local + (cfg.parallel.replicas + 1) * message
     if o.outer == "snoo" and is_diloco(cfg):
         reduce = local // 2 if o.outer_reduce_dtype == "bf16" else local
         return local + reduce

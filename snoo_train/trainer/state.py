@@ -21,12 +21,14 @@ from snoo_train.checkpoint import (
     checkpoint_name,
     named_candidates,
     no_loadable_checkpoint,
+    read_tensor_keys,
     replica_keys,
     verify_spread,
 )
 from snoo_train.config import is_diloco
 from snoo_train.dist import agree as agree_on
 from snoo_train.dist import control_group
+from snoo_train.optim.snoo import RESIDUAL
 from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
 from snoo_train.rundir import check_free_space, check_writable, guard_fresh_start
 
@@ -143,6 +145,7 @@ class RunState:
         o = self.cfg.optim
         copies = {"adamw": 2, "muon": 1, "schedule_free_adamw": 2}.get(o.inner, 1)
         copies += {"snoo": 2, "gpa": 1, "ema_nesterov": 1}.get(o.outer, 0)
+        copies += 1 if is_diloco(self.cfg) and o.error_feedback else 0  # SNOO's residuals
         per_replica = self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
         check_free_space(self.dir, 4 * self.trainer.num_params * (1 + copies) * per_replica, "checkpoint.dir")
 
@@ -198,13 +201,7 @@ class RunState:
         t = self.trainer
         tree = self.tree()
         self._restore_rng = False
-        self.checkpointer.load(
-            path,
-            tree,
-            check_meta=self.check_meta,
-            skip=lambda key: key.startswith("rng/") and not self._restore_rng,
-            rename=self._keys,
-        )
+        self.checkpointer.load(path, tree, check_meta=self.check_meta, skip=self._skip(path), rename=self._keys)
         set_state_dict(t.model, t.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"])
         state = tree["trainer"]
         t.loader.load_state_dict(state["loader"])
@@ -219,6 +216,24 @@ class RunState:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and self.dist.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.dist.device)
+
+    def _skip(self, path: str) -> Callable[[str], bool]:
+        """The tensors not to load: RNG states from another world size, and SNOO's error-feedback
+        residuals a checkpoint does not hold (written with optim.error_feedback=false): they
+        stay at zero, the residual of a run that had sent everything. Evaluated in the load's
+        preflight, after check_meta, on every rank."""
+        saved: dict[str, Any] = {}
+
+        def skip(key: str) -> bool:
+            if key.startswith("rng/"):
+                return not self._restore_rng
+            if key.endswith("/" + RESIDUAL):
+                if not saved:
+                    saved.update(read_tensor_keys(path))
+                return (self._keys(key) if self._keys else key) not in saved
+            return False
+
+        return skip
 
     def resume(self) -> str | None:
         """Load the checkpoint trainer.resume names (auto: the newest loadable one in
