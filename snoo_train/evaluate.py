@@ -11,8 +11,10 @@ tokenizer through data/hf_byte_tokenizer.py). `include=DIR` adds task YAMLs from
 
 Writes `<run>/downstream/step_XXXXXXXX.json` (lm-eval's results, or `out=FILE`) and, for a
 checkpoint inside a run directory, appends one record to its metrics.jsonl and a `downstream`
-entry to its summary.json. A task whose dataset is on the hub, with the hub unreachable and the
-dataset not in the local cache, fails in seconds with one line. Needs the `eval` extra.
+entry to its summary.json, and, where the run's logging.wandb.mode is not disabled, logs the
+scores to its wandb run (the same run id). A task whose dataset is on the hub, with the hub
+unreachable and the dataset not in the local cache, fails in seconds with one line. Needs the
+`eval` extra. The loop runs the same code: trainer.downstream_eval (trainer/downstream.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import yaml
 
 from snoo_train.checkpoint import CheckpointError, read_state, resolve_checkpoint
+from snoo_train.config import ConfigError
 from snoo_train.data.errors import DataError
 
 log = logging.getLogger("snoo_train.evaluate")
@@ -201,10 +204,8 @@ def prepare(tasks: list[str], include: str | None):
 def load_tasks(manager, opts: dict[str, Any], offline: str | None = None) -> None:
     """Build the tasks once, reading their datasets (into `datasets`' cache): a dataset that
     cannot be read fails here, not in the middle of an evaluation."""
-    from lm_eval.tasks import get_task_dict
-
     try:
-        get_task_dict(opts["tasks"], manager)
+        manager.load(opts["tasks"])
     except ConnectionError as e:
         if offline is None:
             raise
@@ -307,6 +308,31 @@ def record(run: Path, cfg, step: int, numbers: dict[str, float], result_file: Pa
         os.replace(tmp, summary)
 
 
+def log_to_wandb(run: Path, cfg, step: int, numbers: dict[str, float]) -> None:
+    """Send the scores to the run's wandb run (logging.wandb.mode offline or online), resumed by
+    the id the trainer wrote (<run>/wandb_run_id; a new run if there is none). wandb drops a
+    `step=` below its last one, so the scores carry their training step as `step`, the x axis
+    of the downstream/ charts (define_metric)."""
+    wb = cfg.logging.wandb
+    if wb.mode == "disabled":
+        return
+    import wandb
+
+    from snoo_train.metrics import check_wandb_online
+
+    check_wandb_online(wb)  # online without a key or a server: one line, in seconds
+    id_file = run / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    handle = wandb.init(
+        id=run_id or None, resume="allow" if run_id else None, project=wb.project, entity=wb.entity,
+        name=wb.name, group=wb.group, tags=list(wb.tags), dir=str(run), mode=wb.mode,
+    )  # fmt: skip
+    handle.define_metric("step")
+    handle.define_metric("downstream/*", step_metric="step")
+    handle.log({"step": step, **numbers})
+    handle.finish()
+
+
 def evaluate(path: str | Path, opts: dict[str, Any]) -> dict[str, Any]:
     """Run the tasks on the checkpoint; returns {"step", "scores", "results", "file"}."""
     from snoo_train.export import load_model
@@ -322,6 +348,7 @@ def evaluate(path: str | Path, opts: dict[str, Any]) -> dict[str, Any]:
     numbers = write_results(out, header, results)
     if run is not None:
         record(run, cfg, step, numbers, out)
+        log_to_wandb(run, cfg, step, numbers)
     return {"step": step, "scores": numbers, "results": results, "file": out}
 
 
@@ -335,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
         check_installed()
         path, opts = parse_args(argv)
         done = evaluate(path, opts)
-    except (EvalError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (EvalError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(format_table(done["results"]))
