@@ -23,26 +23,11 @@ from snoo_train.evaluate import evaluate, parse_args
 from snoo_train.trainer import Trainer
 from tests.conftest import make_config, read_records
 from tests.dist_utils import fit_layout, run_distributed
-from tests.test_evaluate import GIVEN, QUESTIONS
+from tests.test_evaluate import GIVEN, QUESTIONS, TASK_YAML
 
 TASK = "mc_loop"
-TASK_YAML = """task: {task}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: brier_score
-    higher_is_better: false
-"""
+# test_evaluate's multiple-choice task, scoring the Brier score too.
+BRIER = "  - metric: brier_score\n    higher_is_better: false\n"
 INTERVAL = 6  # TINY runs 12 steps: evaluations after steps 6 and 12
 SCORES = (f"downstream/{TASK}/acc", f"downstream/{TASK}/brier_score")
 
@@ -52,7 +37,8 @@ def write_tasks(directory: Path) -> Path:
     data = directory / f"{TASK}.jsonl"
     rows = [{"question": q, "choices": c, "answer": a} for (q, c), a in zip(QUESTIONS, GIVEN)]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (directory / f"{TASK}.yaml").write_text(TASK_YAML.format(task=TASK, data=data))
+    kwargs = f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+    (directory / f"{TASK}.yaml").write_text(TASK_YAML.format(name=TASK, dataset="json", kwargs=kwargs) + BRIER)
     return directory
 
 
