@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -213,6 +214,19 @@ class ProfileConfig:
 
 
 @dataclass
+class DownstreamEvalConfig:
+    """lm-evaluation-harness tasks run in the loop at the evaluation weights (trainer/downstream.py;
+    the same code as `python -m snoo_train.evaluate`). Needs the `eval` extra when tasks is set."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names; empty: no downstream evaluation
+    interval: int = 0  # every this many steps, and after the last; 0: only after the last step
+    include: Optional[str] = None  # a directory of task YAMLs (local tasks), as evaluate's include=
+    limit: Optional[int] = None  # at most this many documents per task; None: all
+    num_fewshot: Optional[int] = None  # None: each task's own default
+    batch_size: int = 8  # sequences per forward (every rank runs the same ones: docs/training.md)
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 200
     batch_size: int = 16  # global, in sequences, per optimizer step
@@ -248,6 +262,7 @@ class TrainerConfig:
     # every log and checkpoint step; 0: at log and checkpoint steps only. One process: every step.
     preemption_check_interval: int = 10
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    downstream_eval: DownstreamEvalConfig = field(default_factory=DownstreamEvalConfig)
 
 
 @dataclass
@@ -694,8 +709,26 @@ def _check_trainer(t: Any) -> None:
     _positive("trainer.nonfinite_max_skips", t.nonfinite_max_skips)
     _positive("trainer.preemption_check_interval", t.preemption_check_interval, strict=False)
     _check_profile(t.profile, t.device)
+    _check_downstream(t.downstream_eval)
     if not t.resume:
         raise ConfigError("trainer.resume is empty; use auto, none or a checkpoint path")
+
+
+def _check_downstream(e: Any) -> None:
+    """The values alone; which tasks exist (and whether lm-eval is installed) is checked by
+    trainer/downstream.py before training starts, on every rank alike."""
+    tasks = list(e.tasks) if isinstance(e.tasks, Sequence) and not isinstance(e.tasks, str) else None
+    if tasks is None or not all(isinstance(x, str) and x.strip() for x in tasks):
+        raise ConfigError(f"trainer.downstream_eval.tasks={e.tasks!r} must be a list of lm-eval task names")
+    _positive("trainer.downstream_eval.interval", e.interval, strict=False)
+    _positive("trainer.downstream_eval.batch_size", e.batch_size)
+    if e.limit is not None:
+        _positive("trainer.downstream_eval.limit", e.limit)
+    if e.num_fewshot is not None:
+        _positive("trainer.downstream_eval.num_fewshot", e.num_fewshot, strict=False)
+    if e.include is not None:
+        if not os.path.isdir(e.include):
+            raise ConfigError(f"trainer.downstream_eval.include={e.include}: not a directory of task YAMLs")
 
 
 def _check_profile(p: Any, device: str) -> None:

@@ -231,6 +231,42 @@ def agree(info: DistInfo, decide: Callable[[], Any], errors: tuple[type[Exceptio
     return value
 
 
+class RankFailed(RuntimeError):
+    """A step every rank takes together raised on some rank (named in the message): the other
+    ranks raise this instead of going on alone."""
+
+
+def together(run: Callable[[], Any], keep: tuple[type[Exception], ...] = ()) -> Any:
+    """Run `run` on every rank, then exchange outcomes (one object gather on the control group):
+    if it raised on any rank, every rank raises, marked on_every_rank, the lowest failing rank's
+    error: rebuilt as its own type when that is one of `keep` (so ConfigError stays one line),
+    else as RankFailed naming the rank and the error. Each rank returns its own result otherwise.
+    Errors that stop one rank before a collective the others are in cannot be caught here: the
+    steps inside `run` must take their collectives in the same order on every rank."""
+    mine: Exception | None = None
+    try:
+        value = run()
+    except Exception as e:  # noqa: BLE001 - exchanged below, raised again on every rank
+        mine, value = e, None
+    outcome = None if mine is None else (type(mine), str(mine))
+    if in_process_group():
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, outcome, group=control_group())
+    else:
+        everyone = [outcome]
+    failed = [(rank, o) for rank, o in enumerate(everyone) if o is not None]
+    if not failed:
+        return value
+    if len(everyone) == 1:
+        raise mine  # one process: its own error, traceback and all
+    rank, (kind, message) = failed[0]
+    if issubclass(kind, keep):
+        error: Exception = kind(message)
+    else:
+        error = RankFailed(f"{kind.__name__} on rank {rank}: {message}")
+    raise on_every_rank(error) from mine
+
+
 def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list of host floats (all the same length), in rank order, on every rank:
     one gather on the control group."""

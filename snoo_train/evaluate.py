@@ -11,8 +11,10 @@ tokenizer through data/hf_byte_tokenizer.py). `include=DIR` adds task YAMLs from
 
 Writes `<run>/downstream/step_XXXXXXXX.json` (lm-eval's results, or `out=FILE`) and, for a
 checkpoint inside a run directory, appends one record to its metrics.jsonl and a `downstream`
-entry to its summary.json. A task whose dataset is on the hub, with the hub unreachable and the
-dataset not in the local cache, fails in seconds with one line. Needs the `eval` extra.
+entry to its summary.json, and, where the run's logging.wandb.mode is not disabled, logs the
+scores to its wandb run (the same run id). A task whose dataset is on the hub, with the hub
+unreachable and the dataset not in the local cache, fails in seconds with one line. Needs the
+`eval` extra. The loop runs the same code: trainer.downstream_eval (trainer/downstream.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import yaml
 
 from snoo_train.checkpoint import CheckpointError, read_state, resolve_checkpoint
+from snoo_train.config import ConfigError
 from snoo_train.data.errors import DataError
 
 log = logging.getLogger("snoo_train.evaluate")
@@ -181,18 +184,46 @@ def hf_tokenizer(cfg):
     return load_hf_tokenizer(name)
 
 
+def check_installed() -> None:
+    """EvalError (naming how to install it) when lm-eval cannot be imported."""
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise EvalError(
+            "lm-eval is not installed: `make install` (the lock has it) or pip install 'snoo-train[eval]'"
+        ) from None
+
+
+def prepare(tasks: list[str], include: str | None):
+    """(task manager, offline message) for the tasks: unknown names fail here, before any model
+    is loaded; see task_manager and go_offline_if_unreachable."""
+    manager = task_manager(tasks, include)
+    return manager, go_offline_if_unreachable(manager, tasks)
+
+
+def load_tasks(manager, opts: dict[str, Any], offline: str | None = None) -> None:
+    """Build the tasks once, reading their datasets (into `datasets`' cache): a dataset that
+    cannot be read fails here, not in the middle of an evaluation."""
+    try:
+        manager.load(opts["tasks"])
+    except ConnectionError as e:
+        if offline is None:
+            raise
+        raise EvalError(f"tasks: {offline}") from e
+
+
 def run_tasks(
     model, tokenizer, manager, opts: dict[str, Any], offline: str | None = None
-) -> dict[str, Any]:
-    """lm_eval.simple_evaluate on the in-memory model; lm-eval's results dict. `offline`: what
-    to say when `datasets` refuses a hub dataset that is not cached (go_offline_if_unreachable)."""
+) -> dict[str, Any] | None:
+    """lm_eval.simple_evaluate on the in-memory model, where it is (HFLM places only models it
+    loads); lm-eval's results dict (None on a process with LOCAL_RANK > 0: lm-eval keeps the
+    results on local rank 0). `offline`: what to say when `datasets` refuses a hub dataset that
+    is not cached (go_offline_if_unreachable)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    # HFLM leaves a model it is handed where it is (its `device` only places models it loads).
-    model = model.to(opts["device"])
     lm = HFLM(
-        pretrained=model, tokenizer=tokenizer, batch_size=opts["batch_size"], device=opts["device"]
+        pretrained=model, tokenizer=tokenizer, batch_size=opts["batch_size"], device=str(opts["device"])
     )
     try:
         return simple_evaluate(
@@ -203,6 +234,22 @@ def run_tasks(
         if offline is None:
             raise
         raise EvalError(f"tasks: {offline}") from e
+
+
+def results_path(root: Path, step: int) -> Path:
+    """Where the results of `step` go: `<run>/downstream/step_XXXXXXXX.json`."""
+    return root / "downstream" / f"step_{step:08d}.json"
+
+
+def write_results(out: Path, header: dict[str, Any], results: dict[str, Any]) -> dict[str, float]:
+    """Write {**header, "lm_eval": results} (samples left out) to `out`; the scores."""
+    from lm_eval.utils import handle_non_serializable
+
+    results.pop("samples", None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {**header, "lm_eval": results}
+    out.write_text(json.dumps(doc, indent=2, default=handle_non_serializable))
+    return scores(results)
 
 
 def scores(results: dict[str, Any]) -> dict[str, float]:
@@ -261,36 +308,47 @@ def record(run: Path, cfg, step: int, numbers: dict[str, float], result_file: Pa
         os.replace(tmp, summary)
 
 
+def log_to_wandb(run: Path, cfg, step: int, numbers: dict[str, float]) -> None:
+    """Send the scores to the run's wandb run (logging.wandb.mode offline or online), resumed by
+    the id the trainer wrote (<run>/wandb_run_id; a new run if there is none). wandb drops a
+    `step=` below its last one, so the scores carry their training step as `step`, the x axis
+    of the downstream/ charts (define_metric)."""
+    wb = cfg.logging.wandb
+    if wb.mode == "disabled":
+        return
+    import wandb
+
+    from snoo_train.metrics import check_wandb_online
+
+    check_wandb_online(wb)  # online without a key or a server: one line, in seconds
+    id_file = run / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    handle = wandb.init(
+        id=run_id or None, resume="allow" if run_id else None, project=wb.project, entity=wb.entity,
+        name=wb.name, group=wb.group, tags=list(wb.tags), dir=str(run), mode=wb.mode,
+    )  # fmt: skip
+    handle.define_metric("step")
+    handle.define_metric("downstream/*", step_metric="step")
+    handle.log({"step": step, **numbers})
+    handle.finish()
+
+
 def evaluate(path: str | Path, opts: dict[str, Any]) -> dict[str, Any]:
     """Run the tasks on the checkpoint; returns {"step", "scores", "results", "file"}."""
-    from lm_eval.utils import handle_non_serializable
-
     from snoo_train.export import load_model
 
-    manager = task_manager(opts["tasks"], opts["include"])  # bad names fail before the model loads
-    offline = go_offline_if_unreachable(manager, opts["tasks"])
+    manager, offline = prepare(opts["tasks"], opts["include"])  # bad names fail before the model loads
     checkpoint = resolve_checkpoint(path)
     step = read_state(checkpoint)["step"]
     model, cfg = load_model(checkpoint, weights=opts["weights"])
-    results = run_tasks(model, hf_tokenizer(cfg), manager, opts, offline)
-    results.pop("samples", None)
+    results = run_tasks(model.to(opts["device"]), hf_tokenizer(cfg), manager, opts, offline)
     run = run_dir_of(checkpoint)
-    out = (
-        Path(opts["out"])
-        if opts["out"]
-        else (run or checkpoint) / "downstream" / f"step_{step:08d}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "step": step,
-        "checkpoint": str(checkpoint),
-        "weights": opts["weights"],
-        "lm_eval": results,
-    }
-    out.write_text(json.dumps(doc, indent=2, default=handle_non_serializable))
-    numbers = scores(results)
+    out = Path(opts["out"]) if opts["out"] else results_path(run or checkpoint, step)
+    header = {"step": step, "checkpoint": str(checkpoint), "weights": opts["weights"]}
+    numbers = write_results(out, header, results)
     if run is not None:
         record(run, cfg, step, numbers, out)
+        log_to_wandb(run, cfg, step, numbers)
     return {"step": step, "scores": numbers, "results": results, "file": out}
 
 
@@ -301,17 +359,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        print(
-            "error: lm-eval is not installed: `make install` (the lock has it) or pip install 'snoo-train[eval]'",
-            file=sys.stderr,
-        )
-        sys.exit(1)
-    try:
+        check_installed()
         path, opts = parse_args(argv)
         done = evaluate(path, opts)
-    except (EvalError, CheckpointError, DataError, FileNotFoundError) as e:
+    except (EvalError, ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     print(format_table(done["results"]))

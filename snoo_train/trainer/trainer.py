@@ -5,6 +5,7 @@ runs the loop. Each component decides its own interval:
         StepRunner.run            (step.py)       batch -> loss -> clip -> optimizer -> schedule
         MetricsLogger.should_log  (metrics.py)    a record every trainer.log_interval steps
         Evaluator.should_run      (evaluator.py)  held-out loss at the evaluation weights
+        DownstreamEval.should_run (downstream.py) lm-eval tasks at the evaluation weights
         RunState.should_save      (state.py)      a checkpoint every checkpoint.interval steps
         preemption                                save and leave for a requeue (exit 75)
         StepProfiler.step         (profiler.py)   a torch profiler trace of trainer.profile's steps
@@ -59,6 +60,7 @@ from snoo_train.optim.build import build_optimizer
 from snoo_train.optim.kernels import KernelUnavailable
 from snoo_train.preemption import Preempted, PreemptionHandler, process_handler
 from snoo_train.schedule import build_scheduler
+from snoo_train.trainer.downstream import DownstreamEval
 from snoo_train.trainer.evaluator import Evaluator
 from snoo_train.trainer.nonfinite import NonFinitePolicy
 from snoo_train.trainer.profiler import StepProfiler
@@ -87,6 +89,8 @@ class Trainer:
                 log.warning("warning: %s", ignored)
         if cfg.model.from_pretrained:  # the entry point did this already; a library caller may not have
             apply_pretrained(cfg, dist.world_size)
+        # lm-eval's tasks and datasets, checked on every rank before anything slow is built.
+        self.downstream = DownstreamEval(cfg, dist)
         torch.manual_seed(cfg.trainer.seed)
         self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
@@ -261,7 +265,7 @@ class Trainer:
         self.metrics.advance(step)
 
         evaluate = self.evaluator.should_run(step)
-        logs = evaluate or self.metrics.should_log(step, first_step)
+        logs = evaluate or self.downstream.should_run(step) or self.metrics.should_log(step, first_step)
         if logs:
             self.policy.check(step)  # trainer.nonfinite: stop raises here, skip warns
         if step == self.cfg.trainer.max_steps:
@@ -277,6 +281,8 @@ class Trainer:
                 record["val_loss"] = self._val_loss
                 record["val_weights"] = self.evaluator.eval_sequence
             self.metrics.log(record)
+            if self.downstream.should_run(step):
+                self._downstream_eval(step)
 
         self.checkpointer.poll()
         preempted = self._preemption_agreed(preemption, step, synced=logs)
@@ -290,6 +296,17 @@ class Trainer:
         if preempted:
             self.checkpointer.wait()
             raise Preempted(step, preemption.signum, path)
+
+    def _downstream_eval(self, step: int) -> None:
+        """lm-eval's tasks at the evaluation weights: a record of their scores (the shape
+        `python -m snoo_train.evaluate` appends) after the step's own, to metrics.jsonl and wandb."""
+        t0 = time.perf_counter()
+        numbers = self.downstream.run(step, self.model, self.evaluator.weights, self.autocast)
+        dt = time.perf_counter() - t0
+        self._meter.pause(dt)
+        self._eval_time += dt
+        if numbers:
+            self.metrics.log({"step": step, **numbers})
 
     def _flush_optimizer(self) -> None:
         """The final model holds every step: SNOO's slow weights miss the inner steps since its
@@ -320,6 +337,7 @@ class Trainer:
             "params": self.num_params,
             "world_size": self.dist.world_size,
             "run_dir": self.cfg.run_dir,
+            **({"downstream": self.downstream.done} if self.downstream.enabled else {}),
         }
 
     def _step_record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
