@@ -123,9 +123,9 @@ class DataConfig:
     format: Optional[str] = None  # local: text | jsonl | parquet; None infers from extension
     text_field: str = "text"
     sample_by: str = "document"  # local text files: document (one per file) | paragraph | line
-    # byte | any HF tokenizer name or directory. prepared: None uses the store's own tokenizer;
-    # a value is checked against the one the store was made with.
-    tokenizer: Optional[str] = "byte"
+    # byte | any HF tokenizer name or directory. None: the run's own (the store's for prepared,
+    # else model.from_pretrained's when it holds one, else byte, gpt2 for hf); a value always wins.
+    tokenizer: Optional[str] = None
     seq_len: int = 256
     val_fraction: float = 0.02  # documents held out for validation (by a hash of the document)
     max_documents: Optional[int] = None  # cap on documents read (quick runs, tests)
@@ -591,8 +591,8 @@ def _check_data(d: Any) -> None:
     if d.source == "prepared":
         _check_prepared(d)
         return
-    if not d.tokenizer:
-        raise ConfigError(f"data.tokenizer is empty; name one (byte, a hub name or a directory) for data.source={d.source}")
+    if d.tokenizer is not None and not d.tokenizer.strip():
+        raise ConfigError("data.tokenizer is empty; name one (byte, a hub name or a directory), or null for the run's own")
     for key in ("paths", "weights"):
         if getattr(d, key):
             raise ConfigError(f"data.{key} mixes token stores and needs data=prepared (data.source={d.source})")

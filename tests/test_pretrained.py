@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 from snoo_train.config import ConfigError
 from snoo_train.export import main as export_main
@@ -27,6 +27,9 @@ SHAPE = dict(
 )
 
 
+TEXT = "def main(self, x):\n    return self.value + x  # an import of os\n"
+
+
 def _save(model: torch.nn.Module, path: Path) -> Path:
     # Not the init's own statistics: every tensor, norms included, is a random draw.
     with torch.no_grad():
@@ -34,6 +37,20 @@ def _save(model: torch.nn.Module, path: Path) -> Path:
             p.normal_(0.0, 0.3)
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def _save_tokenizer(path: Path, size: int):
+    """A word-level tokenizer of `size` ids (below the checkpoint's vocabulary) saved beside the
+    weights as save_pretrained would; returns the `tokenizers` object, the reference."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    words = [f"w{i}" for i in range(size)] + TEXT.split()
+    backend.train_from_iterator(words, trainers.WordLevelTrainer(vocab_size=size, special_tokens=["[UNK]", "[EOS]"]))
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(path)
+    return backend
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +62,9 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
         MixtralConfig(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
                       tie_word_embeddings=False, **SHAPE)
     )
-    return {"llama": _save(llama, root / "llama"), "moe": _save(mixtral, root / "mixtral")}
+    dirs = {"llama": _save(llama, root / "llama"), "moe": _save(mixtral, root / "mixtral")}
+    _save_tokenizer(dirs["llama"], 200)  # the llama runs train with it; the mixtral ones fall back to byte
+    return dirs
 
 
 def _overrides(hf: Path, family: str) -> list[str]:
@@ -83,6 +102,12 @@ def _assert_round_trip(hf: Path, run_dir: Path, out: Path) -> None:
     with torch.no_grad():
         logits, want_logits = exported(ids).logits, reference(ids).logits
     torch.testing.assert_close(logits, want_logits, rtol=0, atol=1e-5)
+    if (hf / "tokenizer.json").is_file():  # the run took the checkpoint's tokenizer: the export carries it
+        from tokenizers import Tokenizer
+
+        exported_tokenizer = AutoTokenizer.from_pretrained(out)
+        want_ids = Tokenizer.from_file(str(hf / "tokenizer.json")).encode(TEXT).ids
+        assert exported_tokenizer(TEXT, add_special_tokens=False)["input_ids"] == want_ids
     # The figures for the docs (pytest -s shows them).
     weights = max((got[n] - t).abs().max().item() for n, t in want.items())
     print(f"\nround trip {run_dir.parent.name}: max |weight diff| {weights:.1e}, max |logit diff| "
@@ -133,13 +158,62 @@ def test_shape_mismatch_names_the_tensor(hf_dirs, tmp_path):
         materialize(model, device="cpu", seed=0, pretrained=cfg.model.from_pretrained)
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_refused(hf_dirs, tmp_path):
+def test_the_checkpoints_tokenizer_is_taken_by_default(hf_dirs, tmp_path, caplog):
+    """data.tokenizer=null with a from_pretrained directory that holds a tokenizer: the run
+    trains with it (its ids, its vocabulary) and records its choice; one line says so."""
+    from tokenizers import Tokenizer
+
+    from snoo_train.dist import init_distributed
+    from snoo_train.models.pretrained import apply_pretrained
+    from snoo_train.trainer import Trainer
+
+    cfg = make_config(tmp_path, _overrides(hf_dirs["llama"], "llama"))
+    assert cfg.data.tokenizer is None
+    with caplog.at_level(logging.INFO, logger="snoo_train"):
+        apply_pretrained(cfg, 1)
+        trainer = Trainer(cfg, init_distributed("cpu"))  # chooses again: a no-op, no second line
+    trainer.loader.close()
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data.tokenizer=")]
+    assert chosen == [f"data.tokenizer={hf_dirs['llama']} (model.from_pretrained holds a tokenizer; "
+                      "set data.tokenizer to choose another)"]
+    assert cfg.data.tokenizer == str(hf_dirs["llama"])
+    backend = Tokenizer.from_file(str(hf_dirs["llama"] / "tokenizer.json"))
+    assert trainer.tokenizer.encode(TEXT) == backend.encode(TEXT).ids
+    assert (trainer.tokenizer.vocab_size, trainer.vocab_size) == (200, VOCAB)
+    assert int(trainer.train_set[0].max()) < 200  # the training windows are its ids
+
+
+def test_an_explicit_tokenizer_wins(hf_dirs, tmp_path):
+    from snoo_train.data import ByteTokenizer, resolve_tokenizer
+    from snoo_train.models.pretrained import apply_pretrained
+
+    cfg = make_config(tmp_path, _overrides(hf_dirs["llama"], "llama") + ["data.tokenizer=byte"])
+    apply_pretrained(cfg, 1)
+    assert cfg.data.tokenizer == "byte" and isinstance(resolve_tokenizer(cfg.data), ByteTokenizer)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(hf_dirs, tmp_path, caplog):
+    """A directory without tokenizer files: the source's default (byte, 257 ids), said in one
+    line; a checkpoint vocabulary of 200 is then too small: one ConfigError naming both."""
     overrides = _overrides(hf_dirs["llama"], "llama")
     small = tmp_path / "small"
     LlamaForCausalLM(LlamaConfig(intermediate_size=96, **{**SHAPE, "vocab_size": 200})).save_pretrained(small)
     overrides[1] = f"model.from_pretrained={small}"
-    with pytest.raises(ConfigError, match="the tokenizer has 257 ids but model.from_pretrained"):
+    with caplog.at_level(logging.INFO, logger="snoo_train"), pytest.raises(
+        ConfigError, match=f"the tokenizer has 257 ids but model.from_pretrained='{small}' has a vocabulary of 200"
+    ):
         run_trainer(tmp_path / "run", overrides)
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data.tokenizer=")]
+    assert chosen == [f"data.tokenizer=byte (model.from_pretrained='{small}' holds no tokenizer files; the default "
+                      "for data.source=stdlib; set data.tokenizer to choose another)"]
+
+
+def test_a_run_recorded_with_tokenizer_byte_resumes_under_the_null_default(tmp_path):
+    """Runs made before data.tokenizer defaulted to null recorded `tokenizer: byte`; the null
+    default resolves to byte, so the resume compares equal instead of refusing a data change."""
+    run_trainer(tmp_path, ["data.tokenizer=byte", "trainer.max_steps=1", "checkpoint.interval=1"])
+    resumed = run_trainer(tmp_path, ["trainer.max_steps=2", "checkpoint.interval=1"])
+    assert resumed.resumed_from is not None and resumed.step == 2 and resumed.cfg.data.tokenizer == "byte"
 
 
 def test_missing_directory_and_offline_hub_fail_fast(tmp_path, monkeypatch):

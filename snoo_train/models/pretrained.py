@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from torch.distributed.tensor import DTensor
 
 from snoo_train.config import ConfigError, ModelConfig
 from snoo_train.models.shard_init import local_indices
+
+log = logging.getLogger("snoo_train")
 
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mixtral": "moe"}
 # ModelConfig key <- config.json field (both families); Mixtral adds its experts' fields.
@@ -48,6 +51,10 @@ _MOE_FIELDS = {
 }
 
 
+# Any of these beside config.json: the checkpoint carries a tokenizer AutoTokenizer can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def resolve_pretrained(name_or_path: str) -> Path:
     """The local directory of `model.from_pretrained`: a directory as given, or a hub id from
     the hub cache, else from the hub when it answers (fails in seconds without a network)."""
@@ -61,7 +68,7 @@ def resolve_pretrained(name_or_path: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES, "special_tokens_map.json", "merges.txt"]
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the cache: try the hub below
@@ -202,14 +209,36 @@ def load_pretrained(model: nn.Module, directory: Path, canonical: Callable[[str]
         local.copy_(values.reshape(local.shape).to(local.dtype))
 
 
+def choose_tokenizer(cfg: Any) -> None:
+    """Set data.tokenizer=null to the run's own tokenizer, with one log line saying which and
+    why: `model.from_pretrained` when its directory (or hub snapshot) holds tokenizer files, else
+    the source's usual one. Token stores keep null (the store's). A value set already wins, so
+    this is idempotent, and the run's config (and its checkpoints) record the tokenizer taken."""
+    from snoo_train.data.build import fallback_tokenizer
+    from snoo_train.dist import env_rank
+
+    d, pretrained = cfg.data, cfg.model.from_pretrained
+    if d.tokenizer is not None or d.source == "prepared":
+        return
+    if pretrained and any((resolve_pretrained(pretrained) / f).is_file() for f in TOKENIZER_FILES):
+        d.tokenizer, why = pretrained, "model.from_pretrained holds a tokenizer"
+    else:
+        d.tokenizer = fallback_tokenizer(d)
+        why = f"model.from_pretrained={pretrained!r} holds no tokenizer files" if pretrained else "no model.from_pretrained"
+        why += f"; the default for data.source={d.source}"
+    if env_rank() == 0:
+        log.info("data.tokenizer=%s (%s; set data.tokenizer to choose another)", d.tokenizer, why)
+
+
 def apply_pretrained(cfg: Any, world_size: int) -> None:
     """validate_config, after taking the model's shape from `model.from_pretrained`'s
     config.json into `cfg.model` (so TP and EP divisibility are checked against the checkpoint's
-    shape, not the preset's). Idempotent: the entry point and the Trainer both call it."""
+    shape, not the preset's), and data.tokenizer chosen (choose_tokenizer). Idempotent: the entry point and the Trainer both call it."""
     from snoo_train.config import validate_config
     from snoo_train.models.presets import PRESETS
 
     if cfg.model.from_pretrained:
         reference = PRESETS.get(cfg.model.name, ModelConfig())
         cfg.model = pretrained_model_config(cfg.model, reference)
+    choose_tokenizer(cfg)
     validate_config(cfg, world_size=world_size)

@@ -53,7 +53,7 @@ from snoo_train.models import (
     parallelize,
     update_router_bias,
 )
-from snoo_train.models.pretrained import apply_pretrained
+from snoo_train.models.pretrained import apply_pretrained, choose_tokenizer
 from snoo_train.optim import SNOO
 from snoo_train.optim.build import build_optimizer
 from snoo_train.optim.kernels import KernelUnavailable
@@ -87,6 +87,7 @@ class Trainer:
                 log.warning("warning: %s", ignored)
         if cfg.model.from_pretrained:  # the entry point did this already; a library caller may not have
             apply_pretrained(cfg, dist.world_size)
+        choose_tokenizer(cfg)  # before the build, so the config the run records names it
         torch.manual_seed(cfg.trainer.seed)
         self.profiler = StepProfiler(cfg.trainer.profile, cfg.run_dir, dist)
         self._build_data()
