@@ -72,8 +72,10 @@ def _overrides(hf: Path, family: str) -> list[str]:
     return [f"model={preset}", f"model.from_pretrained={hf}", "data.seq_len=32", "checkpoint.interval=0"]
 
 
-def _build_and_save(run_dir: str, overrides: list[str], world_size: int = 1) -> None:
-    """What the entry point builds for `overrides` (trained 0 steps), saved as a checkpoint."""
+def _build_and_save(run_dir: str, overrides: list[str], world_size: int = 1, hf: Path | None = None) -> None:
+    """What the entry point builds for `overrides` (trained 0 steps), saved as a checkpoint.
+    With `hf`: then checks that this rank's replica holds the checkpoint's tensors, and, under
+    SNOO, that its slow weights start there (taken at the first step, before the inner update)."""
     from snoo_train.dist import init_distributed
     from snoo_train.trainer import Trainer
 
@@ -82,12 +84,41 @@ def _build_and_save(run_dir: str, overrides: list[str], world_size: int = 1) -> 
     trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep))
     trainer.save_checkpoint(blocking=True)
     trainer.checkpointer.close()
+    if hf is not None:
+        _assert_starts_at(trainer, load_file(hf / "model.safetensors"))
     trainer.loader.close()
     trainer.metrics.close()
 
 
-def _layout_worker(rank: int, world_size: int, run_dir: str, overrides: list[str]) -> None:
-    _build_and_save(run_dir, overrides, world_size=dist.get_world_size())
+def _full(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # A DTensor's whole tensor, gathered within its mesh (one replica's shards under DiLoCo/HSDP).
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor) and isinstance(like, DTensor):
+        t = DTensor.from_local(t, like.device_mesh, like.placements)
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _assert_starts_at(trainer, want: dict[str, torch.Tensor]) -> None:
+    from snoo_train.models.build import _canonical_name
+
+    params = {_canonical_name(n): p for n, p in trainer.model.named_parameters()}
+    assert set(params) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(_full(params[name].detach(), params[name]), tensor, rtol=0, atol=0, msg=name)
+    if not trainer.is_snoo:
+        return
+    trainer.train_step(1)
+    for name, tensor in want.items():
+        slow = trainer.optimizer.state[params[name]]["snoo_slow"]
+        torch.testing.assert_close(_full(slow, params[name]), tensor, rtol=0, atol=0, msg=name)
+
+
+def _layout_worker(rank: int, world_size: int, runs: list[tuple[str, list[str]]], hf: str | None) -> None:
+    # Several layouts in one spawn (each its own mesh over the same process group): spawning
+    # four ranks costs more than building a tiny model.
+    for run_dir, overrides in runs:
+        _build_and_save(run_dir, overrides, world_size=dist.get_world_size(), hf=Path(hf) if hf else None)
 
 
 def _assert_round_trip(hf: Path, run_dir: Path, out: Path) -> None:
@@ -120,15 +151,24 @@ def test_round_trip_one_process(hf_dirs, tmp_path, family):
     _assert_round_trip(hf_dirs[family], tmp_path / "run", tmp_path / "out")
 
 
-@pytest.mark.parametrize(
-    "family, layout",
-    [("llama", []), ("llama", ["parallel.tp=2"]), ("moe", ["parallel.ep=2"])],
-    ids=["fsdp4", "fsdp2_tp2", "ep2_fsdp2"],
-)
-def test_round_trip_sharded(hf_dirs, tmp_path, family, layout):
-    overrides = _overrides(hf_dirs[family], family) + layout
-    run_distributed(_layout_worker, 4, str(tmp_path / "run"), overrides)
-    _assert_round_trip(hf_dirs[family], tmp_path / "run", tmp_path / "out")
+# Layouts sharing one spawn of 4 ranks: FSDP 4; HSDP 2 x 2 (replicas without an outer
+# optimizer); DiLoCo, 2 replicas x 2 shards under SNOO (every replica, and its slow weights,
+# start at the checkpoint's tensors: checked inside the ranks).
+LAYOUTS = {
+    "llama": {"fsdp4": [], "hsdp2x2": ["optim=adamw", "parallel.replicas=2"], "diloco2x2": ["parallel.replicas=2"]},
+    "tp": {"fsdp2_tp2": ["parallel.tp=2"]},
+    "moe": {"ep2_fsdp2": ["parallel.ep=2"]},
+}
+
+
+@pytest.mark.parametrize("group", ["llama", "tp", "moe"])
+def test_round_trip_sharded(hf_dirs, tmp_path, group):
+    family = "moe" if group == "moe" else "llama"
+    hf = hf_dirs[family]
+    runs = [(str(tmp_path / name / "run"), _overrides(hf, family) + layout) for name, layout in LAYOUTS[group].items()]
+    run_distributed(_layout_worker, 4, runs, str(hf) if group == "llama" else None)
+    for name in LAYOUTS[group]:
+        _assert_round_trip(hf, tmp_path / name / "run", tmp_path / name / "out")
 
 
 def test_config_comes_from_config_json(hf_dirs, tmp_path):
