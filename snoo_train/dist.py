@@ -231,6 +231,24 @@ def agree(info: DistInfo, decide: Callable[[], Any], errors: tuple[type[Exceptio
     return value
 
 
+def agree_on_failure(error: BaseException | None) -> None:
+    """After work each rank does alone (reading its own files): if any rank failed, every rank
+    raises the same ConfigError (the lowest failing rank's message, naming the failing ranks),
+    so none is left waiting in a later collective for a rank that stopped. One gather on the
+    control group, on the happy path too; outside a process group, the local error as is."""
+    if not in_process_group():
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else str(error)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine, group=control_group())
+    failed = [rank for rank, message in enumerate(everyone) if message is not None]
+    if failed:
+        ranks = "rank " + str(failed[0]) if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
+        raise on_every_rank(ConfigError(f"{everyone[failed[0]]} (on {ranks})")) from error
+
+
 def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list of host floats (all the same length), in rank order, on every rank:
     one gather on the control group."""

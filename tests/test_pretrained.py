@@ -310,3 +310,63 @@ def test_entry_point_takes_the_shape_before_validating(hf_dirs, tmp_path):
     assert (model.family, model.num_experts, model.vocab_size, model.from_pretrained) == (
         "moe", 4, VOCAB, str(hf_dirs["moe"]))
     assert model.experts_implementation == "auto"  # not in config.json: the preset's
+
+
+def _unreadable_worker(rank: int, world_size: int, hf: str, broken: str, run_dir: str) -> None:
+    """Rank 1 alone cannot read the weights (a node's copy truncated or missing, or a read that
+    fails after the check): both ranks must raise the same ConfigError, promptly."""
+    import time
+
+    from snoo_train.models import build, pretrained
+
+    def rank1_reads(directory: Path):
+        return lambda name: directory if rank == 1 else Path(hf)
+
+    def failing_read(*args, **kwargs):
+        raise OSError("Input/output error")
+
+    cases = {
+        "truncated": (build, "resolve_pretrained", rank1_reads(Path(broken) / "truncated")),
+        "missing": (build, "resolve_pretrained", rank1_reads(Path(broken) / "missing")),
+        "read fails": (pretrained._Checkpoint, "read", failing_read if rank == 1 else pretrained._Checkpoint.read),
+    }
+    want = {
+        "truncated": f"model.from_pretrained: cannot read the checkpoint in {broken}/truncated: ",
+        "missing": f"model.from_pretrained: no model.safetensors in {broken}/missing (on rank 1)",
+        "read fails": f"model.from_pretrained: cannot read the checkpoint in {hf}: Input/output error (on rank 1)",
+    }
+    cfg = make_config(Path(run_dir), _overrides(Path(hf), "llama"), world_size=world_size)
+    pretrained.apply_pretrained(cfg, world_size)
+    for case, (owner, attr, value) in cases.items():
+        # The Trainer's own load (materialize), on a plain model per rank: the agreement is the point.
+        model = build.build_model(cfg.model, 200, seed=0, device="meta")
+        start = time.perf_counter()
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(ConfigError) as raised:
+            mp.setattr(owner, attr, value)
+            build.materialize(model, device="cpu", seed=0, pretrained=cfg.model.from_pretrained)
+        elapsed = time.perf_counter() - start
+        messages: list = [None] * world_size
+        dist.all_gather_object(messages, str(raised.value))
+        assert messages[0] == messages[1] and messages[0].startswith(want[case]), (case, messages)
+        assert messages[0].endswith("(on rank 1)") and raised.value.on_every_rank, case
+        assert elapsed < 10, (case, elapsed)  # not a collective's timeout (minutes)
+
+
+def test_an_unreadable_checkpoint_on_one_rank_is_the_same_error_on_every_rank(hf_dirs, tmp_path):
+    import hashlib
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(hf_dirs["llama"], broken / "truncated")
+    weights = broken / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # the header intact, half the data
+    shutil.copytree(hf_dirs["llama"], broken / "missing")
+    (broken / "missing" / "model.safetensors").unlink()
+
+    def digests() -> dict[str, str]:
+        files = [f for root in (hf_dirs["llama"], broken) for f in sorted(root.rglob("*")) if f.is_file()]
+        return {str(f): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    before = digests()
+    run_distributed(_unreadable_worker, 2, str(hf_dirs["llama"]), str(broken), str(tmp_path / "runs"))
+    assert digests() == before
