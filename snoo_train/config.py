@@ -209,7 +209,7 @@ class ProfileConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # 0: no step (load, evaluate, save the step-0 checkpoint: a conversion)
     batch_size: int = 16  # global, in sequences, per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     log_interval: int = 10
@@ -646,9 +646,10 @@ def _check_prepared(d: Any) -> None:
 
 
 def _check_trainer(t: Any) -> None:
-    for key in ("max_steps", "batch_size", "grad_accum", "log_interval"):
+    for key in ("batch_size", "grad_accum", "log_interval"):
         _positive(f"trainer.{key}", getattr(t, key))
-    for key in ("eval_interval", "eval_batches", "grad_clip", "warmup_steps"):
+    # 0: no training step (a warm start's conversion: load, evaluate, checkpoint, export)
+    for key in ("max_steps", "eval_interval", "eval_batches", "grad_clip", "warmup_steps"):
         _positive(f"trainer.{key}", getattr(t, key), strict=False)
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
@@ -661,6 +662,8 @@ def _check_trainer(t: Any) -> None:
     _positive("trainer.nonfinite_max_skips", t.nonfinite_max_skips)
     _positive("trainer.preemption_check_interval", t.preemption_check_interval, strict=False)
     _check_profile(t.profile, t.device)
+    if t.max_steps == 0 and t.profile.enabled:
+        raise ConfigError("trainer.profile.enabled=true profiles training steps, and trainer.max_steps=0 takes none")
     if not t.resume:
         raise ConfigError("trainer.resume is empty; use auto, none or a checkpoint path")
 

@@ -147,7 +147,8 @@ def _assert_round_trip(hf: Path, run_dir: Path, out: Path) -> None:
 
 @pytest.mark.parametrize("family", ["llama", "moe"])
 def test_round_trip_one_process(hf_dirs, tmp_path, family):
-    _build_and_save(str(tmp_path / "run"), _overrides(hf_dirs[family], family))
+    """Trained 0 steps: trainer.max_steps=0 loads, evaluates and saves the step-0 checkpoint."""
+    run_trainer(tmp_path / "run", _overrides(hf_dirs[family], family)[:-1] + ["trainer.max_steps=0"])
     _assert_round_trip(hf_dirs[family], tmp_path / "run", tmp_path / "out")
 
 
@@ -296,20 +297,30 @@ def test_resume_ignores_from_pretrained(hf_dirs, tmp_path, caplog):
     assert len(ignored) == 1
 
 
-def test_entry_point_takes_the_shape_before_validating(hf_dirs, tmp_path):
-    """`python -m snoo_train.train model.from_pretrained=DIR`: the run trains the checkpoint's
-    shape (recorded in its config.yaml), the preset's only where config.json is silent."""
+def test_entry_point_converts_with_max_steps_0(hf_dirs, tmp_path):
+    """`python -m snoo_train.train model.from_pretrained=DIR trainer.max_steps=0`: a conversion.
+    The run takes the checkpoint's shape (recorded in its config.yaml; the preset's only where
+    config.json is silent), evaluates it, saves the step-0 checkpoint, and exports the same
+    model; the summary counts no step and divides by none."""
+    import json
+
     from omegaconf import OmegaConf
 
     from tests.conftest import TINY, run_entry
 
-    args = [*TINY, *_overrides(hf_dirs["moe"], "moe"), "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"]
-    done = run_entry(args, tmp_path)
+    overrides = [*_overrides(hf_dirs["moe"], "moe")[:-1], "trainer.max_steps=0", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = run_entry([*TINY, *overrides], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
-    model = OmegaConf.load(tmp_path / "run" / "config.yaml").model
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    model = saved.model
     assert (model.family, model.num_experts, model.vocab_size, model.from_pretrained) == (
         "moe", 4, VOCAB, str(hf_dirs["moe"]))
     assert model.experts_implementation == "auto"  # not in config.json: the preset's
+    assert saved.data.tokenizer == "byte"  # the mixtral directory holds no tokenizer: the recorded fallback
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_session"], summary["tokens"], summary["tokens_per_s"]) == (0, 0, 0, 0.0)
+    assert summary["final_val_loss"] > 0 and summary["final_val_loss"] == summary["final_val_loss"]  # finite, not NaN
+    _assert_round_trip(hf_dirs["moe"], tmp_path / "run", tmp_path / "out")
 
 
 def _unreadable_worker(rank: int, world_size: int, hf: str, broken: str, run_dir: str) -> None:

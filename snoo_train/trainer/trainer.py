@@ -240,9 +240,8 @@ class Trainer:
             # The steps since the last check (a stop run's tail, when checkpoints are off).
             self.policy.check(self.step)
             train_time = self._meter.elapsed() - self._eval_time
-            if self.step >= t.max_steps and first_step > t.max_steps:
-                log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", t.max_steps)
-                self._val_loss = self.evaluate()
+            if first_step > t.max_steps:
+                self._val_loss = self._evaluate_only()
             self.checkpointer.wait()
         finally:
             self.profiler.close()
@@ -252,6 +251,22 @@ class Trainer:
             self.metrics.close()
             self.loader.close()
         return self._summary(first_step, train_time)
+
+    def _evaluate_only(self) -> float:
+        """No step to take: a checkpoint at trainer.max_steps already, or trainer.max_steps=0 on
+        a fresh run, a conversion: the initial (from_pretrained) model evaluated and saved as the
+        step-0 checkpoint, which `python -m snoo_train.export` reads. Nothing trained: no flush."""
+        max_steps = self.cfg.trainer.max_steps
+        if self.resumed_from is not None:
+            log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", max_steps)
+            return self.evaluate()
+        save = self.state.should_save(0, preempted=False)
+        log.info("trainer.max_steps=0: no training step; evaluating the model as loaded%s",
+                 ", saving it as the step-0 checkpoint" if save else " (checkpoint.interval=0: no checkpoint)")
+        val_loss = self.evaluate()
+        if save:
+            self.save_checkpoint(blocking=True)
+        return val_loss
 
     def _one_step(self, step: int, first_step: int, preemption: PreemptionHandler) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
