@@ -12,7 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 from snoo_train.config import ConfigError
 from snoo_train.export import main as export_main
@@ -325,7 +332,8 @@ def test_entry_point_converts_with_max_steps_0(hf_dirs, tmp_path):
 
 def _unreadable_worker(rank: int, world_size: int, hf: str, broken: str, run_dir: str) -> None:
     """Rank 1 alone cannot read the weights (a node's copy truncated or missing, or a read that
-    fails after the check): both ranks must raise the same ConfigError, promptly."""
+    fails after the check): both ranks must raise the same ConfigError, promptly. Then rank 1
+    alone misses the tokenizer files."""
     import time
 
     from snoo_train.models import build, pretrained
@@ -361,6 +369,23 @@ def _unreadable_worker(rank: int, world_size: int, hf: str, broken: str, run_dir
         assert messages[0] == messages[1] and messages[0].startswith(want[case]), (case, messages)
         assert messages[0].endswith("(on rank 1)") and raised.value.on_every_rank, case
         assert elapsed < 10, (case, elapsed)  # not a collective's timeout (minutes)
+    _tokenizer_seen_on_rank_0_only(rank, Path(hf), Path(run_dir) / "tokenizer")
+
+
+def _tokenizer_seen_on_rank_0_only(rank: int, hf: Path, run_dir: Path) -> None:
+    """Each rank chooses data.tokenizer from the files it sees: rank 1 missing them (a node's
+    copy without them) must not train on bytes beside rank 0's tokenizer; both refuse alike."""
+    from snoo_train.dist import init_distributed
+    from snoo_train.trainer import Trainer
+
+    cfg = make_config(run_dir, _overrides(hf, "llama"), world_size=2)
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(ConfigError) as raised:
+        if rank == 1:
+            mp.setattr("snoo_train.models.pretrained.TOKENIZER_FILES", ())
+        Trainer(cfg, init_distributed("cpu"))
+    assert str(raised.value).startswith(
+        f"the tokenizer (data.tokenizer, fingerprint) differs between ranks: rank 0 ('{hf}', 'hf-"
+    ) and "rank 1 ('byte', 'byte-utf8-eos256')" in str(raised.value) and raised.value.on_every_rank
 
 
 def test_an_unreadable_checkpoint_on_one_rank_is_the_same_error_on_every_rank(hf_dirs, tmp_path):

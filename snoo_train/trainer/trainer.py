@@ -41,7 +41,7 @@ from snoo_train.data import (
     pin_batches,
     resolve_tokenizer,
 )
-from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
+from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum, check_same_on_every_rank
 from snoo_train.metrics import LossWindow, MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
     RouterStats,
@@ -118,6 +118,11 @@ class Trainer:
     def _build_data(self) -> None:
         t, d = self.cfg.trainer, self.dist
         self.tokenizer = resolve_tokenizer(self.cfg.data)
+        # Chosen by each rank from the files it sees (choose_tokenizer): the same, or no run.
+        check_same_on_every_rank(
+            (self.cfg.data.tokenizer, self.tokenizer.fingerprint), "the tokenizer (data.tokenizer, fingerprint)",
+            "every node must see the same tokenizer files, or set data.tokenizer",
+        )
         self.train_set, self.val_set = build_datasets(self.cfg.data, self.tokenizer, seed=t.seed)
         loader = BatchLoader(
             self.train_set,
