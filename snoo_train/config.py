@@ -129,9 +129,9 @@ class DataConfig:
     format: Optional[str] = None  # local: text | jsonl | parquet; None infers from extension
     text_field: str = "text"
     sample_by: str = "document"  # local text files: document (one per file) | paragraph | line
-    # byte | any HF tokenizer name or directory. prepared: None uses the store's own tokenizer;
-    # a value is checked against the one the store was made with.
-    tokenizer: Optional[str] = "byte"
+    # byte | any HF tokenizer name or directory. None: the run's own (the store's for prepared,
+    # else model.from_pretrained's when it holds one, else byte, gpt2 for hf); a value always wins.
+    tokenizer: Optional[str] = None
     seq_len: int = 256
     val_fraction: float = 0.02  # documents held out for validation (by a hash of the document)
     max_documents: Optional[int] = None  # cap on documents read (quick runs, tests)
@@ -228,7 +228,7 @@ class DownstreamEvalConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 200
+    max_steps: int = 200  # 0: no step (load, evaluate, save the step-0 checkpoint: a conversion)
     batch_size: int = 16  # global, in sequences, per optimizer step
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
     log_interval: int = 10
@@ -639,8 +639,8 @@ def _check_data(d: Any) -> None:
     if d.source == "prepared":
         _check_prepared(d)
         return
-    if not d.tokenizer:
-        raise ConfigError(f"data.tokenizer is empty; name one (byte, a hub name or a directory) for data.source={d.source}")
+    if d.tokenizer is not None and not d.tokenizer.strip():
+        raise ConfigError("data.tokenizer is empty; name one (byte, a hub name or a directory), or null for the run's own")
     for key in ("paths", "weights"):
         if getattr(d, key):
             raise ConfigError(f"data.{key} mixes token stores and needs data=prepared (data.source={d.source})")
@@ -694,9 +694,10 @@ def _check_prepared(d: Any) -> None:
 
 
 def _check_trainer(t: Any) -> None:
-    for key in ("max_steps", "batch_size", "grad_accum", "log_interval"):
+    for key in ("batch_size", "grad_accum", "log_interval"):
         _positive(f"trainer.{key}", getattr(t, key))
-    for key in ("eval_interval", "eval_batches", "grad_clip", "warmup_steps"):
+    # 0: no training step (a warm start's conversion: load, evaluate, checkpoint, export)
+    for key in ("max_steps", "eval_interval", "eval_batches", "grad_clip", "warmup_steps"):
         _positive(f"trainer.{key}", getattr(t, key), strict=False)
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise ConfigError(f"trainer.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
@@ -710,6 +711,8 @@ def _check_trainer(t: Any) -> None:
     _positive("trainer.preemption_check_interval", t.preemption_check_interval, strict=False)
     _check_profile(t.profile, t.device)
     _check_downstream(t.downstream_eval)
+    if t.max_steps == 0 and t.profile.enabled:
+        raise ConfigError("trainer.profile.enabled=true profiles training steps, and trainer.max_steps=0 takes none")
     if not t.resume:
         raise ConfigError("trainer.resume is empty; use auto, none or a checkpoint path")
 

@@ -267,6 +267,39 @@ def together(run: Callable[[], Any], keep: tuple[type[Exception], ...] = ()) -> 
     raise on_every_rank(error) from mine
 
 
+def agree_on_failure(error: BaseException | None) -> None:
+    """After work each rank does alone (reading its own files): if any rank failed, every rank
+    raises the same ConfigError (the lowest failing rank's message, naming the failing ranks),
+    so none is left waiting in a later collective for a rank that stopped. One gather on the
+    control group, on the happy path too; outside a process group, the local error as is."""
+    if not in_process_group():
+        if error is not None:
+            raise error
+        return
+    mine = None if error is None else str(error)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine, group=control_group())
+    failed = [rank for rank, message in enumerate(everyone) if message is not None]
+    if failed:
+        ranks = "rank " + str(failed[0]) if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
+        raise on_every_rank(ConfigError(f"{everyone[failed[0]]} (on {ranks})")) from error
+
+
+def check_same_on_every_rank(value: Any, what: str, advice: str) -> None:
+    """Every rank holds the same `value` (a choice each rank made from what it sees, such as
+    files on its own node), else every rank raises the same ConfigError naming the first rank
+    that differs from rank 0. One gather on the control group; nothing outside a process group."""
+    if not in_process_group():
+        return
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value, group=control_group())
+    other = next((r for r, v in enumerate(everyone) if v != everyone[0]), None)
+    if other is not None:
+        raise on_every_rank(
+            ConfigError(f"{what} differs between ranks: rank 0 {everyone[0]!r}, rank {other} {everyone[other]!r}; {advice}")
+        )
+
+
 def all_gather_floats(values: list[float]) -> list[list[float]]:
     """Every rank's list of host floats (all the same length), in rank order, on every rank:
     one gather on the control group."""

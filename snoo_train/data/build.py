@@ -24,12 +24,22 @@ def store_paths(cfg) -> list[str]:
     return [cfg.path] if cfg.path else [str(p) for p in cfg.paths]
 
 
+# data.tokenizer=null outside token stores and warm starts: the source's usual tokenizer.
+FALLBACK_TOKENIZER = {"stdlib": "byte", "local": "byte", "hf": "gpt2"}
+
+
+def fallback_tokenizer(cfg) -> str:
+    """What data.tokenizer=null means for a source without a tokenizer of its own (a warm start
+    sets data.tokenizer before this is asked: models.pretrained.choose_tokenizer)."""
+    return FALLBACK_TOKENIZER.get(cfg.source, "byte")
+
+
 def resolve_tokenizer(cfg) -> Tokenizer:
     """The tokenizer a data config trains with. For token stores: the one they were made with
     (saved in the store), and every store of a mixture must share it; a data.tokenizer given as
     well must be that same tokenizer, or the ids would mean other text."""
     if cfg.source != "prepared":
-        return build_tokenizer(cfg.tokenizer)
+        return build_tokenizer(cfg.tokenizer or fallback_tokenizer(cfg))
     paths = store_paths(cfg)
     manifests = [read_manifest(p) for p in paths]
     made_with = manifests[0]["tokenizer"]
@@ -61,11 +71,12 @@ def store_tokenizer(path: str, name: str) -> str:
 
 
 def training_tokenizer_name(cfg) -> str:
-    """The data.tokenizer a run trained with, for export: a store's saved copy when unset."""
+    """The data.tokenizer a run trained with, for export: a store's saved copy when unset. (A
+    run records the tokenizer it chose, so null here is only an older or library-built config.)"""
     if cfg.source == "prepared" and not cfg.tokenizer:
         path = store_paths(cfg)[0]
         return store_tokenizer(path, read_manifest(path)["tokenizer"]["name"])
-    return cfg.tokenizer
+    return cfg.tokenizer or fallback_tokenizer(cfg)
 
 
 def build_prepared(cfg, *, seed: int):

@@ -33,7 +33,7 @@ import numpy as np
 from snoo_train.config import PREPARE_TIME_KEYS, ConfigError, PrepareJob, _check_data
 from snoo_train.lock import ProcessLock
 
-from .build import open_hf, open_sources
+from .build import fallback_tokenizer, open_hf, open_sources
 from .errors import DataError
 from .packing import storage_dtype
 from .sources import Source, iter_texts, read_stdlib
@@ -356,6 +356,8 @@ def lock_output(out: str) -> ProcessLock:
 def prepare(job: PrepareJob) -> dict[str, Any]:
     """Write the store `job.prepare.out`; returns a summary (documents, tokens, seconds)."""
     check_job(job)
+    # The store records the tokenizer by name: null means the source's usual one here.
+    job.data.tokenizer = job.data.tokenizer or fallback_tokenizer(job.data)
     out = os.path.normpath(os.path.expanduser(job.prepare.out))
     with lock_output(out) as lock:
         if lock.stale_holder:

@@ -18,7 +18,7 @@ def padded_vocab_size(cfg: ModelConfig, vocab_size: int) -> int:
     if cfg.from_pretrained and size < vocab_size:
         raise ConfigError(
             f"the tokenizer has {vocab_size} ids but model.from_pretrained={cfg.from_pretrained!r} has a "
-            f"vocabulary of {size}: use the checkpoint's own tokenizer (leave data.tokenizer unset) or one that fits"
+            f"vocabulary of {size}: use the checkpoint's own tokenizer (data.tokenizer=null takes it when its directory has one) or one that fits"
         )
     if cfg.from_pretrained:
         return size  # a checkpoint's vocabulary is taken as is: its embedding has that many rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,8 @@ from torch.distributed.tensor import DTensor
 
 from snoo_train.config import ConfigError, ModelConfig
 from snoo_train.models.shard_init import local_indices
+
+log = logging.getLogger("snoo_train")
 
 FAMILY_OF_MODEL_TYPE = {"llama": "llama", "mixtral": "moe"}
 # ModelConfig key <- config.json field (both families); Mixtral adds its experts' fields.
@@ -48,6 +51,10 @@ _MOE_FIELDS = {
 }
 
 
+# Any of these beside config.json: the checkpoint carries a tokenizer AutoTokenizer can load.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def resolve_pretrained(name_or_path: str) -> Path:
     """The local directory of `model.from_pretrained`: a directory as given, or a hub id from
     the hub cache, else from the hub when it answers (fails in seconds without a network)."""
@@ -61,7 +68,7 @@ def resolve_pretrained(name_or_path: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json"]
+    patterns = ["config.json", "*.safetensors", "*.safetensors.index.json", *TOKENIZER_FILES, "special_tokens_map.json", "merges.txt"]
     try:
         return Path(snapshot_download(name_or_path, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not in the cache: try the hub below
@@ -140,16 +147,48 @@ class _Checkpoint:
                 files = {name: "model.safetensors" for name in f.keys()}
         self.directory, self.files, self._safe_open = directory, files, safe_open
 
+    def check(self, needed: dict[str, torch.Size]) -> None:
+        """Every file opens (its header parses and its data is as long as the header says) and
+        holds each needed tensor with its shape: headers only, no tensor is read."""
+        by_file: dict[str, list[str]] = {}
+        for name in needed:
+            if name not in self.files:
+                raise ConfigError(f"model.from_pretrained: tensor {name} is missing from {self.directory}")
+            by_file.setdefault(self.files[name], []).append(name)
+        for file, names in sorted(by_file.items()):
+            with self._safe_open(self.directory / file, "pt") as f:
+                for name in names:
+                    _check_shape(name, f.get_slice(name).get_shape(), needed[name])
+
     def read(self, name: str, shape: torch.Size, box: tuple[slice, ...]) -> torch.Tensor:
         """The `box` of tensor `name`, after checking its shape is `shape`."""
         with self._safe_open(self.directory / self.files[name], "pt") as f:
             part = f.get_slice(name)
-            if tuple(part.get_shape()) != tuple(shape):
-                raise ConfigError(
-                    f"model.from_pretrained: tensor {name} is {list(part.get_shape())} in the checkpoint, "
-                    f"{list(shape)} in the model built from its config"
-                )
+            _check_shape(name, part.get_shape(), shape)
             return part[box].clone()
+
+
+def _check_shape(name: str, theirs: Any, ours: torch.Size) -> None:
+    if tuple(theirs) != tuple(ours):
+        raise ConfigError(
+            f"model.from_pretrained: tensor {name} is {list(theirs)} in the checkpoint, "
+            f"{list(ours)} in the model built from its config"
+        )
+
+
+def _needed(name: str, shape: torch.Size, files: dict[str, str]) -> dict[str, torch.Size]:
+    """The checkpoint tensors parameter `name` (canonical) is read from, with their shapes:
+    itself, or under Mixtral's original names (per-expert w1/w3 fused into gate_up, w2 down)."""
+    if name in files or ".mlp." not in name:
+        return {name: shape}
+    original = name.replace(".mlp.", ".block_sparse_moe.")
+    if ".block_sparse_moe.experts." not in original:
+        return {original if original in files else name: shape}
+    prefix = original.removesuffix("gate_up_proj").removesuffix("down_proj")
+    if name.endswith("down_proj"):
+        return {f"{prefix}{e}.w2.weight": shape[1:] for e in range(shape[0])}
+    half = torch.Size([shape[1] // 2, shape[2]])
+    return {f"{prefix}{e}.{w}.weight": half for e in range(shape[0]) for w in ("w1", "w3")}
 
 
 def _read(ckpt: _Checkpoint, name: str, shape: torch.Size, index: list[torch.Tensor]) -> torch.Tensor:
@@ -187,29 +226,79 @@ def load_pretrained(model: nn.Module, directory: Path, canonical: Callable[[str]
     """Copy the checkpoint's tensors into `model`'s materialized parameters (plain or DTensor,
     any placement): each rank reads only its own shard's box. A tied head is not read (it is
     the embedding); buffers keep their values (the routing bias starts at zero). `canonical`
-    strips the wrappers' prefixes from parameter names."""
-    ckpt = _Checkpoint(directory)
-    for name, param in model.named_parameters():
-        name = canonical(name)
-        index = local_indices(param)
-        if index is None or any(i.numel() == 0 for i in index):
-            continue
-        local = param.to_local() if isinstance(param, DTensor) else param
-        if name not in ckpt.files and ".mlp." in name:  # Mixtral's original names
-            name = name.replace(".mlp.", ".block_sparse_moe.")
-        read = _read_experts if ".block_sparse_moe.experts." in name else _read
-        values = read(ckpt, name, param.shape, index)
-        local.copy_(values.reshape(local.shape).to(local.dtype))
+    strips the wrappers' prefixes from parameter names.
+
+    Reads under agreement: every rank first checks that each file it needs opens and holds the
+    needed tensors (headers only), and a failure while reading is caught; both are then agreed
+    (dist.agree_on_failure, one gather each): a shard missing or corrupt on one node is the same
+    ConfigError on every rank, not one rank's error and the others' collective timeout."""
+    from snoo_train.dist import agree_on_failure
+
+    params = [(canonical(name), param) for name, param in model.named_parameters()]
+    ckpt, failure = None, None
+    try:
+        ckpt = _Checkpoint(directory)
+        ckpt.check({k: v for name, p in params for k, v in _needed(name, p.shape, ckpt.files).items()})
+    except Exception as e:  # noqa: BLE001 - any unreadable file: agreed below, then raised everywhere
+        failure = _unreadable(e, directory)
+    agree_on_failure(failure)
+    try:
+        for name, param in params:
+            _load_param(ckpt, name, param)
+    except Exception as e:  # noqa: BLE001 - as above: no rank leaves the others waiting
+        failure = _unreadable(e, directory)
+    agree_on_failure(failure)
+
+
+def _unreadable(error: Exception, directory: Path) -> ConfigError:
+    if isinstance(error, ConfigError):
+        return error
+    detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    return ConfigError(f"model.from_pretrained: cannot read the checkpoint in {directory}: {detail}")
+
+
+def _load_param(ckpt: _Checkpoint, name: str, param: torch.Tensor) -> None:
+    index = local_indices(param)
+    if index is None or any(i.numel() == 0 for i in index):
+        return
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if name not in ckpt.files and ".mlp." in name:  # Mixtral's original names
+        name = name.replace(".mlp.", ".block_sparse_moe.")
+    read = _read_experts if ".block_sparse_moe.experts." in name else _read
+    values = read(ckpt, name, param.shape, index)
+    local.copy_(values.reshape(local.shape).to(local.dtype))
+
+
+def choose_tokenizer(cfg: Any) -> None:
+    """Set data.tokenizer=null to the run's own tokenizer, with one log line saying which and
+    why: `model.from_pretrained` when its directory (or hub snapshot) holds tokenizer files, else
+    the source's usual one. Token stores keep null (the store's). A value set already wins, so
+    this is idempotent, and the run's config (and its checkpoints) record the tokenizer taken."""
+    from snoo_train.data.build import fallback_tokenizer
+    from snoo_train.dist import env_rank
+
+    d, pretrained = cfg.data, cfg.model.from_pretrained
+    if d.tokenizer is not None or d.source == "prepared":
+        return
+    if pretrained and any((resolve_pretrained(pretrained) / f).is_file() for f in TOKENIZER_FILES):
+        d.tokenizer, why = pretrained, "model.from_pretrained holds a tokenizer"
+    else:
+        d.tokenizer = fallback_tokenizer(d)
+        why = f"model.from_pretrained={pretrained!r} holds no tokenizer files" if pretrained else "no model.from_pretrained"
+        why += f"; the default for data.source={d.source}"
+    if env_rank() == 0:
+        log.info("data.tokenizer=%s (%s; set data.tokenizer to choose another)", d.tokenizer, why)
 
 
 def apply_pretrained(cfg: Any, world_size: int) -> None:
     """validate_config, after taking the model's shape from `model.from_pretrained`'s
     config.json into `cfg.model` (so TP and EP divisibility are checked against the checkpoint's
-    shape, not the preset's). Idempotent: the entry point and the Trainer both call it."""
+    shape, not the preset's), and data.tokenizer chosen (choose_tokenizer). Idempotent: the entry point and the Trainer both call it."""
     from snoo_train.config import validate_config
     from snoo_train.models.presets import PRESETS
 
     if cfg.model.from_pretrained:
         reference = PRESETS.get(cfg.model.name, ModelConfig())
         cfg.model = pretrained_model_config(cfg.model, reference)
+    choose_tokenizer(cfg)
     validate_config(cfg, world_size=world_size)

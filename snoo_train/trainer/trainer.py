@@ -42,7 +42,7 @@ from snoo_train.data import (
     pin_batches,
     resolve_tokenizer,
 )
-from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum
+from snoo_train.dist import DistInfo, all_reduce_max, all_reduce_sum, check_same_on_every_rank
 from snoo_train.metrics import LossWindow, MetricsLogger, Throughput, peak_flops, peak_memory_bytes
 from snoo_train.models import (
     RouterStats,
@@ -54,7 +54,7 @@ from snoo_train.models import (
     parallelize,
     update_router_bias,
 )
-from snoo_train.models.pretrained import apply_pretrained
+from snoo_train.models.pretrained import apply_pretrained, choose_tokenizer
 from snoo_train.optim import SNOO
 from snoo_train.optim.build import build_optimizer
 from snoo_train.optim.kernels import KernelUnavailable
@@ -89,6 +89,7 @@ class Trainer:
                 log.warning("warning: %s", ignored)
         if cfg.model.from_pretrained:  # the entry point did this already; a library caller may not have
             apply_pretrained(cfg, dist.world_size)
+        choose_tokenizer(cfg)  # before the build, so the config the run records names it
         # lm-eval's tasks and datasets, checked on every rank before anything slow is built.
         self.downstream = DownstreamEval(cfg, dist)
         torch.manual_seed(cfg.trainer.seed)
@@ -121,6 +122,11 @@ class Trainer:
     def _build_data(self) -> None:
         t, d = self.cfg.trainer, self.dist
         self.tokenizer = resolve_tokenizer(self.cfg.data)
+        # Chosen by each rank from the files it sees (choose_tokenizer): the same, or no run.
+        check_same_on_every_rank(
+            (self.cfg.data.tokenizer, self.tokenizer.fingerprint), "the tokenizer (data.tokenizer, fingerprint)",
+            "every node must see the same tokenizer files, or set data.tokenizer",
+        )
         self.train_set, self.val_set = build_datasets(self.cfg.data, self.tokenizer, seed=t.seed)
         loader = BatchLoader(
             self.train_set,
@@ -243,9 +249,8 @@ class Trainer:
             # The steps since the last check (a stop run's tail, when checkpoints are off).
             self.policy.check(self.step)
             train_time = self._meter.elapsed() - self._eval_time
-            if self.step >= t.max_steps and first_step > t.max_steps:
-                log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", t.max_steps)
-                self._val_loss = self.evaluate()
+            if first_step > t.max_steps:
+                self._val_loss = self._evaluate_only()
             self.checkpointer.wait()
         finally:
             self.profiler.close()
@@ -255,6 +260,22 @@ class Trainer:
             self.metrics.close()
             self.loader.close()
         return self._summary(first_step, train_time)
+
+    def _evaluate_only(self) -> float:
+        """No step to take: a checkpoint at trainer.max_steps already, or trainer.max_steps=0 on
+        a fresh run, a conversion: the initial (from_pretrained) model evaluated and saved as the
+        step-0 checkpoint, which `python -m snoo_train.export` reads. Nothing trained: no flush."""
+        max_steps = self.cfg.trainer.max_steps
+        if self.resumed_from is not None:
+            log.info("the checkpoint is at trainer.max_steps=%d already: evaluating only", max_steps)
+            return self.evaluate()
+        save = self.state.should_save(0, preempted=False)
+        log.info("trainer.max_steps=0: no training step; evaluating the model as loaded%s",
+                 ", saving it as the step-0 checkpoint" if save else " (checkpoint.interval=0: no checkpoint)")
+        val_loss = self.evaluate()
+        if save:
+            self.save_checkpoint(blocking=True)
+        return val_loss
 
     def _one_step(self, step: int, first_step: int, preemption: PreemptionHandler) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
