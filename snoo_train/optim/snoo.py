@@ -46,7 +46,6 @@ tells SNOO afterwards which steps it undid (`masked_step`).
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +53,8 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+from snoo_train.optim.outer_sync import OuterSync
+from snoo_train.optim.outer_sync import start as start_sync
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
 
@@ -409,6 +410,16 @@ class SNOO(InnerWrapper):
         sq_slow = [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)]
         return sq_pseudo, sq_slow
 
+    def _start_pseudo_gradients(
+        self, slow: list[torch.Tensor], fast: list[torch.Tensor], finite: torch.Tensor | None, async_op: bool = False
+    ) -> OuterSync:
+        """Start the reduction of s = w - p over the replicas (outer_sync.start): ONE all-reduce
+        of a flat buffer of this rank's shards, with the `finite` flag as its last element."""
+        return start_sync(
+            slow, fast, finite, group=self.replicate_group, reduce_dtype=self.reduce_dtype,
+            state_device=self.state_device, async_op=async_op,
+        )  # fmt: skip
+
     def _pseudo_gradients(
         self, slow: list[torch.Tensor], fast: list[torch.Tensor], finite: torch.Tensor | None = None
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -417,36 +428,7 @@ class SNOO(InnerWrapper):
         `reduce_dtype`, on the parameters' device, which the backend needs: NCCL's is the GPU).
         Also returns whether every replica's `finite` flag is True (None without a flag): the
         flags travel as the buffer's last element, a count of non-finite replicas."""
-        if self.state_device is not None:
-            fast_on_state = [f.to(self.state_device) for f in fast]  # device-to-host
-        else:
-            fast_on_state = fast
-        group = self.replicate_group
-        replicas = 1 if group is None else dist.get_world_size(group)
-        if replicas == 1:  # one replica: plain SNOO, no collective
-            return torch._foreach_sub(slow, fast_on_state), finite
-
-        dtype = self.reduce_dtype or functools.reduce(torch.promote_types, (w.dtype for w in slow))
-        numels = [w.numel() for w in slow]
-        flag = 1 if finite is not None else 0
-        flat = torch.empty(sum(numels) + flag, dtype=dtype, device=fast[0].device)
-        views = [v.view(w.shape) for v, w in zip(flat.split(numels + [flag]), slow)]
-        if finite is not None:  # exact in any float dtype up to 256 replicas (bf16)
-            flat[-1:].copy_((~finite).to(dtype).reshape(1))
-        if all(w.dtype == dtype and w.device == flat.device for w in slow):
-            # s computed straight into the communication buffer: no second copy of it
-            torch._foreach_copy_(views, slow)
-            torch._foreach_sub_(views, fast)
-            pseudo_grad = views
-        else:  # s in full precision on the state's device first, then rounded / moved
-            pseudo_grad = torch._foreach_sub(slow, fast_on_state)
-            torch._foreach_copy_(views, pseudo_grad)
-        # SUM then divide: gloo has no AVG. Dividing after the copy back keeps full precision.
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        if pseudo_grad is not views:
-            torch._foreach_copy_(pseudo_grad, views)
-        torch._foreach_div_(pseudo_grad, float(replicas))
-        return pseudo_grad, (flat[-1] == 0 if finite is not None else None)
+        return self._start_pseudo_gradients(slow, fast, finite).wait()
 
     # -- observing the outer loop ------------------------------------------------------------
 
