@@ -69,6 +69,10 @@ MOMENTUM = "snoo_momentum"
 # In each param group: the inner-step count at which flush() last took an outer step (0: never),
 # so that a flushed window counts as closed (in a checkpoint too) and a second flush is a no-op.
 FLUSHED_AT = "snoo_flushed_at"
+# Streaming (fragments > 1 or sync_delay > 0), in each param group: the inner step at which the
+# sync whose fast-weight restart is still to come started (0: none), and its fragment.
+INFLIGHT_START = "snoo_inflight_start"
+INFLIGHT_FRAGMENT = "snoo_inflight_fragment"
 
 
 def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -76,6 +80,17 @@ def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     present, so that copying it to the device is fast."""
     out = t.detach().to("cpu", copy=True)
     return out.pin_memory() if pin and torch.cuda.is_available() else out
+
+
+def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The local tensor `t` as a tensor laid out like `like` (a DTensor with its mesh, placements
+    and global shape when `like` is one), so that DCP saves and reshards it like `like`."""
+    if DTensor is not None and isinstance(like, DTensor):
+        return DTensor.from_local(
+            t, device_mesh=like.device_mesh, placements=like.placements, run_check=False,
+            shape=like.shape, stride=like.stride(),
+        )  # fmt: skip
+    return t
 
 
 def _replication_factor(t: torch.Tensor) -> int:
@@ -137,6 +152,8 @@ class SNOO(InnerWrapper):
         replicate_group: dist.ProcessGroup | None = None,
         reduce_dtype: torch.dtype | None = None,
         state_device: str | torch.device | None = None,
+        fragments: list[list[torch.Tensor]] | None = None,
+        sync_delay: int = 0,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
@@ -150,6 +167,16 @@ class SNOO(InnerWrapper):
             raise ValueError(f"reduce_dtype must be None or a floating torch.dtype, got {reduce_dtype!r}")
         if state_device is not None and torch.device(state_device).type != "cpu":
             raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
+        if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
+            raise ValueError(f"sync_delay must be an integer >= 0, got {sync_delay!r}")
+        n_fragments = 1 if fragments is None else len(fragments)
+        if n_fragments < 1 or k % n_fragments:
+            raise ValueError(f"fragments: k={k} must be a multiple of the number of fragments, got {n_fragments}")
+        if sync_delay >= k // n_fragments:
+            raise ValueError(
+                f"sync_delay={sync_delay} must be < k / fragments = {k // n_fragments}: a fragment's sync "
+                "must be applied before the next fragment's starts (one sync in flight)"
+            )
 
         super().__init__(
             inner,
@@ -174,6 +201,17 @@ class SNOO(InnerWrapper):
         # the device bool "it stood"); the host counters alone would say fast == slow there.
         self._restarts: dict[int, tuple[dict[str, Any], torch.Tensor]] = {}
         self._last_due: list[dict[str, Any]] = []
+        # Streaming DiLoCo (docs/parallelism.md): F fragments, each with its own outer step
+        # k / F steps after the previous one's, applied sync_delay inner steps after it started.
+        self.sync_delay = sync_delay
+        self._fragments = self._check_fragments(fragments)
+        self.streaming = len(self._fragments) > 1 or sync_delay > 0
+        self._inflight: tuple[int, list[torch.Tensor], OuterSync] | None = None
+        self._fragment_sq: dict[int, torch.Tensor] = {}  # each fragment's last applied norms
+        if self.streaming:
+            for group in self.param_groups:
+                group.setdefault(INFLIGHT_START, 0)
+                group.setdefault(INFLIGHT_FRAGMENT, -1)
 
     # -- torch.optim.Optimizer API (the rest is InnerWrapper's) ------------------------------
 
@@ -181,13 +219,23 @@ class SNOO(InnerWrapper):
         super()._init_group(group)  # snoo_k, snoo_lr, snoo_momentum, snoo_nesterov
         group.setdefault("snoo_step", 0)
         group.setdefault(FLUSHED_AT, 0)  # absent from checkpoints of earlier releases: never flushed
+        if getattr(self, "streaming", False):  # set after InnerWrapper.__init__ calls this
+            group.setdefault(INFLIGHT_START, 0)
+            group.setdefault(INFLIGHT_FRAGMENT, -1)
 
     # state_dict() is the inner optimizer's: the outer state is part of its state and groups,
     # one format that torch.distributed.checkpoint saves, loads and reshards like any other.
 
+    def state_dict(self) -> dict[str, Any]:
+        # A sync in flight is waited for and its update applied to the slow weights and momentum
+        # here; the fast weights' restart stays due at its step (INFLIGHT_START), resumed or not.
+        self._settle()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._restarts = {}  # the groups are new dicts
+        self._inflight = None  # the loaded groups say which restart is due (INFLIGHT_START)
         self._restarts_from_weights()
         if self.state_device is not None:
             # Optimizer.load_state_dict moves every state tensor to its parameter's device.
@@ -231,6 +279,8 @@ class SNOO(InnerWrapper):
         checkpoint, and the restart stood exactly where fast == slow bitwise (it is a copy), so
         the flag is taken from the weights (on the device, once per load; call after the
         parameters are loaded: set_state_dict loads the model first)."""
+        if self.streaming:  # no masked steps there (masked_step refuses)
+            return
         for group in self.param_groups:
             pairs = [(p, self.state[p][SLOW]) for p in group["params"] if SLOW in self.state.get(p, ())]
             if not pairs or not self._restarted(group):
@@ -268,6 +318,11 @@ class SNOO(InnerWrapper):
                 self.state[p][MOMENTUM] = torch.zeros_like(slow)
 
         self.outer_step_taken = False
+        if self.streaming:
+            for group in self.param_groups:
+                group["snoo_step"] += 1
+            self._streaming_step(finite)
+            return loss
         due = []
         for group in self.param_groups:
             group["snoo_step"] += 1
@@ -295,7 +350,14 @@ class SNOO(InnerWrapper):
         step is still at the next multiple of k, after a window that much shorter.
 
         Right after an outer step that a SkipMask may have undone (`masked_step`), the step is
-        taken where the device flag says it was undone, and dropped (a no-op) where it stood."""
+        taken where the device flag says it was undone, and dropped (a no-op) where it stood.
+
+        Streaming (fragments, sync_delay): a sync in flight is waited for and applied now, and
+        every other fragment not restarted at this step takes its outer step on its partial
+        window (one all-reduce each)."""
+        if self.streaming:
+            self._streaming_flush()
+            return
         due = [group for group in self.param_groups if not self._restarted(group)]
         if due:
             self._outer_step(due)
@@ -361,11 +423,13 @@ class SNOO(InnerWrapper):
         self._last_outer_sq = sq
 
     def _nesterov_update(
-        self, group: dict[str, Any], params: list[torch.Tensor], pseudo_grad: list[torch.Tensor], ok: torch.Tensor | None
+        self, group: dict[str, Any], params: list[torch.Tensor], pseudo_grad: list[torch.Tensor],
+        ok: torch.Tensor | None, restart: bool = True,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One group's update from its pseudo-gradients (local shards, consumed in place):
-        b = mu * b + s, w = w - eta * (s + mu * b) (or w - eta * b), p <- w; nothing moves where
-        `ok` (every replica finite) is False. Returns the local squared norms of s and of w."""
+        b = mu * b + s, w = w - eta * (s + mu * b) (or w - eta * b), p <- w (not with `restart`
+        False: streaming restarts the fast weights later); nothing moves where `ok` (every replica
+        finite) is False. Returns the local squared norms of s and of w."""
         fast = [_local(p) for p in params]
         slow = [_local(self.state[p][SLOW]) for p in params]
         buf = [_local(self.state[p][MOMENTUM]) for p in params]
@@ -406,7 +470,8 @@ class SNOO(InnerWrapper):
                 for u in update:
                     u.masked_fill_(drop, 0.0)
         torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
-        torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
+        if restart:
+            torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
         sq_slow = [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)]
         return sq_pseudo, sq_slow
 
@@ -429,6 +494,120 @@ class SNOO(InnerWrapper):
         Also returns whether every replica's `finite` flag is True (None without a flag): the
         flags travel as the buffer's last element, a count of non-finite replicas."""
         return self._start_pseudo_gradients(slow, fast, finite).wait()
+
+    # -- streaming DiLoCo: fragments with their own outer steps, the sync overlapped ------------
+
+    def _check_fragments(self, fragments: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        if fragments is None:
+            return [params]
+        where = {}
+        for i, fragment in enumerate(fragments):
+            for p in fragment:
+                if id(p) in where:
+                    raise ValueError(f"fragments: a parameter is in fragments {where[id(p)]} and {i}")
+                where[id(p)] = i
+        if set(where) != {id(p) for p in params} or any(not f for f in fragments):
+            raise ValueError("fragments must split the inner optimizer's parameters, each in exactly one non-empty fragment")
+        return [list(f) for f in fragments]
+
+    def _fragment_starting(self, step: int, k: int) -> int | None:
+        """The fragment whose sync starts after inner step `step`: fragment i at the steps where
+        step % k == (i + 1) * k / F (mod k), so fragment F - 1 at the multiples of k (F = 1:
+        plain SNOO's outer steps) and each sync moves about 1/F of the parameters."""
+        per = k // len(self._fragments)
+        if step < 1 or step % k % per:
+            return None
+        return (step % k // per - 1) % len(self._fragments)
+
+    def _completed_at(self, fragment: int, step: int, k: int) -> bool:
+        # This fragment's fast weights restarted after inner step `step` (the schedule's record).
+        return self._fragment_starting(step - self.sync_delay, k) == fragment
+
+    def _streaming_step(self, finite: torch.Tensor | None) -> None:
+        group = self.param_groups[0]  # every group counts the same steps with the same k
+        step, k = group["snoo_step"], group["snoo_k"]
+        if group[INFLIGHT_START] and step >= group[INFLIGHT_START] + self.sync_delay:
+            self._complete_sync()
+        fragment = self._fragment_starting(step, k)
+        if fragment is not None:
+            self._begin_sync(fragment, step, finite)
+            if self.sync_delay == 0:
+                self._complete_sync()
+
+    def _begin_sync(self, fragment: int, step: int, finite: torch.Tensor | None) -> None:
+        """Compute this fragment's pseudo-gradient now and start its reduction over the replicas
+        (asynchronous when sync_delay > 0); the flag rides in the same buffer."""
+        for group in self.param_groups:
+            group[INFLIGHT_START], group[INFLIGHT_FRAGMENT] = step, fragment
+        params = [p for p in self._fragments[fragment] if SLOW in self.state.get(p, ())]
+        self._inflight = None
+        if params:
+            handle = self._start_pseudo_gradients(
+                [_local(self.state[p][SLOW]) for p in params], [_local(p) for p in params], finite,
+                async_op=self.sync_delay > 0,
+            )  # fmt: skip
+            self._inflight = (fragment, params, handle)
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """Wait for the sync in flight and apply its update to the fragment's slow weights and
+        momentum (they depend on nothing after the start step). Called at the fragment's restart
+        step, and earlier by state_dict() and eval_parameters(), so that a checkpoint or an
+        evaluation taken while a sync is in flight holds the updated slow weights."""
+        if self._inflight is None:
+            return
+        fragment, params, handle = self._inflight
+        self._inflight = None
+        pseudo_grad, ok = handle.wait()
+        self.outer_step_ok = ok
+        in_group = {id(p): s for p, s in zip(params, pseudo_grad)}
+        sq_pseudo: list[torch.Tensor] = []
+        sq_slow: list[torch.Tensor] = []
+        for group in self.param_groups:
+            mine = [p for p in group["params"] if id(p) in in_group]
+            if mine:
+                a, b = self._nesterov_update(group, mine, [in_group[id(p)] for p in mine], ok, restart=False)
+                sq_pseudo, sq_slow = sq_pseudo + a, sq_slow + b
+        self._metrics_device = params[0].device
+        sq = torch.stack([torch.stack(sq_pseudo).sum(), torch.stack(sq_slow).sum()]).double()
+        if ok is not None:  # a dropped step keeps this fragment's last applied norms (NaN before)
+            previous = self._fragment_sq.get(fragment, torch.full_like(sq, float("nan")))
+            sq = torch.where(ok.to(sq.device), sq, previous.to(sq.device))
+        self._fragment_sq[fragment] = sq
+        # The global norms: each fragment's last applied step (fragments without one left out).
+        self._last_outer_sq = torch.stack(list(self._fragment_sq.values())).sum(0)
+
+    def _complete_sync(self) -> None:
+        """The fragment's restart: its slow weights updated (_settle; dropped on every replica if
+        any replica's flag was False), its fast weights restart from them (torchft's merge with
+        fragment_update_alpha = 0: the inner steps taken while the sync was in flight are not kept)."""
+        self._settle()
+        fragment = self.param_groups[0][INFLIGHT_FRAGMENT]
+        for group in self.param_groups:
+            group[INFLIGHT_START], group[INFLIGHT_FRAGMENT] = 0, -1
+        params = [p for p in self._fragments[fragment] if SLOW in self.state.get(p, ())]
+        if params:
+            torch._foreach_copy_([_local(p) for p in params], [_local(self.state[p][SLOW]) for p in params])
+        self.outer_step_taken = True
+
+    def _streaming_flush(self) -> None:
+        group = self.param_groups[0]
+        step, k = group["snoo_step"], group["snoo_k"]
+        if step == group[FLUSHED_AT]:
+            return  # flushed at this step already
+        restarted = set()
+        if group[INFLIGHT_START]:
+            restarted.add(group[INFLIGHT_FRAGMENT])
+            self._complete_sync()
+        for fragment in range(len(self._fragments)):
+            if fragment in restarted or self._completed_at(fragment, step, k):
+                continue
+            self._begin_sync(fragment, step, None)
+            self._complete_sync()
+        for group in self.param_groups:
+            group[FLUSHED_AT] = step
+        self.outer_step_taken = True
 
     # -- observing the outer loop ------------------------------------------------------------
 
@@ -461,6 +640,8 @@ class SNOO(InnerWrapper):
         return group["snoo_step"] % group["snoo_k"] == 0 or group["snoo_step"] == group[FLUSHED_AT]
 
     def _params_are_eval_point(self, group: dict[str, Any]) -> bool:
+        if self.streaming:  # the fragments restart at different steps: always copy the slow weights in
+            return False
         # Right after an outer step fast == slow, unless a SkipMask may have undone it: then the
         # swap copies the slow weights in (harmless where they are already there).
         return self._restarted(group) and id(group) not in self._restarts
@@ -478,6 +659,7 @@ class SNOO(InnerWrapper):
         (`module.reshard()`) before entering and after leaving, since a forward without backward
         can leave unsharded copies that a later forward would reuse.
         """
+        self._settle()  # streaming: a sync in flight lands in the slow weights first
         return self._swap_in_eval_point()
 
     # SNOO's own name for it, in the README and in user code since the first release.
