@@ -41,6 +41,12 @@ decided on the device, and the slow weights never take in a non-finite pseudo-gr
 same guard serves trainer.nonfinite=skip on one replica too: the trainer's SkipMask hands SNOO
 its flag and so needs no copy of the slow weights and momentum (`guarded_state_keys`), and
 tells SNOO afterwards which steps it undid (`masked_step`).
+
+Streaming DiLoCo (`fragments`, `sync_delay`; docs/parallelism.md): the parameters in F
+fragments, fragment i taking its outer step after the inner steps t with t % k == (i + 1) k / F
+(mod k); its pseudo-gradient's all-reduce starts there (asynchronous with sync_delay > 0, the
+flag in the same buffer) and sync_delay inner steps later the update lands in its slow weights
+and its fast weights restart from them. One fragment and no delay is the path above, unchanged.
 """
 
 from __future__ import annotations
@@ -53,10 +59,10 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from snoo_train.optim.outer_sync import OuterSync
-from snoo_train.optim.outer_sync import start as start_sync
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
+from snoo_train.optim.outer_sync import OuterSync
+from snoo_train.optim.outer_sync import start as start_sync
 
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
     from torch.distributed.tensor import DTensor, Replicate
@@ -82,15 +88,17 @@ def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     return out.pin_memory() if pin and torch.cuda.is_available() else out
 
 
-def _like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """The local tensor `t` as a tensor laid out like `like` (a DTensor with its mesh, placements
-    and global shape when `like` is one), so that DCP saves and reshards it like `like`."""
-    if DTensor is not None and isinstance(like, DTensor):
-        return DTensor.from_local(
-            t, device_mesh=like.device_mesh, placements=like.placements, run_check=False,
-            shape=like.shape, stride=like.stride(),
-        )  # fmt: skip
-    return t
+def _check_streaming_args(k: int, fragments: list | None, sync_delay: int) -> None:
+    if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
+        raise ValueError(f"sync_delay must be an integer >= 0, got {sync_delay!r}")
+    n_fragments = 1 if fragments is None else len(fragments)
+    if n_fragments < 1 or k % n_fragments:
+        raise ValueError(f"fragments: k={k} must be a multiple of the number of fragments, got {n_fragments}")
+    if sync_delay >= k // n_fragments:
+        raise ValueError(
+            f"sync_delay={sync_delay} must be < k / fragments = {k // n_fragments}: a fragment's sync "
+            "must be applied before the next fragment's starts (one sync in flight)"
+        )
 
 
 def _replication_factor(t: torch.Tensor) -> int:
@@ -122,6 +130,11 @@ class SNOO(InnerWrapper):
             shards; every rank of the group must hold the same parameter shapes. The model must
             NOT synchronise gradients across replicas (FSDP on the shard dimension only).
             None (the default): one replica, no collective.
+        fragments: streaming DiLoCo: the inner optimizer's parameters split into lists (e.g.
+            optim.build.layer_fragments), each with its own outer step, k / len(fragments)
+            steps apart; len(fragments) must divide k. None: one fragment.
+        sync_delay: inner steps between the start of a fragment's all-reduce (async) and its
+            update; < k / len(fragments). 0: synchronous.
         reduce_dtype: dtype of that all-reduce (e.g. `torch.bfloat16`: half the bytes; the
             averaged pseudo-gradient is rounded to bf16, the slow weights and momentum stay in
             their own dtype). None: the pseudo-gradient's dtype.
@@ -167,16 +180,7 @@ class SNOO(InnerWrapper):
             raise ValueError(f"reduce_dtype must be None or a floating torch.dtype, got {reduce_dtype!r}")
         if state_device is not None and torch.device(state_device).type != "cpu":
             raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
-        if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
-            raise ValueError(f"sync_delay must be an integer >= 0, got {sync_delay!r}")
-        n_fragments = 1 if fragments is None else len(fragments)
-        if n_fragments < 1 or k % n_fragments:
-            raise ValueError(f"fragments: k={k} must be a multiple of the number of fragments, got {n_fragments}")
-        if sync_delay >= k // n_fragments:
-            raise ValueError(
-                f"sync_delay={sync_delay} must be < k / fragments = {k // n_fragments}: a fragment's sync "
-                "must be applied before the next fragment's starts (one sync in flight)"
-            )
+        _check_streaming_args(k, fragments, sync_delay)
 
         super().__init__(
             inner,
@@ -208,10 +212,8 @@ class SNOO(InnerWrapper):
         self.streaming = len(self._fragments) > 1 or sync_delay > 0
         self._inflight: tuple[int, list[torch.Tensor], OuterSync] | None = None
         self._fragment_sq: dict[int, torch.Tensor] = {}  # each fragment's last applied norms
-        if self.streaming:
-            for group in self.param_groups:
-                group.setdefault(INFLIGHT_START, 0)
-                group.setdefault(INFLIGHT_FRAGMENT, -1)
+        for group in self.param_groups:
+            self._init_group(group)  # the streaming keys, now that `streaming` is known
 
     # -- torch.optim.Optimizer API (the rest is InnerWrapper's) ------------------------------
 
