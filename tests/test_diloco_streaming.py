@@ -289,6 +289,77 @@ def test_one_fragment_without_delay_is_the_plain_path_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(plain, streamed))
 
 
+@pytest.mark.parametrize("tau, state_device", [(0, None), (1, None), (1, "cpu")])
+def test_one_replica_follows_the_schedule_by_hand(tau, state_device):
+    """Plain SNOO with 3 fragments of an MLP (k=6: starts after steps 2, 4, 6, ...), against the
+    rule applied by hand with SGD: 12 steps, an evaluation at the slow weights and a flush, both
+    with a sync in flight (tau=1), then 3 more steps on the same schedule."""
+    k, n, eta, mu = 6, 3, 0.7, 0.5
+    xs = torch.randn(15, 3, 4, generator=torch.Generator().manual_seed(0))
+
+    def mlp() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(3)))
+
+    model = mlp()
+    fragments = [list(layer.parameters()) for layer in model]
+    opt = SNOO(torch.optim.SGD(model.parameters(), lr=0.1), k=k, lr=eta, momentum=mu, fragments=fragments,
+               sync_delay=tau, state_device=state_device)  # fmt: skip
+    ref = mlp()
+    sgd = torch.optim.SGD(ref.parameters(), lr=0.1)
+    layers = [list(layer.parameters()) for layer in ref]
+    slow = [[p.detach().clone() for p in layer] for layer in layers]
+    buf = [[torch.zeros_like(p) for p in layer] for layer in layers]
+    starts = {((i + 1) * k // n) % k: i for i in range(n)}
+    pending, done = None, {}
+
+    def apply(i: int, s: list, t: int) -> None:
+        for p, w, b, si in zip(layers[i], slow[i], buf[i], s):
+            b.mul_(mu).add_(si)
+            w.sub_(eta * (si + mu * b))
+            p.copy_(w)
+        done[i] = t
+
+    for t, x in enumerate(xs, start=1):
+        for net, o in ((model, opt), (ref, sgd)):
+            net(x).square().sum().backward()
+            o.step()
+            o.zero_grad()
+        with torch.no_grad():
+            if pending and t >= pending[1] + tau:
+                apply(pending[0], pending[2], t)
+                pending = None
+            if t % k in starts:
+                i = starts[t % k]
+                pending = (i, t, [w - p for w, p in zip(slow[i], layers[i])])
+                if tau == 0:
+                    apply(i, pending[2], t)
+                    pending = None
+            if t == 12:  # fragment 2's sync in flight (tau=1): the evaluation sees its update
+                with opt.eval_parameters():
+                    got = [p.detach().clone() for p in model.parameters()]
+                want = []
+                for i in range(n):
+                    for j, w in enumerate(slow[i]):
+                        if pending and pending[0] == i:
+                            si = pending[2][j]
+                            w = w - eta * (si + mu * (mu * buf[i][j] + si))
+                        want.append(w)
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            if t == 12:  # after the evaluation: the sync in flight lands, the others' partial windows close
+                opt.flush()
+                opt.flush()  # a no-op
+                if pending:
+                    apply(pending[0], pending[2], t)
+                    pending = None
+                for i in range(n):
+                    if done.get(i) != t:
+                        apply(i, [w - p for w, p in zip(slow[i], layers[i])], t)
+    torch.testing.assert_close(list(model.parameters()), list(ref.parameters()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close([opt.state[p]["snoo_slow"] for p in model.parameters()],
+                               [w for layer in slow for w in layer], rtol=1e-6, atol=1e-6)  # fmt: skip
+
+
 def test_a_trainer_resume_with_a_sync_in_flight_is_bitwise_in_one_process(tmp_path):
     common = ["optim.k=4", "optim.fragments=2", "optim.sync_delay=1", "trainer.max_steps=9", "trainer.eval_interval=0"]
     full = run_trainer(tmp_path / "full", common + ["checkpoint.interval=6", "checkpoint.keep_latest=0"])
