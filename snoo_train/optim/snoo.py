@@ -533,6 +533,8 @@ class SNOO(InnerWrapper):
             self._complete_sync()
         fragment = self._fragment_starting(step, k)
         if fragment is not None:
+            if group[INFLIGHT_START]:  # only after a resume with another optim.k: one sync at a time
+                self._complete_sync()
             self._begin_sync(fragment, step, finite)
             if self.sync_delay == 0:
                 self._complete_sync()
