@@ -28,6 +28,8 @@ STRUCTURAL = {
     "optim.outer": "a different outer optimizer",
     "optim.muon_categories": "other parameters under Muon (other optimizer state)",
     "optim.gpa_mu_y": "GPA's parameters hold the mu_y point, which would change meaning",
+    "optim.fragments": "another split into fragments (each fragment's slow weights and any sync in flight "
+    "belong to the old fragments' outer steps)",
     "trainer.seed": "another data order and initialisation",
     "trainer.batch_size": "another data order (the loader's position counts global batches)",
     "parallel.replicas": "another layout of per-replica state",
