@@ -126,6 +126,8 @@ class Trainer:
             rank=d.dp_rank,
             world_size=d.dp_size,
             seed=t.seed,
+            # DiLoCo: each replica reads its own stream of the global batch (data/loader.py).
+            replicas=self.cfg.parallel.replicas if is_diloco(self.cfg) else 1,
         )
         # The next steps assembled on a thread while the device computes (data.prefetch),
         # pinned for asynchronous copies (data.pin_memory); the same batches either way.
