@@ -17,16 +17,19 @@ from snoo_train.checkpoint import (
     Checkpointer,
     CheckpointError,
     CorruptCheckpoint,
+    check_replicas_agree,
     checkpoint_candidates,
     checkpoint_name,
     named_candidates,
     no_loadable_checkpoint,
     replica_keys,
+    split_state,
     verify_spread,
 )
 from snoo_train.config import is_diloco
 from snoo_train.dist import agree as agree_on
 from snoo_train.dist import control_group
+from snoo_train.optim.snoo import MOMENTUM, SLOW
 from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
 from snoo_train.rundir import check_free_space, check_writable, guard_fresh_start
 
@@ -37,6 +40,11 @@ log = logging.getLogger("snoo_train")
 
 # The decisions rank 0 takes for every rank (snoo_train.dist.agree) may fail with these.
 _AGREED_ERRORS = (CheckpointError,)
+
+# Optimizer state that is the same on every DiLoCo replica (one averaged update at each outer
+# step, none between): checked across the saved replicas on an elastic resume. Every other
+# state[p] key, whatever optimizer adds it, is per replica and follows the replica it is read from.
+REPLICATED_STATE = (SLOW, MOMENTUM)
 
 
 def agree(dist, decide: Callable[[], Any]) -> Any:
@@ -62,6 +70,9 @@ class RunState:
         )
         self.config_changes: list = []
         self._restore_rng = False
+        # The checkpoint being loaded: its replica count (1 without DiLoCo) and the saved
+        # replica this rank reads its model and optimizer state from (None: no replica prefix).
+        self._saved_replicas, self._source = 1, None
 
     # -- when --
 
@@ -125,6 +136,11 @@ class RunState:
         """Per-replica keys under DiLoCo (checkpoint.replica_keys); the tree's own otherwise."""
         return replica_keys(self.dist.replica) if is_diloco(self.cfg) else None
 
+    def _load_keys(self, key: str) -> str:
+        """The saved key a tree key is read from: the source replica's under a DiLoCo checkpoint
+        (set by check_meta, which runs before any key is mapped)."""
+        return key if self._source is None else replica_keys(self._source)(key)
+
     # -- save --
 
     def save(self, step: int, *, blocking: bool | None = None) -> str:
@@ -172,25 +188,44 @@ class RunState:
                     f"the checkpoint was written with optim.{key}={saved['optim'][key]} "
                     f"(this run: {here['optim'][key]}); its optimizer state does not fit"
                 )
-        if saved.get("replicas", 1) != here["replicas"]:
-            raise CheckpointError(
-                f"the checkpoint has parallel.replicas={saved.get('replicas', 1)} (this run: "
-                f"{here['replicas']}): each replica's fast weights and inner state are saved apart"
-            )
+        # Another parallel.replicas is refused or allowed with the config (resume.py).
         refusals, self.config_changes = config_changes(saved["config"], here["config"])
         if refusals:
             raise CheckpointError(
                 "cannot resume: the checkpoint was written with " + "; ".join(refusals)
                 + ". Resume with its values, or start a new run in a new hydra.run.dir"
             )
-        # RNG states are per rank: they only carry over to the same number of ranks.
-        self._restore_rng = saved_world_size == self.dist.world_size
+        self._source_replica(saved)
+        # RNG states are per rank: they carry over to the same ranks in the same replicas only.
+        self._restore_rng = saved_world_size == self.dist.world_size and self._saved_replicas == self._replicas
         if self.cfg.data.streaming and not self._restore_rng:
             raise CheckpointError(
                 f"the checkpoint was written by {saved_world_size} ranks streaming their own shares of "
                 f"data.files/data.path; it resumes at that world size only (this run: {self.dist.world_size}). "
                 "data=prepared resumes at any world size"
             )
+
+    @property
+    def _replicas(self) -> int:
+        return self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
+
+    def _source_replica(self, saved: dict[str, Any]) -> None:
+        """Elastic replicas (docs/checkpoints.md): replica r of this run continues saved replica
+        r mod R_saved (its fast weights, inner state and any other per-replica state)."""
+        diloco = saved.get("replicas", 1) > 1 and saved["optim"]["outer"] == "snoo"
+        self._saved_replicas = saved["replicas"] if diloco else 1
+        self._source = self.dist.replica % self._saved_replicas if diloco else None
+        if self._source is not None and self._source != self.dist.replica:
+            log.info("resume: replica %d continues the saved replica %d", self.dist.replica, self._source)
+
+    def _check_replicated(self, path: str, optim_tree: dict[str, Any]) -> None:
+        """On an elastic resume of a DiLoCo checkpoint: the state every replica holds alike
+        (REPLICATED_STATE) must be bitwise equal in every saved replica."""
+        if self._source is None or self._saved_replicas == self._replicas:
+            return
+        tensors, _ = split_state({"optim": optim_tree})
+        shared = {k: v for k, v in tensors.items() if k.startswith("optim/state/") and k.rsplit("/", 1)[-1] in REPLICATED_STATE}
+        check_replicas_agree(path, shared, self._saved_replicas, self._source)
 
     def load(self, path: str) -> None:
         # The tree to load into; on a fresh optimizer get_state_dict first creates its state
@@ -203,11 +238,13 @@ class RunState:
             tree,
             check_meta=self.check_meta,
             skip=lambda key: key.startswith("rng/") and not self._restore_rng,
-            rename=self._keys,
+            rename=self._load_keys,
         )
+        self._check_replicated(path, tree["optim"])
         set_state_dict(t.model, t.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"])
         state = tree["trainer"]
-        t.loader.load_state_dict(state["loader"])
+        # A checkpoint from before the loader saved its layout had one stream per replica.
+        t.loader.load_state_dict({"streams": self._saved_replicas, **state["loader"]})
         if self._restore_rng and t.loader.streaming:
             t.loader.load_rank_state(tree["data"][f"rank{self.dist.rank}"])
         t.scheduler.load_state_dict(state["scheduler"])
