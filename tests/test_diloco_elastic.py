@@ -11,7 +11,7 @@ of 4 gloo ranks and are compared with the saved tensors read back by DCP's own c
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import re
 from pathlib import Path
 
@@ -152,7 +152,7 @@ def test_the_batch_alone_still_cannot_change():
 # -- resumes through the Trainer: one spawn of 4 gloo ranks ----------------------------------------
 
 K = 3  # outer steps 3, 6; the checkpoints the resumes start from (4, 5) are mid-window
-BASE = ["optim.k=3", "trainer.eval_interval=0", "checkpoint.keep_latest=0"]
+BASE = ["optim.k=3", "trainer.eval_interval=0", "checkpoint.keep_latest=0", "trainer.log_interval=1"]
 # name: (replicas, trainer.batch_size, max_steps, checkpoint.interval, resume from)
 RUNS = {
     "two": (2, 8, 7, 4, None),  # 2 x 2, windows of 2 per rank
@@ -190,6 +190,8 @@ def _trainer(root: Path, name: str, replicas: int, batch: int, max_steps: int, i
                  f"checkpoint.interval={interval}", *extra]  # fmt: skip
     if resume:
         overrides.append(f"trainer.resume={root / resume}")
+    # The corpus is tokenized once for all the runs.
+    overrides.append(f"data.cache_dir={root / 'cache'}")
     cfg = make_config(root / name, overrides, world_size=dist.get_world_size())
     return Trainer(cfg, init_distributed("cpu", replicas=replicas))
 
@@ -340,3 +342,11 @@ def test_refusals_give_one_line_and_change_no_file(elastic):
         assert all("\n" not in r for r in refusals.values())
         assert run["unchanged"] and all(run["unchanged"].values())
     assert refusals == elastic["ranks"][0]["refusals"]
+
+
+@pytest.mark.slow
+def test_tokens_count_each_run_batch(elastic):
+    # 4 steps of 8 windows of 64 tokens, then 16 windows a step with 4 replicas.
+    records = [json.loads(line) for line in (elastic["root"] / "four/metrics.jsonl").read_text().splitlines()]
+    steps = {r["step"]: r["tokens"] for r in records if "tokens" in r}
+    assert steps == {s: 4 * 8 * 64 + (s - 4) * 16 * 64 for s in range(5, 9)}

@@ -110,7 +110,7 @@ class RunState:
             "data": self._stream_positions(),
             "trainer": {
                 "step": t.step,
-                "tokens": t.step * t.loader.tokens_per_step,
+                "tokens": t.tokens_at(t.step),
                 "skipped_steps": t.policy.skipped_steps,
                 "consecutive_skips": t.policy.consecutive_skips,
                 "loader": t.loader.state_dict(),
@@ -249,6 +249,7 @@ class RunState:
             t.loader.load_rank_state(tree["data"][f"rank{self.dist.rank}"])
         t.scheduler.load_state_dict(state["scheduler"])
         t.step = int(state["step"])
+        t.step_base, t.tokens_base = t.step, int(state.get("tokens", t.step * t.loader.tokens_per_step))
         t.policy.skipped_steps = int(state["skipped_steps"])
         t.policy.consecutive_skips = int(state["consecutive_skips"])
         if self._restore_rng:
