@@ -130,7 +130,8 @@ def _leaves(tree: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
 def replica_keys(replica: int) -> Callable[[str], str]:
     """The `rename` for DiLoCo: its replicas hold different fast weights and inner optimizer
     state under the same names, and DCP would keep one copy of each name, so each replica's
-    model and optimizer tensors are saved under `replica{r}/` (RNG and trainer state are not)."""
+    model and optimizer tensors are saved under `replica{r}/` (RNG and trainer state are not).
+    A resume with another replica count reads saved replica r mod R's (trainer/state.py)."""
 
     def rename(key: str) -> str:
         return f"replica{replica}/{key}" if key.startswith(("model/", "optim/")) else key

@@ -1,6 +1,7 @@
 """A run's checkpointed state: the tree a checkpoint holds, when to save it, what a checkpoint
 must agree with to be loaded, and resuming (with fallback past damaged checkpoints, and the
-config changes a resume applies or refuses: snoo_train/resume.py)."""
+config changes a resume applies or refuses: snoo_train/resume.py), including a DiLoCo
+checkpoint resumed with another replica count (docs/checkpoints.md, elastic replicas)."""
 
 from __future__ import annotations
 
