@@ -350,3 +350,20 @@ def test_tokens_count_each_run_batch(elastic):
     records = [json.loads(line) for line in (elastic["root"] / "four/metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r["tokens"] for r in records if "tokens" in r}
     assert steps == {s: 4 * 8 * 64 + (s - 4) * 16 * 64 for s in range(5, 9)}
+
+
+@pytest.mark.slow
+def test_two_replicas_resume_in_one_process(elastic, tmp_path):
+    # 2 replicas x 2 ranks -> 1 replica, world size 1 (no process group): replica 0 continues.
+    from snoo_train.dist import init_distributed
+    from snoo_train.trainer import Trainer
+    from tests.conftest import make_config
+
+    root = elastic["root"]
+    overrides = [*BASE, "parallel.replicas=1", "trainer.batch_size=4", "trainer.max_steps=5", "checkpoint.interval=0",
+                 f"trainer.resume={root / 'two/checkpoints/step_00000004'}", f"data.cache_dir={root / 'cache'}"]  # fmt: skip
+    trainer = Trainer(make_config(tmp_path / "solo", overrides), init_distributed("cpu"))
+    check_loaded(_snapshot(trainer), saved_tensors(root / "two/checkpoints/step_00000004"), 0, 2, "one process")
+    read = _fit_recording(trainer)
+    two = [r["read"]["two"] for r in elastic["ranks"]]
+    assert torch.equal(read[0], torch.cat([two[0][4], two[1][4]]))  # replica 0's windows of step 5
