@@ -192,6 +192,12 @@ def _everything(rank: int, world_size: int, out_dir: str) -> None:
     fit_layout(str(full), RESUME + ["checkpoint.interval=6"])
     dist.barrier()
     fit_layout(str(resumed), RESUME + [f"trainer.resume={full}/checkpoints/step_00000006", "checkpoint.interval=0"])
+    # The same with the quantized sync and error feedback: residuals updated while a sync is in flight.
+    quant = ["optim.outer_quant=int8", "optim.error_feedback=true"]
+    full_q, resumed_q = Path(out_dir) / "full_int8", Path(out_dir) / "resumed_int8"
+    fit_layout(str(full_q), RESUME + quant + ["checkpoint.interval=6"])
+    dist.barrier()
+    fit_layout(str(resumed_q), RESUME + quant + [f"trainer.resume={full_q}/checkpoints/step_00000006", "checkpoint.interval=0"])
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -249,15 +255,19 @@ def test_a_state_taken_with_a_sync_in_flight_resumes_bitwise(runs):
 
 
 @pytest.mark.slow
-def test_a_trainer_checkpoint_with_a_sync_in_flight_resumes_bitwise(runs):
+@pytest.mark.parametrize("suffix", ["", "_int8"])
+def test_a_trainer_checkpoint_with_a_sync_in_flight_resumes_bitwise(runs, suffix):
+    """Full precision, and int8 with error feedback (residuals non-zero, a quantized sync in flight)."""
     out_dir, _ = runs
 
     def losses(run: str) -> dict[int, float]:
         lines = (out_dir / run / "metrics.jsonl").read_text().splitlines()
         return {r["step"]: r["loss"] for r in map(json.loads, lines)}
 
-    want, got = losses("full"), losses("resumed")
+    want, got = losses("full" + suffix), losses("resumed" + suffix)
     assert sorted(got) == [7, 8, 9] and all(got[s] == want[s] for s in got), (got, want)
+    if suffix:  # the quantized sync trained another model than the full-precision one
+        assert losses("full")[9] != want[9]
 
 
 # -- one process ----------------------------------------------------------------------------------
