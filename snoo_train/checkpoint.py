@@ -130,12 +130,39 @@ def _leaves(tree: Any, prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
 def replica_keys(replica: int) -> Callable[[str], str]:
     """The `rename` for DiLoCo: its replicas hold different fast weights and inner optimizer
     state under the same names, and DCP would keep one copy of each name, so each replica's
-    model and optimizer tensors are saved under `replica{r}/` (RNG and trainer state are not)."""
+    model and optimizer tensors are saved under `replica{r}/` (RNG and trainer state are not).
+    A resume with another replica count reads saved replica r mod R's (trainer/state.py)."""
 
     def rename(key: str) -> str:
         return f"replica{replica}/{key}" if key.startswith(("model/", "optim/")) else key
 
     return rename
+
+
+def check_replicas_agree(path: str | os.PathLike, tensors: dict[str, torch.Tensor], replicas: int, source: int) -> None:
+    """Refuse (CheckpointError, on every rank) unless each saved replica's copy of `tensors` (by
+    tree key, loaded from replica `source`) equals them bitwise: state that is the same on every
+    DiLoCo replica, checked on an elastic resume rather than assumed. Each rank reads and compares
+    its own shards, one saved replica at a time (memory: one more copy of `tensors`)."""
+    path = Path(path)
+    for other in (j for j in range(replicas) if j != source):
+        rename = replica_keys(other)
+        theirs = {rename(k): torch.empty_like(v) for k, v in tensors.items()}
+
+        def read_and_compare(rename=rename, theirs=theirs, other=other) -> None:
+            with _single_process_quietly():
+                dcp.load(
+                    theirs, storage_reader=SafeFileSystemReader(path), process_group=control_group(),
+                    no_dist=not in_process_group(),
+                )  # fmt: skip
+            for key, mine in tensors.items():
+                if not torch.equal(local_shard(mine), local_shard(theirs[rename(key)])):
+                    raise CheckpointError(
+                        f"{key} differs between saved replicas {source} and {other}, though every replica holds "
+                        "the same copy after an outer step: the checkpoint cannot resume with another replica count"
+                    )
+
+        agreed(path, read_and_compare)
 
 
 def _tensor_key(path: Path_) -> str:

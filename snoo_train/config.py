@@ -91,6 +91,13 @@ class OptimConfig:
     # where SNOO's slow weights and momentum live: param (the parameter's device) | cpu (saves
     # 2 x params/ranks of accelerator memory; a D2H + H2D copy of the params per outer step)
     outer_state_device: str = "param"
+    # outer=snoo, streaming DiLoCo (docs/parallelism.md): the parameters in `fragments` groups of
+    # contiguous layers, each taking its outer step k / fragments steps after the previous one's
+    # (each sync moves ~1/fragments of the bytes); 1 = plain SNOO / DiLoCo.
+    fragments: int = 1
+    # outer=snoo: inner steps between the start of a fragment's (asynchronous) all-reduce and its
+    # update (the sync overlaps with them); 0 = synchronous. Must be < k / fragments.
+    sync_delay: int = 0
     # outer=gpa (snoo_train/optim/gpa.py): x = mu_x x + (1 - mu_x) z, gradient at mu_y x + (1 - mu_y) z
     gpa_mu_x: float = 0.9967  # 0.9 ** (1 / H) matches DiLoCo with H inner steps (0.9967: H = 32)
     gpa_mu_y: float = 0.7
@@ -384,6 +391,15 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
     m, o, d, t = cfg.model, cfg.optim, cfg.data, cfg.trainer
     _check_model(m)
     _check_optim(o)
+    if o.outer == "snoo" and o.fragments > m.num_layers:
+        raise ConfigError(
+            f"optim.fragments={o.fragments} exceeds model.num_layers={m.num_layers}: fragments are contiguous layers"
+        )
+    if (o.fragments > 1 or o.sync_delay > 0) and t.nonfinite == "skip":
+        raise ConfigError(
+            "trainer.nonfinite=skip cannot undo a step of SNOO with optim.fragments > 1 or optim.sync_delay > 0 "
+            "(its fragments restart at different steps); use trainer.nonfinite=stop"
+        )
     if o.inner == "schedule_free_adamw" and t.lr_schedule != "constant":
         raise ConfigError(
             f"trainer.lr_schedule={t.lr_schedule!r}: optim.inner=schedule_free_adamw replaces the "
@@ -565,6 +581,32 @@ def _check_optim(o: Any) -> None:
     _choice("optim.outer_reduce_dtype", o.outer_reduce_dtype, ("fp32", "bf16"))
     _check_outer_quant(o)
     _choice("optim.outer_state_device", o.outer_state_device, ("param", "cpu"))
+    _check_streaming(o)
+
+
+def _check_streaming(o: Any) -> None:
+    """optim.fragments and optim.sync_delay (streaming DiLoCo): SNOO only, evenly spread, one
+    sync in flight at a time. The layer count and trainer.nonfinite are checked in validate_config."""
+    _positive("optim.fragments", o.fragments)
+    _positive("optim.sync_delay", o.sync_delay, strict=False)
+    if o.fragments == 1 and o.sync_delay == 0:
+        return
+    if o.outer != "snoo":
+        key = "optim.fragments" if o.fragments != 1 else "optim.sync_delay"
+        raise ConfigError(
+            f"{key}={getattr(o, key.split('.')[1])} needs optim.outer=snoo: only SNOO takes outer steps to "
+            f"split into fragments or delay (optim.outer={o.outer!r})"
+        )
+    if o.k % o.fragments:
+        raise ConfigError(
+            f"optim.fragments={o.fragments} must divide optim.k={o.k}: the fragments' outer steps are "
+            "spread k / fragments steps apart"
+        )
+    if o.sync_delay >= o.k // o.fragments:
+        raise ConfigError(
+            f"optim.sync_delay={o.sync_delay} must be < optim.k / optim.fragments = {o.k // o.fragments}: a "
+            "fragment's update must land before the next fragment's sync starts (one sync in flight)"
+        )
 
 
 def _check_outer_quant(o: Any) -> None:
@@ -590,7 +632,7 @@ def _check_outer_quant(o: Any) -> None:
 OPTIM_KEYS_OF = {
     ("outer", "snoo"): (
         "k", "outer_lr", "outer_momentum", "nesterov", "outer_reduce_dtype", "outer_state_device",
-        "outer_quant", "error_feedback",
+        "outer_quant", "error_feedback", "fragments", "sync_delay",
     ),  # fmt: skip
     ("outer", "gpa"): ("gpa_mu_x", "gpa_mu_y"),
     ("outer", "ema_nesterov"): ("ema_gamma", "ema_beta", "ema_beta_follows_lr"),

@@ -5,7 +5,9 @@ key by key with it:
 
 * **structural** keys (the optimizer, the data and its order, the global batch, replicas) cannot
   change: the saved state would not mean what the new config says. The resume is refused, naming
-  each key (the model's shape is checked against the checkpoint's tensors by the trainer too);
+  each key (the model's shape is checked against the checkpoint's tensors by the trainer too).
+  One exception: a DiLoCo run may resume with another `parallel.replicas` when each replica
+  keeps its batch (trainer.batch_size scaled with it): replica_change_refusal;
 * every other key is a **hyper-parameter**: the new value applies from the resumed step on, and
   one warning line per key says old -> new. Optimizer hyper-parameters live in the optimizer's
   param groups, which loading the checkpoint restores, so they are written back from the
@@ -28,8 +30,11 @@ STRUCTURAL = {
     "optim.outer": "a different outer optimizer",
     "optim.muon_categories": "other parameters under Muon (other optimizer state)",
     "optim.gpa_mu_y": "GPA's parameters hold the mu_y point, which would change meaning",
+    "optim.fragments": "another split into fragments (each fragment's slow weights and any sync in flight "
+    "belong to the old fragments' outer steps)",
     "trainer.seed": "another data order and initialisation",
     "trainer.batch_size": "another data order (the loader's position counts global batches)",
+    # Changed under DiLoCo's elastic rule (replica_change_refusal), it is applied with the batch.
     "parallel.replicas": "another layout of per-replica state",
 }
 STRUCTURAL_PREFIXES = {"data.": "other data or another data order"}
@@ -95,15 +100,42 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def replica_change_refusal(old: dict[str, Any], new: dict[str, Any]) -> str | None:
+    """Why a resume cannot change parallel.replicas (flat configs), or None: an elastic DiLoCo
+    resume, where each replica keeps its batch and its data stream (docs/checkpoints.md)."""
+    r0, r1 = old["parallel.replicas"], new["parallel.replicas"]
+    b0, b1 = old["trainer.batch_size"], new["trainer.batch_size"]
+    if new.get("optim.outer") != "snoo":
+        return f"optim.outer={new.get('optim.outer')!r}: only DiLoCo (optim.outer=snoo) resumes with another replica count"
+    if new.get("data.streaming"):
+        return "streaming data: each rank's position in its share of the stream is saved for its rank only"
+    if not new.get("data.path") and len(new.get("data.paths") or ()) > 1:
+        return "a mixture of stores (data.paths) draws its stores per global batch, not per replica"
+    if b0 % r0 or b1 * r0 != b0 * r1:
+        return (
+            f"each replica keeps its batch of trainer.batch_size / parallel.replicas = {b0} / {r0} windows "
+            f"and its data stream: resume with trainer.batch_size={b0 * r1 // r0 if b0 % r0 == 0 else '?'}"
+        )
+    return None
+
+
 def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[Change]]:
     """(refusals, hyper-parameter changes) between a checkpoint's config and this run's, both as
-    plain nested dicts. A key the checkpoint does not record (an older release) is not compared."""
+    plain nested dicts. A key the checkpoint does not record (an older release) is not compared.
+    A replica count changed under replica_change_refusal's rule is a change, with the batch."""
     old, new = flatten(saved), flatten(current)
+    replicas_reason, elastic = None, set()
+    if old.get("parallel.replicas", new["parallel.replicas"]) != new["parallel.replicas"]:
+        replicas_reason = replica_change_refusal(old, new)
+        elastic = {"parallel.replicas", "trainer.batch_size"} if replicas_reason is None else set()
     refusals, changes = [], []
     for key in sorted(new):
         if key not in old or old[key] == new[key] or key in IGNORED or key.startswith(IGNORED_PREFIXES):
             continue
-        reason = STRUCTURAL.get(key)
+        if key in elastic:
+            changes.append(Change(key, old[key], new[key]))
+            continue
+        reason = replicas_reason if key == "parallel.replicas" else STRUCTURAL.get(key)
         if reason is None and key not in STRUCTURAL_EXEMPT:
             reason = next((r for p, r in STRUCTURAL_PREFIXES.items() if key.startswith(p)), None)
         if reason is not None:

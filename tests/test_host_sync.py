@@ -141,7 +141,11 @@ def test_the_counter_sees_a_host_read():
 FUSED = "optim.implementation=fused"
 
 
-@pytest.mark.parametrize("optim", ["snoo_adamw", "muon", f"snoo_adamw {FUSED}", f"muon {FUSED}"])
+# Streaming DiLoCo: syncs start after steps 2, 4, 6 and land after 3, 5, 7.
+STREAMING = "optim.k=4 optim.fragments=2 optim.sync_delay=1"
+
+
+@pytest.mark.parametrize("optim", ["snoo_adamw", "muon", f"snoo_adamw {FUSED}", f"muon {FUSED}", f"snoo_adamw {STREAMING}"])
 def test_a_step_that_does_not_log_never_reads_the_device(tmp_path, optim):
     overrides = [f"optim={optim.split()[0]}", *optim.split()[1:], *SYNC_FREE]
     trainer = Trainer(make_config(tmp_path / "run", overrides), init_distributed("cpu"))

@@ -7,6 +7,14 @@ disjoint, their union is the single-process batch, and a run can resume on anoth
 size. Only the step counter is state: a resumed loader recomputes where it was (a mixture of
 stores adds how many samples each store served; mixture.py).
 
+DiLoCo replicas (`replicas` R > 1) are workers with their own data streams: replica `r` reads
+stripe `r` (`b = B/R` windows) of each global batch, split over its ranks the same way, which
+is the slicing above. The layout (`streams`, the replica count the run started with, and `b`)
+is part of the loader's state and outlives a resume with another replica count (each replica
+keeps its batch of `b` windows): replica `r < streams` keeps reading stripe `r`, exactly as
+without the change; a replica `r >= streams` reads stripe `r % streams` of pass `r // streams`,
+a permutation seeded by (seed, epoch, pass) (docs/checkpoints.md, elastic replicas).
+
 Streaming data is the exception: each rank reads its own share of the stream (streaming.py), so
 its order depends on the world size and each rank's position is part of the checkpoint.
 """
@@ -66,8 +74,11 @@ class BatchLoader:
         rank: int,
         world_size: int,
         seed: int,
+        replicas: int = 1,
     ):
         _check_layout(global_batch_size, rank, world_size, grad_accum)
+        if replicas < 1 or world_size % replicas or global_batch_size % replicas:
+            raise DataError(f"{replicas} replicas must divide world_size={world_size} and the batch {global_batch_size}")
         self.train = train
         self.global_batch_size = global_batch_size
         self.grad_accum = grad_accum
@@ -79,6 +90,11 @@ class BatchLoader:
         self.streaming = isinstance(train, StreamingTrain)
         self.mixture = train if isinstance(train, Mixture) else None
         self.step = 0
+        # This rank's replica and place in it; the layout: `streams` stripes of `stream_batch`.
+        self.replicas = replicas
+        self.replica, self.replica_rank = divmod(rank, world_size // replicas)
+        self.stream_batch = global_batch_size // replicas
+        self.streams = replicas
         if self.mixture is not None:
             self.num_samples = -1  # per store: the mixture's sizes
         elif self.streaming:
@@ -93,35 +109,48 @@ class BatchLoader:
                     f"(trainer.batch_size={global_batch_size}); lower trainer.batch_size or "
                     "data.seq_len, or use more data"
                 )
-            self.steps_per_epoch = self.num_samples // global_batch_size
-            self._perm_epoch = -1
+            self._perm_key = (-1, -1)
             self._perm = np.empty(0, dtype=np.int64)
+
+    @property
+    def layout_batch(self) -> int:
+        """The global batch of the layout: `streams` stripes (this run's batch until an
+        elastic resume changes the replica count)."""
+        return self.streams * self.stream_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.layout_batch
 
     # ---- global order -------------------------------------------------------------------
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+    def _permutation(self, epoch: int, pass_: int) -> np.ndarray:
+        if (epoch, pass_) != self._perm_key:
+            # Pass 0 is the run's own order; later passes (replicas beyond `streams`) reshuffle.
+            entropy = [self.seed, epoch] if pass_ == 0 else [self.seed, epoch, pass_]
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
             self._perm = rng.permutation(self.num_samples)
-            self._perm_epoch = epoch
+            self._perm_key = (epoch, pass_)
         return self._perm
 
-    def _global_indices(self, step: int) -> np.ndarray:
+    def _global_indices(self, step: int, pass_: int = 0) -> np.ndarray:
         epoch, within = divmod(step, self.steps_per_epoch)
-        B = self.global_batch_size
-        return self._permutation(epoch)[within * B : (within + 1) * B]
+        B = self.layout_batch
+        return self._permutation(epoch, pass_)[within * B : (within + 1) * B]
 
     # ---- public -------------------------------------------------------------------------
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         per_rank = self.global_batch_size // self.world_size
-        lo, hi = self.rank * per_rank, (self.rank + 1) * per_rank
+        pass_, stripe = divmod(self.replica, self.streams)
+        lo = stripe * self.stream_batch + self.replica_rank * per_rank
+        hi = lo + per_rank
         if self.mixture is not None:
-            mine = self.mixture.take(self.step, self.global_batch_size, lo, hi)
+            mine = self.mixture.take(self.step, self.layout_batch, lo, hi)
         elif self.streaming:
             mine = self.stream.next_windows(hi - lo)
         else:
-            mine = self.train.take(self._global_indices(self.step)[lo:hi])
+            mine = self.train.take(self._global_indices(self.step, pass_)[lo:hi])
         self.step += 1
         b = self.micro_batch_size
         return [_to_batch(mine[i * b : (i + 1) * b]) for i in range(self.grad_accum)]
@@ -132,6 +161,8 @@ class BatchLoader:
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "num_samples": self.num_samples,
+            "streams": self.streams,
+            "stream_batch": self.stream_batch,
         }
         if self.mixture is not None:
             # Where each store is: the draws of later steps follow from the seed alone.
@@ -144,12 +175,26 @@ class BatchLoader:
         return self.mixture.tokens_drawn() if self.mixture is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "global_batch_size", "num_samples"):
-            if int(state[key]) != getattr(self, key):
+        """Continue where `state` was. A checkpoint from before the layout was saved had one
+        stream per replica; the caller gives its `streams` (the saved run's replica count)."""
+        streams = int(state.get("streams", self.replicas))
+        saved = {
+            "seed": int(state["seed"]),
+            "num_samples": int(state["num_samples"]),
+            "stream_batch": int(state.get("stream_batch", int(state["global_batch_size"]) // streams)),
+        }
+        for key, value in saved.items():
+            if value != getattr(self, key):
                 raise DataError(
-                    f"cannot resume the data loader: the checkpoint has {key}={int(state[key])}, "
+                    f"cannot resume the data loader: the checkpoint has {key}={value}, "
                     f"this run has {getattr(self, key)} (the data order would not continue)"
                 )
+        if streams != self.replicas and (self.streaming or self.mixture is not None):
+            raise DataError(
+                f"cannot resume {streams} data streams with {self.replicas} replicas: "
+                + ("streaming data is read per rank" if self.streaming else "a mixture of stores draws per global batch")
+            )
+        self.streams = streams
         if self.mixture is not None:
             sizes = [int(n) for n in state.get("mixture_sizes", [])]
             if sizes != [int(n) for n in self.mixture.sizes]:

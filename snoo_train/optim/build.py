@@ -10,6 +10,7 @@ Adding an optimizer is one `build` function and one registry entry here (plus it
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -94,12 +95,39 @@ INNER: dict[str, Callable[[nn.Module, Any], torch.optim.Optimizer]] = {
 }
 
 
-# -- outer wrappers: (inner optimizer, optim config, replicate group) -> wrapper --------------------
+# -- outer wrappers: (inner optimizer, optim config, replicate group, model) -> wrapper -------------
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch.optim.Optimizer:
+def layer_fragments(model: nn.Module, n: int) -> list[list[torch.Tensor]]:
+    """The trainable parameters in `n` fragments of contiguous layers (`layers.<i>.` in the
+    parameter's name; layer j of L goes to fragment j * n // L, so sizes differ by one at most).
+    Parameters outside the layers join the nearest end: those registered before the first
+    layer's (the embedding, and with it a tied head) fragment 0, the others (final norm, head)
+    fragment n - 1."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    layer_of = [int(m.group(1)) if (m := _LAYER.search(name)) else None for name, _ in named]
+    layers = sorted({layer for layer in layer_of if layer is not None})
+    if len(layers) < n:
+        raise ValueError(f"fragments={n} needs at least as many layers; the model has {len(layers)}")
+    index = {layer: j * n // len(layers) for j, layer in enumerate(layers)}
+    fragments: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    seen_layer = False
+    for (_, p), layer in zip(named, layer_of):
+        seen_layer = seen_layer or layer is not None
+        fragments[index[layer] if layer is not None else (n - 1 if seen_layer else 0)].append(p)
+    return fragments
+
+
+def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None, model: nn.Module | None = None) -> torch.optim.Optimizer:
     # replicate_group (DiLoCo, parallel.replicas > 1): SNOO averages the pseudo-gradient over
-    # the replicas at each outer step.
+    # the replicas at each outer step. optim.fragments > 1 splits the model by layer (streaming).
+    fragments = None
+    if cfg.fragments > 1:
+        if model is None:
+            raise ValueError("optim.fragments > 1 needs the model, to split its parameters by layer")
+        fragments = layer_fragments(model, cfg.fragments)
     return SNOO(
         inner, k=cfg.k, lr=cfg.outer_lr, momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
         replicate_group=replicate_group,
@@ -107,14 +135,15 @@ def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch
         state_device="cpu" if cfg.outer_state_device == "cpu" else None,
         outer_quant=None if cfg.outer_quant == "none" or replicate_group is None else cfg.outer_quant,
         error_feedback=cfg.error_feedback and cfg.outer_quant != "none" and replicate_group is not None,
+        fragments=fragments, sync_delay=cfg.sync_delay,
     )  # fmt: skip
 
 
-def build_gpa(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch.optim.Optimizer:
+def build_gpa(inner: torch.optim.Optimizer, cfg, replicate_group=None, model=None) -> torch.optim.Optimizer:
     return GPA(inner, mu_x=cfg.gpa_mu_x, mu_y=cfg.gpa_mu_y)
 
 
-def build_ema_nesterov(inner: torch.optim.Optimizer, cfg, replicate_group=None) -> torch.optim.Optimizer:
+def build_ema_nesterov(inner: torch.optim.Optimizer, cfg, replicate_group=None, model=None) -> torch.optim.Optimizer:
     return EMANesterov(inner, gamma=cfg.ema_gamma, beta=cfg.ema_beta, beta_follows_lr=cfg.ema_beta_follows_lr)
 
 
@@ -130,4 +159,4 @@ def build_optimizer(model: nn.Module, cfg, *, replicate_group=None) -> torch.opt
     """The inner optimizer `optim.inner` on the fast weights, wrapped by `optim.outer`."""
     inner = INNER[cfg.inner](model, cfg)
     outer = OUTER[cfg.outer]
-    return inner if outer is None else outer(inner, cfg, replicate_group)
+    return inner if outer is None else outer(inner, cfg, replicate_group, model)

@@ -42,12 +42,17 @@ decided on the device, and the slow weights never take in a non-finite pseudo-gr
 same guard serves trainer.nonfinite=skip on one replica too: the trainer's SkipMask hands SNOO
 its flag and so needs no copy of the slow weights and momentum (`guarded_state_keys`), and
 tells SNOO afterwards which steps it undid (`masked_step`).
+
+Streaming DiLoCo (`fragments`, `sync_delay`; docs/parallelism.md): the parameters in F
+fragments, fragment i taking its outer step after the inner steps t with t % k == (i + 1) k / F
+(mod k); its pseudo-gradient's all-reduce starts there (asynchronous with sync_delay > 0, the
+flag in the same buffer) and sync_delay inner steps later the update lands in its slow weights
+and its fast weights restart from them. One fragment and no delay is the path above, unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +63,9 @@ from torch.optim import Optimizer
 from snoo_train.optim._dtensor import replication_factor as _replication_factor
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
-from snoo_train.optim.outer_quant import CODECS, start_average
+from snoo_train.optim.outer_quant import CODECS, PendingAverage, start_average
+from snoo_train.optim.outer_sync import OuterSync
+from snoo_train.optim.outer_sync import start as start_sync
 
 try:  # DTensor is public from torch 2.5; keep the optimizer importable without it.
     from torch.distributed.tensor import DTensor
@@ -71,6 +78,10 @@ RESIDUAL = "snoo_residual"  # error feedback: what quantization left out of this
 # In each param group: the inner-step count at which flush() last took an outer step (0: never),
 # so that a flushed window counts as closed (in a checkpoint too) and a second flush is a no-op.
 FLUSHED_AT = "snoo_flushed_at"
+# Streaming (fragments > 1 or sync_delay > 0), in each param group: the inner step at which the
+# sync whose fast-weight restart is still to come started (0: none), and its fragment.
+INFLIGHT_START = "snoo_inflight_start"
+INFLIGHT_FRAGMENT = "snoo_inflight_fragment"
 
 
 def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
@@ -78,6 +89,21 @@ def _cpu_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
     present, so that copying it to the device is fast."""
     out = t.detach().to("cpu", copy=True)
     return out.pin_memory() if pin and torch.cuda.is_available() else out
+
+
+def _check_outer_args(k: Any, lr: float, momentum: float, reduce_dtype: Any, state_device: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if not lr > 0.0:
+        raise ValueError(f"lr (the outer learning rate) must be > 0, got {lr!r}")
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum (the outer momentum) must be in [0, 1), got {momentum!r}")
+    if reduce_dtype is not None and not (
+        isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point
+    ):
+        raise ValueError(f"reduce_dtype must be None or a floating torch.dtype, got {reduce_dtype!r}")
+    if state_device is not None and torch.device(state_device).type != "cpu":
+        raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
 
 
 def _check_quant(codec: str | None, error_feedback: bool, group: Any, reduce_dtype: torch.dtype | None) -> None:
@@ -89,6 +115,19 @@ def _check_quant(codec: str | None, error_feedback: bool, group: Any, reduce_dty
         raise ValueError("outer_quant and reduce_dtype both set the wire format: pass one")
     if error_feedback and codec is None:
         raise ValueError("error_feedback needs outer_quant: without quantization there is no residual")
+
+
+def _check_streaming_args(k: int, fragments: list | None, sync_delay: int) -> None:
+    if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
+        raise ValueError(f"sync_delay must be an integer >= 0, got {sync_delay!r}")
+    n_fragments = 1 if fragments is None else len(fragments)
+    if n_fragments < 1 or k % n_fragments:
+        raise ValueError(f"fragments: k={k} must be a multiple of the number of fragments, got {n_fragments}")
+    if sync_delay >= k // n_fragments:
+        raise ValueError(
+            f"sync_delay={sync_delay} must be < k / fragments = {k // n_fragments}: a fragment's sync "
+            "must be applied before the next fragment's starts (one sync in flight)"
+        )
 
 
 class SNOO(InnerWrapper):
@@ -108,6 +147,11 @@ class SNOO(InnerWrapper):
             shards; every rank of the group must hold the same parameter shapes. The model must
             NOT synchronise gradients across replicas (FSDP on the shard dimension only).
             None (the default): one replica, no collective.
+        fragments: streaming DiLoCo: the inner optimizer's parameters split into lists (e.g.
+            optim.build.layer_fragments), each with its own outer step, k / len(fragments)
+            steps apart; len(fragments) must divide k. None: one fragment.
+        sync_delay: inner steps between the start of a fragment's all-reduce (async) and its
+            update; < k / len(fragments). 0: synchronous.
         reduce_dtype: dtype of that all-reduce (e.g. `torch.bfloat16`: half the bytes; the
             averaged pseudo-gradient is rounded to bf16, the slow weights and momentum stay in
             their own dtype). None: the pseudo-gradient's dtype.
@@ -149,20 +193,12 @@ class SNOO(InnerWrapper):
         state_device: str | torch.device | None = None,
         outer_quant: str | None = None,
         error_feedback: bool = False,
+        fragments: list[list[torch.Tensor]] | None = None,
+        sync_delay: int = 0,
     ) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if not lr > 0.0:
-            raise ValueError(f"lr (the outer learning rate) must be > 0, got {lr!r}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum (the outer momentum) must be in [0, 1), got {momentum!r}")
-        if reduce_dtype is not None and not (
-            isinstance(reduce_dtype, torch.dtype) and reduce_dtype.is_floating_point
-        ):
-            raise ValueError(f"reduce_dtype must be None or a floating torch.dtype, got {reduce_dtype!r}")
-        if state_device is not None and torch.device(state_device).type != "cpu":
-            raise ValueError(f"state_device must be None (the parameter's device) or 'cpu', got {state_device!r}")
+        _check_outer_args(k, lr, momentum, reduce_dtype, state_device)
         _check_quant(outer_quant, error_feedback, replicate_group, reduce_dtype)
+        _check_streaming_args(k, fragments, sync_delay)
 
         super().__init__(
             inner,
@@ -189,6 +225,15 @@ class SNOO(InnerWrapper):
         # the device bool "it stood"); the host counters alone would say fast == slow there.
         self._restarts: dict[int, tuple[dict[str, Any], torch.Tensor]] = {}
         self._last_due: list[dict[str, Any]] = []
+        # Streaming DiLoCo (docs/parallelism.md): F fragments, each with its own outer step
+        # k / F steps after the previous one's, applied sync_delay inner steps after it started.
+        self.sync_delay = sync_delay
+        self._fragments = self._check_fragments(fragments)
+        self.streaming = len(self._fragments) > 1 or sync_delay > 0
+        self._inflight: tuple[int, list[torch.Tensor], OuterSync | PendingAverage] | None = None
+        self._fragment_sq: dict[int, torch.Tensor] = {}  # each fragment's last applied norms
+        for group in self.param_groups:
+            self._init_group(group)  # the streaming keys, now that `streaming` is known
 
     # -- torch.optim.Optimizer API (the rest is InnerWrapper's) ------------------------------
 
@@ -196,13 +241,23 @@ class SNOO(InnerWrapper):
         super()._init_group(group)  # snoo_k, snoo_lr, snoo_momentum, snoo_nesterov
         group.setdefault("snoo_step", 0)
         group.setdefault(FLUSHED_AT, 0)  # absent from checkpoints of earlier releases: never flushed
+        if getattr(self, "streaming", False):  # set after InnerWrapper.__init__ calls this
+            group.setdefault(INFLIGHT_START, 0)
+            group.setdefault(INFLIGHT_FRAGMENT, -1)
 
     # state_dict() is the inner optimizer's: the outer state is part of its state and groups,
     # one format that torch.distributed.checkpoint saves, loads and reshards like any other.
 
+    def state_dict(self) -> dict[str, Any]:
+        # A sync in flight is waited for and its update applied to the slow weights and momentum
+        # here; the fast weights' restart stays due at its step (INFLIGHT_START), resumed or not.
+        self._settle()
+        return super().state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._restarts = {}  # the groups are new dicts
+        self._inflight = None  # the loaded groups say which restart is due (INFLIGHT_START)
         self._restarts_from_weights()
         if self.state_device is not None:
             # Optimizer.load_state_dict moves every state tensor to its parameter's device.
@@ -246,6 +301,8 @@ class SNOO(InnerWrapper):
         checkpoint, and the restart stood exactly where fast == slow bitwise (it is a copy), so
         the flag is taken from the weights (on the device, once per load; call after the
         parameters are loaded: set_state_dict loads the model first)."""
+        if self.streaming:  # no masked steps there (masked_step refuses)
+            return
         for group in self.param_groups:
             pairs = [(p, self.state[p][SLOW]) for p in group["params"] if SLOW in self.state.get(p, ())]
             if not pairs or not self._restarted(group):
@@ -285,6 +342,11 @@ class SNOO(InnerWrapper):
                     self.state[p][RESIDUAL] = torch.zeros_like(slow)
 
         self.outer_step_taken = False
+        if self.streaming:
+            for group in self.param_groups:
+                group["snoo_step"] += 1
+            self._streaming_step(finite)
+            return loss
         due = []
         for group in self.param_groups:
             group["snoo_step"] += 1
@@ -312,7 +374,14 @@ class SNOO(InnerWrapper):
         step is still at the next multiple of k, after a window that much shorter.
 
         Right after an outer step that a SkipMask may have undone (`masked_step`), the step is
-        taken where the device flag says it was undone, and dropped (a no-op) where it stood."""
+        taken where the device flag says it was undone, and dropped (a no-op) where it stood.
+
+        Streaming (fragments, sync_delay): a sync in flight is waited for and applied now, and
+        every other fragment not restarted at this step takes its outer step on its partial
+        window (one all-reduce each)."""
+        if self.streaming:
+            self._streaming_flush()
+            return
         due = [group for group in self.param_groups if not self._restarted(group)]
         if due:
             self._outer_step(due)
@@ -379,11 +448,13 @@ class SNOO(InnerWrapper):
         self._last_outer_sq = sq
 
     def _nesterov_update(
-        self, group: dict[str, Any], params: list[torch.Tensor], pseudo_grad: list[torch.Tensor], ok: torch.Tensor | None
+        self, group: dict[str, Any], params: list[torch.Tensor], pseudo_grad: list[torch.Tensor],
+        ok: torch.Tensor | None, restart: bool = True,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """One group's update from its pseudo-gradients (local shards, consumed in place):
-        b = mu * b + s, w = w - eta * (s + mu * b) (or w - eta * b), p <- w; nothing moves where
-        `ok` (every replica finite) is False. Returns the local squared norms of s and of w."""
+        b = mu * b + s, w = w - eta * (s + mu * b) (or w - eta * b), p <- w (not with `restart`
+        False: streaming restarts the fast weights later); nothing moves where `ok` (every replica
+        finite) is False. Returns the local squared norms of s and of w."""
         fast = [_local(p) for p in params]
         slow = [_local(self.state[p][SLOW]) for p in params]
         buf = [_local(self.state[p][MOMENTUM]) for p in params]
@@ -424,9 +495,35 @@ class SNOO(InnerWrapper):
                 for u in update:
                     u.masked_fill_(drop, 0.0)
         torch._foreach_add_(slow, update, alpha=-eta)  # w = w - eta * update
-        torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
+        if restart:
+            torch._foreach_copy_(fast, slow)  # the fast weights restart from the slow weights
         sq_slow = [n.square() / f for n, f in zip(torch._foreach_norm(slow), factors)]
         return sq_pseudo, sq_slow
+
+    def _start_pseudo_gradients(
+        self,
+        slow: list[torch.Tensor],
+        fast: list[torch.Tensor],
+        finite: torch.Tensor | None,
+        async_op: bool = False,
+        residuals: list[torch.Tensor] | None = None,
+    ) -> OuterSync | PendingAverage:
+        """Start the reduction of s = w - p over the replicas; both kinds of handle's `wait()`
+        give (averaged local pseudo-gradients, the agreed flag). Full precision or bf16
+        (outer_sync.start): ONE all-reduce of a flat buffer of this rank's shards, with the
+        `finite` flag as its last element. With `outer_quant` (outer_quant.start_average): ONE
+        all_gather of the quantized shards, `residuals` (error feedback) updated by wait()."""
+        group = self.replicate_group
+        if self.outer_quant is None or group is None or dist.get_world_size(group) == 1:
+            return start_sync(
+                slow, fast, finite, group=group, reduce_dtype=self.reduce_dtype,
+                state_device=self.state_device, async_op=async_op,
+            )  # fmt: skip
+        fast_on_state = [f.to(self.state_device) for f in fast] if self.state_device is not None else fast
+        return start_average(
+            torch._foreach_sub(slow, fast_on_state), self.outer_quant, group,
+            finite=finite, residuals=residuals, device=fast[0].device, async_op=async_op,
+        )  # fmt: skip
 
     def _pseudo_gradients(
         self,
@@ -441,42 +538,124 @@ class SNOO(InnerWrapper):
         Also returns whether every replica's `finite` flag is True (None without a flag): the
         flags travel as the buffer's last element, a count of non-finite replicas. With
         `outer_quant`, the quantized average of outer_quant.py instead (updating `residuals`)."""
-        if self.state_device is not None:
-            fast_on_state = [f.to(self.state_device) for f in fast]  # device-to-host
-        else:
-            fast_on_state = fast
-        group = self.replicate_group
-        replicas = 1 if group is None else dist.get_world_size(group)
-        if replicas == 1:  # one replica: plain SNOO, no collective
-            return torch._foreach_sub(slow, fast_on_state), finite
-        if self.outer_quant is not None:
-            pending = start_average(
-                torch._foreach_sub(slow, fast_on_state), self.outer_quant, group,
-                finite=finite, residuals=residuals, device=fast[0].device,
-            )  # fmt: skip
-            return pending.wait()
+        return self._start_pseudo_gradients(slow, fast, finite, residuals=residuals).wait()
 
-        dtype = self.reduce_dtype or functools.reduce(torch.promote_types, (w.dtype for w in slow))
-        numels = [w.numel() for w in slow]
-        flag = 1 if finite is not None else 0
-        flat = torch.empty(sum(numels) + flag, dtype=dtype, device=fast[0].device)
-        views = [v.view(w.shape) for v, w in zip(flat.split(numels + [flag]), slow)]
-        if finite is not None:  # exact in any float dtype up to 256 replicas (bf16)
-            flat[-1:].copy_((~finite).to(dtype).reshape(1))
-        if all(w.dtype == dtype and w.device == flat.device for w in slow):
-            # s computed straight into the communication buffer: no second copy of it
-            torch._foreach_copy_(views, slow)
-            torch._foreach_sub_(views, fast)
-            pseudo_grad = views
-        else:  # s in full precision on the state's device first, then rounded / moved
-            pseudo_grad = torch._foreach_sub(slow, fast_on_state)
-            torch._foreach_copy_(views, pseudo_grad)
-        # SUM then divide: gloo has no AVG. Dividing after the copy back keeps full precision.
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        if pseudo_grad is not views:
-            torch._foreach_copy_(pseudo_grad, views)
-        torch._foreach_div_(pseudo_grad, float(replicas))
-        return pseudo_grad, (flat[-1] == 0 if finite is not None else None)
+    # -- streaming DiLoCo: fragments with their own outer steps, the sync overlapped ------------
+
+    def _check_fragments(self, fragments: list[list[torch.Tensor]] | None) -> list[list[torch.Tensor]]:
+        params = [p for group in self.param_groups for p in group["params"]]
+        if fragments is None:
+            return [params]
+        where = {}
+        for i, fragment in enumerate(fragments):
+            for p in fragment:
+                if id(p) in where:
+                    raise ValueError(f"fragments: a parameter is in fragments {where[id(p)]} and {i}")
+                where[id(p)] = i
+        if set(where) != {id(p) for p in params} or any(not f for f in fragments):
+            raise ValueError("fragments must split the inner optimizer's parameters, each in exactly one non-empty fragment")
+        return [list(f) for f in fragments]
+
+    def _fragment_starting(self, step: int, k: int) -> int | None:
+        """The fragment whose sync starts after inner step `step`: fragment i at the steps where
+        step % k == (i + 1) * k / F (mod k), so fragment F - 1 at the multiples of k (F = 1:
+        plain SNOO's outer steps) and each sync moves about 1/F of the parameters."""
+        per = k // len(self._fragments)
+        if step < 1 or step % k % per:
+            return None
+        return (step % k // per - 1) % len(self._fragments)
+
+    def _completed_at(self, fragment: int, step: int, k: int) -> bool:
+        # This fragment's fast weights restarted after inner step `step` (the schedule's record).
+        return self._fragment_starting(step - self.sync_delay, k) == fragment
+
+    def _streaming_step(self, finite: torch.Tensor | None) -> None:
+        group = self.param_groups[0]  # every group counts the same steps with the same k
+        step, k = group["snoo_step"], group["snoo_k"]
+        if group[INFLIGHT_START] and step >= group[INFLIGHT_START] + self.sync_delay:
+            self._complete_sync()
+        fragment = self._fragment_starting(step, k)
+        if fragment is not None:
+            if group[INFLIGHT_START]:  # only after a resume with another optim.k: one sync at a time
+                self._complete_sync()
+            self._begin_sync(fragment, step, finite)
+            if self.sync_delay == 0:
+                self._complete_sync()
+
+    def _begin_sync(self, fragment: int, step: int, finite: torch.Tensor | None) -> None:
+        """Compute this fragment's pseudo-gradient now and start its reduction over the replicas
+        (asynchronous when sync_delay > 0); the flag rides in the same buffer."""
+        for group in self.param_groups:
+            group[INFLIGHT_START], group[INFLIGHT_FRAGMENT] = step, fragment
+        params = [p for p in self._fragments[fragment] if SLOW in self.state.get(p, ())]
+        self._inflight = None
+        if params:
+            residuals = [_local(self.state[p][RESIDUAL]) for p in params] if self.error_feedback else None
+            handle = self._start_pseudo_gradients(
+                [_local(self.state[p][SLOW]) for p in params], [_local(p) for p in params], finite,
+                async_op=self.sync_delay > 0, residuals=residuals,
+            )  # fmt: skip
+            self._inflight = (fragment, params, handle)
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """Wait for the sync in flight and apply its update to the fragment's slow weights and
+        momentum (they depend on nothing after the start step). Called at the fragment's restart
+        step, and earlier by state_dict() and eval_parameters(), so that a checkpoint or an
+        evaluation taken while a sync is in flight holds the updated slow weights."""
+        if self._inflight is None:
+            return
+        fragment, params, handle = self._inflight
+        self._inflight = None
+        pseudo_grad, ok = handle.wait()
+        self.outer_step_ok = ok
+        in_group = {id(p): s for p, s in zip(params, pseudo_grad)}
+        sq_pseudo: list[torch.Tensor] = []
+        sq_slow: list[torch.Tensor] = []
+        for group in self.param_groups:
+            mine = [p for p in group["params"] if id(p) in in_group]
+            if mine:
+                a, b = self._nesterov_update(group, mine, [in_group[id(p)] for p in mine], ok, restart=False)
+                sq_pseudo, sq_slow = sq_pseudo + a, sq_slow + b
+        self._metrics_device = params[0].device
+        sq = torch.stack([torch.stack(sq_pseudo).sum(), torch.stack(sq_slow).sum()]).double()
+        if ok is not None:  # a dropped step keeps this fragment's last applied norms (NaN before)
+            previous = self._fragment_sq.get(fragment, torch.full_like(sq, float("nan")))
+            sq = torch.where(ok.to(sq.device), sq, previous.to(sq.device))
+        self._fragment_sq[fragment] = sq
+        # The global norms: each fragment's last applied step (fragments without one left out).
+        self._last_outer_sq = torch.stack(list(self._fragment_sq.values())).sum(0)
+
+    def _complete_sync(self) -> None:
+        """The fragment's restart: its slow weights updated (_settle; dropped on every replica if
+        any replica's flag was False), its fast weights restart from them (torchft's merge with
+        fragment_update_alpha = 0: the inner steps taken while the sync was in flight are not kept)."""
+        self._settle()
+        fragment = self.param_groups[0][INFLIGHT_FRAGMENT]
+        for group in self.param_groups:
+            group[INFLIGHT_START], group[INFLIGHT_FRAGMENT] = 0, -1
+        params = [p for p in self._fragments[fragment] if SLOW in self.state.get(p, ())]
+        if params:
+            torch._foreach_copy_([_local(p) for p in params], [_local(self.state[p][SLOW]) for p in params])
+        self.outer_step_taken = True
+
+    def _streaming_flush(self) -> None:
+        group = self.param_groups[0]
+        step, k = group["snoo_step"], group["snoo_k"]
+        if step == group[FLUSHED_AT]:
+            return  # flushed at this step already
+        restarted = set()
+        if group[INFLIGHT_START]:
+            restarted.add(group[INFLIGHT_FRAGMENT])
+            self._complete_sync()
+        for fragment in range(len(self._fragments)):
+            if fragment in restarted or self._completed_at(fragment, step, k):
+                continue
+            self._begin_sync(fragment, step, None)
+            self._complete_sync()
+        for group in self.param_groups:
+            group[FLUSHED_AT] = step
+        self.outer_step_taken = True
 
     # -- observing the outer loop ------------------------------------------------------------
 
@@ -509,6 +688,8 @@ class SNOO(InnerWrapper):
         return group["snoo_step"] % group["snoo_k"] == 0 or group["snoo_step"] == group[FLUSHED_AT]
 
     def _params_are_eval_point(self, group: dict[str, Any]) -> bool:
+        if self.streaming:  # the fragments restart at different steps: always copy the slow weights in
+            return False
         # Right after an outer step fast == slow, unless a SkipMask may have undone it: then the
         # swap copies the slow weights in (harmless where they are already there).
         return self._restarted(group) and id(group) not in self._restarts
@@ -526,6 +707,7 @@ class SNOO(InnerWrapper):
         (`module.reshard()`) before entering and after leaving, since a forward without backward
         can leave unsharded copies that a later forward would reuse.
         """
+        self._settle()  # streaming: a sync in flight lands in the slow weights first
         return self._swap_in_eval_point()
 
     # SNOO's own name for it, in the README and in user code since the first release.

@@ -1,6 +1,7 @@
 """A run's checkpointed state: the tree a checkpoint holds, when to save it, what a checkpoint
 must agree with to be loaded, and resuming (with fallback past damaged checkpoints, and the
-config changes a resume applies or refuses: snoo_train/resume.py)."""
+config changes a resume applies or refuses: snoo_train/resume.py), including a DiLoCo
+checkpoint resumed with another replica count (docs/checkpoints.md, elastic replicas)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,20 @@ from snoo_train.checkpoint import (
     Checkpointer,
     CheckpointError,
     CorruptCheckpoint,
+    check_replicas_agree,
     checkpoint_candidates,
     checkpoint_name,
     named_candidates,
     no_loadable_checkpoint,
     read_tensor_keys,
     replica_keys,
+    split_state,
     verify_spread,
 )
 from snoo_train.config import is_diloco
 from snoo_train.dist import agree as agree_on
 from snoo_train.dist import control_group
-from snoo_train.optim.snoo import RESIDUAL
+from snoo_train.optim.snoo import MOMENTUM, RESIDUAL, SLOW
 from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
 from snoo_train.rundir import check_free_space, check_writable, guard_fresh_start
 
@@ -39,6 +42,11 @@ log = logging.getLogger("snoo_train")
 
 # The decisions rank 0 takes for every rank (snoo_train.dist.agree) may fail with these.
 _AGREED_ERRORS = (CheckpointError,)
+
+# Optimizer state that is the same on every DiLoCo replica (one averaged update at each outer
+# step, none between): checked across the saved replicas on an elastic resume. Every other
+# state[p] key, whatever optimizer adds it, is per replica and follows the replica it is read from.
+REPLICATED_STATE = (SLOW, MOMENTUM)
 
 
 def agree(dist, decide: Callable[[], Any]) -> Any:
@@ -64,6 +72,9 @@ class RunState:
         )
         self.config_changes: list = []
         self._restore_rng = False
+        # The checkpoint being loaded: its replica count (1 without DiLoCo) and the saved
+        # replica this rank reads its model and optimizer state from (None: no replica prefix).
+        self._saved_replicas, self._source = 1, None
 
     # -- when --
 
@@ -101,7 +112,7 @@ class RunState:
             "data": self._stream_positions(),
             "trainer": {
                 "step": t.step,
-                "tokens": t.step * t.loader.tokens_per_step,
+                "tokens": t.tokens_at(t.step),
                 "skipped_steps": t.policy.skipped_steps,
                 "consecutive_skips": t.policy.consecutive_skips,
                 "loader": t.loader.state_dict(),
@@ -126,6 +137,11 @@ class RunState:
     def _keys(self) -> Callable[[str], str] | None:
         """Per-replica keys under DiLoCo (checkpoint.replica_keys); the tree's own otherwise."""
         return replica_keys(self.dist.replica) if is_diloco(self.cfg) else None
+
+    def _load_keys(self, key: str) -> str:
+        """The saved key a tree key is read from: the source replica's under a DiLoCo checkpoint
+        (set by check_meta, which runs before any key is mapped)."""
+        return key if self._source is None else replica_keys(self._source)(key)
 
     # -- save --
 
@@ -175,19 +191,16 @@ class RunState:
                     f"the checkpoint was written with optim.{key}={saved['optim'][key]} "
                     f"(this run: {here['optim'][key]}); its optimizer state does not fit"
                 )
-        if saved.get("replicas", 1) != here["replicas"]:
-            raise CheckpointError(
-                f"the checkpoint has parallel.replicas={saved.get('replicas', 1)} (this run: "
-                f"{here['replicas']}): each replica's fast weights and inner state are saved apart"
-            )
+        # Another parallel.replicas is refused or allowed with the config (resume.py).
         refusals, self.config_changes = config_changes(saved["config"], here["config"])
         if refusals:
             raise CheckpointError(
                 "cannot resume: the checkpoint was written with " + "; ".join(refusals)
                 + ". Resume with its values, or start a new run in a new hydra.run.dir"
             )
-        # RNG states are per rank: they only carry over to the same number of ranks.
-        self._restore_rng = saved_world_size == self.dist.world_size
+        self._source_replica(saved)
+        # RNG states are per rank: they carry over to the same ranks in the same replicas only.
+        self._restore_rng = saved_world_size == self.dist.world_size and self._saved_replicas == self._replicas
         if self.cfg.data.streaming and not self._restore_rng:
             raise CheckpointError(
                 f"the checkpoint was written by {saved_world_size} ranks streaming their own shares of "
@@ -195,20 +208,45 @@ class RunState:
                 "data=prepared resumes at any world size"
             )
 
+    @property
+    def _replicas(self) -> int:
+        return self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
+
+    def _source_replica(self, saved: dict[str, Any]) -> None:
+        """Elastic replicas (docs/checkpoints.md): replica r of this run continues saved replica
+        r mod R_saved (its fast weights, inner state and any other per-replica state)."""
+        diloco = saved.get("replicas", 1) > 1 and saved["optim"]["outer"] == "snoo"
+        self._saved_replicas = saved["replicas"] if diloco else 1
+        self._source = self.dist.replica % self._saved_replicas if diloco else None
+        if self._source is not None and self._source != self.dist.replica:
+            log.info("resume: replica %d continues the saved replica %d", self.dist.replica, self._source)
+
+    def _check_replicated(self, path: str, optim_tree: dict[str, Any]) -> None:
+        """On an elastic resume of a DiLoCo checkpoint: the state every replica holds alike
+        (REPLICATED_STATE) must be bitwise equal in every saved replica."""
+        if self._source is None or self._saved_replicas == self._replicas:
+            return
+        tensors, _ = split_state({"optim": optim_tree})
+        shared = {k: v for k, v in tensors.items() if k.startswith("optim/state/") and k.rsplit("/", 1)[-1] in REPLICATED_STATE}
+        check_replicas_agree(path, shared, self._saved_replicas, self._source)
+
     def load(self, path: str) -> None:
         # The tree to load into; on a fresh optimizer get_state_dict first creates its state
         # with one zero-learning-rate step, which the loaded values then replace.
         t = self.trainer
         tree = self.tree()
         self._restore_rng = False
-        self.checkpointer.load(path, tree, check_meta=self.check_meta, skip=self._skip(path), rename=self._keys)
+        self.checkpointer.load(path, tree, check_meta=self.check_meta, skip=self._skip(path), rename=self._load_keys)
+        self._check_replicated(path, tree["optim"])
         set_state_dict(t.model, t.optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optim"])
         state = tree["trainer"]
-        t.loader.load_state_dict(state["loader"])
+        # A checkpoint from before the loader saved its layout had one stream per replica.
+        t.loader.load_state_dict({"streams": self._saved_replicas, **state["loader"]})
         if self._restore_rng and t.loader.streaming:
             t.loader.load_rank_state(tree["data"][f"rank{self.dist.rank}"])
         t.scheduler.load_state_dict(state["scheduler"])
         t.step = int(state["step"])
+        t.step_base, t.tokens_base = t.step, int(state.get("tokens", t.step * t.loader.tokens_per_step))
         t.policy.skipped_steps = int(state["skipped_steps"])
         t.policy.consecutive_skips = int(state["consecutive_skips"])
         if self._restore_rng:
@@ -220,17 +258,21 @@ class RunState:
     def _skip(self, path: str) -> Callable[[str], bool]:
         """The tensors not to load: RNG states from another world size, and SNOO's error-feedback
         residuals a checkpoint does not hold (written with optim.error_feedback=false): they
-        stay at zero, the residual of a run that had sent everything. Evaluated in the load's
-        preflight, after check_meta, on every rank."""
+        stay at zero, the residual of a run that had sent everything. A replica added by an
+        elastic resume (r >= the saved replicas) starts its residuals at zero too: a copy of
+        replica r mod R's would send that replica's unsent remainder twice. Evaluated in the
+        load's preflight, after check_meta, on every rank."""
         saved: dict[str, Any] = {}
 
         def skip(key: str) -> bool:
             if key.startswith("rng/"):
                 return not self._restore_rng
             if key.endswith("/" + RESIDUAL):
+                if self._source is not None and self.dist.replica >= self._saved_replicas:
+                    return True
                 if not saved:
                     saved.update(read_tensor_keys(path))
-                return (self._keys(key) if self._keys else key) not in saved
+                return self._load_keys(key) not in saved
             return False
 
         return skip

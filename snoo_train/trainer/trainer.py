@@ -98,6 +98,8 @@ class Trainer:
         self._build_model()
         self._build_optimizer()
         self.step = 0  # optimizer steps taken: the resumed step, then the loop's
+        # Tokens counted by the checkpoint, at its step (an elastic DiLoCo resume changes the batch).
+        self.tokens_base, self.step_base = 0, 0
         self.state = RunState(self)
         self.resumed_from = self.state.resume()
         if self.resumed_from and cfg.model.from_pretrained and dist.is_main:
@@ -136,6 +138,8 @@ class Trainer:
             rank=d.dp_rank,
             world_size=d.dp_size,
             seed=t.seed,
+            # DiLoCo: each replica reads its own stream of the global batch (data/loader.py).
+            replicas=self.cfg.parallel.replicas if is_diloco(self.cfg) else 1,
         )
         # The next steps assembled on a thread while the device computes (data.prefetch),
         # pinned for asynchronous copies (data.pin_memory); the same batches either way.
@@ -349,7 +353,7 @@ class Trainer:
             "skipped_steps": self.policy.skipped_steps,
             "final_loss": float(self._last_loss) if self._last_loss is not None else float("nan"),
             "final_val_loss": self._val_loss,
-            "tokens": t.max_steps * tokens_per_step,
+            "tokens": self.tokens_at(t.max_steps),
             "flops_per_token": self.flops_per_token,
             "tokens_per_s": steps_run * tokens_per_step / max(train_time, 1e-9),
             "train_time_s": train_time,
@@ -361,8 +365,12 @@ class Trainer:
             **({"downstream": self.downstream.done} if self.downstream.enabled else {}),
         }
 
+    def tokens_at(self, step: int) -> int:
+        """Training tokens consumed by the end of `step`: the checkpoint's count, then this run's
+        batch per step."""
+        return self.tokens_base + (step - self.step_base) * self.loader.tokens_per_step
+
     def _step_record(self, step: int, lr: float, grad_norm: float) -> dict[str, Any]:
-        tokens_per_step = self.loader.tokens_per_step
         tokens_per_s = self._meter.tick()
         record: dict[str, Any] = {
             "step": step,
@@ -370,9 +378,9 @@ class Trainer:
             "loss": self._window.mean(self._sum_over_ranks if is_diloco(self.cfg) else None),
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": step * tokens_per_step,
+            "tokens": self.tokens_at(step),
             # Model FLOPs so far (the MFU numerator), for plots against compute.
-            "flops": step * tokens_per_step * self.flops_per_token,
+            "flops": self.tokens_at(step) * self.flops_per_token,
             "tokens_per_s": tokens_per_s,
             "elapsed_s": self._meter.elapsed(),
             "peak_mem_bytes": peak_memory_bytes(self.dist.device),
