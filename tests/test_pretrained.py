@@ -67,8 +67,10 @@ def _build_and_save(run_dir: str, overrides: list[str], world_size: int = 1) -> 
     trainer.metrics.close()
 
 
-def _layout_worker(rank: int, world_size: int, run_dir: str, overrides: list[str]) -> None:
-    _build_and_save(run_dir, overrides, world_size=dist.get_world_size())
+def _layouts_worker(rank: int, world_size: int, root: str, runs: dict[str, list[str]]) -> None:
+    for name, overrides in runs.items():
+        _build_and_save(str(Path(root, name, "run")), overrides, world_size=dist.get_world_size())
+        dist.barrier()
 
 
 def _assert_round_trip(hf: Path, run_dir: Path, out: Path) -> None:
@@ -95,15 +97,27 @@ def test_round_trip_one_process(hf_dirs, tmp_path, family):
     _assert_round_trip(hf_dirs[family], tmp_path / "run", tmp_path / "out")
 
 
-@pytest.mark.parametrize(
-    "family, layout",
-    [("llama", []), ("llama", ["parallel.tp=2"]), ("moe", ["parallel.ep=2"])],
-    ids=["fsdp4", "fsdp2_tp2", "ep2_fsdp2"],
-)
-def test_round_trip_sharded(hf_dirs, tmp_path, family, layout):
-    overrides = _overrides(hf_dirs[family], family) + layout
-    run_distributed(_layout_worker, 4, str(tmp_path / "run"), overrides)
-    _assert_round_trip(hf_dirs[family], tmp_path / "run", tmp_path / "out")
+# name -> (family, layout overrides), each saved by 4 ranks.
+SHARDED = {
+    "fsdp4": ("llama", []),
+    "fsdp2_tp2": ("llama", ["parallel.tp=2"]),
+    "ep2_fsdp2": ("moe", ["parallel.ep=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(hf_dirs, tmp_path_factory) -> Path:
+    """Every SHARDED layout saved by one 4-rank group (one start-up instead of one per layout)."""
+    root = tmp_path_factory.mktemp("sharded")
+    runs = {name: _overrides(hf_dirs[family], family) + layout for name, (family, layout) in SHARDED.items()}
+    run_distributed(_layouts_worker, 4, str(root), runs)
+    return root
+
+
+@pytest.mark.parametrize("layout", list(SHARDED))
+def test_round_trip_sharded(hf_dirs, sharded_runs, tmp_path, layout):
+    family = SHARDED[layout][0]
+    _assert_round_trip(hf_dirs[family], sharded_runs / layout / "run", tmp_path / "out")
 
 
 def test_config_comes_from_config_json(hf_dirs, tmp_path):
