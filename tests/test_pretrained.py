@@ -121,11 +121,13 @@ def _assert_starts_at(trainer, want: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(_full(slow, params[name]), tensor, rtol=0, atol=0, msg=name)
 
 
-def _layout_worker(rank: int, world_size: int, runs: list[tuple[str, list[str]]], hf: str | None) -> None:
-    # Several layouts in one spawn (each its own mesh over the same process group): spawning
-    # four ranks costs more than building a tiny model.
-    for run_dir, overrides in runs:
-        _build_and_save(run_dir, overrides, world_size=dist.get_world_size(), hf=Path(hf) if hf else None)
+def _layouts_worker(rank: int, world_size: int, root: str, runs: dict[str, tuple[list[str], str | None]]) -> None:
+    # Every layout in one group of 4 ranks (each its own mesh over the same process group): starting
+    # four ranks costs more than building a tiny model. With `hf`, each rank also checks that its
+    # replica (and SNOO's slow weights) start at the checkpoint's tensors.
+    for name, (overrides, hf) in runs.items():
+        _build_and_save(str(Path(root, name, "run")), overrides, world_size=dist.get_world_size(), hf=Path(hf) if hf else None)
+        dist.barrier()
 
 
 def _assert_round_trip(hf: Path, run_dir: Path, out: Path) -> None:
@@ -159,24 +161,34 @@ def test_round_trip_one_process(hf_dirs, tmp_path, family):
     _assert_round_trip(hf_dirs[family], tmp_path / "run", tmp_path / "out")
 
 
-# Layouts sharing one spawn of 4 ranks: FSDP 4; HSDP 2 x 2 (replicas without an outer
-# optimizer); DiLoCo, 2 replicas x 2 shards under SNOO (every replica, and its slow weights,
-# start at the checkpoint's tensors: checked inside the ranks).
-LAYOUTS = {
-    "llama": {"fsdp4": [], "hsdp2x2": ["optim=adamw", "parallel.replicas=2"], "diloco2x2": ["parallel.replicas=2"]},
-    "tp": {"fsdp2_tp2": ["parallel.tp=2"]},
-    "moe": {"ep2_fsdp2": ["parallel.ep=2"]},
+# name -> (family, layout overrides, checked inside the ranks), each saved by the same 4 ranks: FSDP 4;
+# HSDP 2 x 2 (replicas without an outer optimizer); DiLoCo, 2 replicas x 2 shards under SNOO (every
+# replica, and its slow weights, start at the checkpoint's tensors); FSDP 2 x TP 2; EP 2 x FSDP 2.
+SHARDED = {
+    "fsdp4": ("llama", [], True),
+    "hsdp2x2": ("llama", ["optim=adamw", "parallel.replicas=2"], True),
+    "diloco2x2": ("llama", ["parallel.replicas=2"], True),
+    "fsdp2_tp2": ("llama", ["parallel.tp=2"], False),
+    "ep2_fsdp2": ("moe", ["parallel.ep=2"], False),
 }
 
 
-@pytest.mark.parametrize("group", ["llama", "tp", "moe"])
-def test_round_trip_sharded(hf_dirs, tmp_path, group):
-    family = "moe" if group == "moe" else "llama"
-    hf = hf_dirs[family]
-    runs = [(str(tmp_path / name / "run"), _overrides(hf, family) + layout) for name, layout in LAYOUTS[group].items()]
-    run_distributed(_layout_worker, 4, runs, str(hf) if group == "llama" else None)
-    for name in LAYOUTS[group]:
-        _assert_round_trip(hf, tmp_path / name / "run", tmp_path / name / "out")
+@pytest.fixture(scope="module")
+def sharded_runs(hf_dirs, tmp_path_factory) -> Path:
+    """Every SHARDED layout saved by one 4-rank group (one start-up instead of one per layout)."""
+    root = tmp_path_factory.mktemp("sharded")
+    runs = {
+        name: (_overrides(hf_dirs[family], family) + layout, str(hf_dirs[family]) if inside else None)
+        for name, (family, layout, inside) in SHARDED.items()
+    }
+    run_distributed(_layouts_worker, 4, str(root), runs)
+    return root
+
+
+@pytest.mark.parametrize("layout", list(SHARDED))
+def test_round_trip_sharded(hf_dirs, sharded_runs, tmp_path, layout):
+    family = SHARDED[layout][0]
+    _assert_round_trip(hf_dirs[family], sharded_runs / layout / "run", tmp_path / "out")
 
 
 def test_config_comes_from_config_json(hf_dirs, tmp_path):
