@@ -125,7 +125,7 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list
     A replica count changed under replica_change_refusal's rule is a change, with the batch."""
     old, new = flatten(saved), flatten(current)
     replicas_reason, elastic = None, set()
-    if old.get("parallel.replicas", new["parallel.replicas"]) != new["parallel.replicas"]:
+    if "parallel.replicas" in old and "parallel.replicas" in new and old["parallel.replicas"] != new["parallel.replicas"]:
         replicas_reason = replica_change_refusal(old, new)
         elastic = {"parallel.replicas", "trainer.batch_size"} if replicas_reason is None else set()
     refusals, changes = [], []
