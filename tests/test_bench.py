@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from snoo_train.analysis.speedup import (
@@ -304,6 +305,47 @@ def test_slow_links_bench_records_the_wire_formats_bytes(tmp_path):
     for name, row in res.items():
         if name != "hsdp_adamw":
             assert row["cross_per_cycle"] == row["outer_cross_per_cycle"], name
+
+
+def _slow_link_worker(rank: int, world_size: int) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import slow_links
+
+    import snoo_train.optim.outer_quant as outer_quant
+
+    slow = dist.new_group(list(range(world_size)))
+    link = slow_links.SlowLink(slow)
+    link.latency = 1.0
+    x = torch.ones(4)
+    t0 = time.perf_counter()
+    dist.all_reduce(x, group=slow)  # synchronous: returns no earlier than issue + L
+    assert time.perf_counter() - t0 >= 1.0 and x.tolist() == [2.0] * 4
+    t0 = time.perf_counter()
+    work = dist.all_reduce(x, group=slow, async_op=True)
+    issued = time.perf_counter() - t0
+    work.wait()  # async: the wait, not the issue, takes the latency
+    assert issued < 1.0 <= time.perf_counter() - t0 and x.tolist() == [4.0] * 4
+    out = torch.empty(2 * world_size, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    outer_quant._all_gather(out, torch.full((2,), rank, dtype=torch.uint8), group=slow, async_op=True).wait()
+    assert time.perf_counter() - t0 >= 1.0 and out.tolist() == [0, 0, 1, 1]
+    t0 = time.perf_counter()
+    dist.all_reduce(x)  # another group: as fast as ever
+    link.latency = 0.0
+    dist.all_reduce(x, group=slow)  # switched off
+    assert time.perf_counter() - t0 < 1.0 and link.calls == 3
+
+
+def test_slow_link_delays_only_the_replicate_group_s_collectives():
+    """bench/slow_links.py's latency wrapper on real gloo groups: a synchronous collective
+    returns, an asynchronous one's wait() returns, no earlier than issue + L; others untouched."""
+    from tests.dist_utils import run_distributed
+
+    run_distributed(_slow_link_worker, 2)
 
 
 # -- bench/init_memory.py in miniature ----------------------------------------------------------
