@@ -340,6 +340,7 @@ def _slow_link_worker(rank: int, world_size: int) -> None:
     assert time.perf_counter() - t0 < 1.0 and link.calls == 3
 
 
+@pytest.mark.slow
 def test_slow_link_delays_only_the_replicate_group_s_collectives():
     """bench/slow_links.py's latency wrapper on real gloo groups: a synchronous collective
     returns, an asynchronous one's wait() returns, no earlier than issue + L; others untouched."""
