@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from snoo_train.analysis.speedup import (
@@ -258,6 +259,94 @@ def test_comm_bench_counts_fsdp_and_diloco_traffic(tmp_path):
     assert diloco["sent_inner_intra"] == pytest.approx(adamw["sent_total"] * 2 / 3, rel=0.02)
     # Nothing crosses replicas between outer steps (the loss is averaged within a replica).
     assert diloco.get("sent_inner_cross", 0) == 0
+
+
+# -- bench/slow_links.py bytes in miniature ----------------------------------------------------
+
+
+@pytest.mark.slow
+def test_slow_links_bench_records_the_wire_formats_bytes(tmp_path):
+    """2 replicas x 1 shard, K=2: what the recorder counted crossing replicas against the wire
+    formats written out here from the model's tensors (outer_quant.py's documented format)."""
+    from snoo_train.models import build_model
+    from tests.dist_utils import free_port
+
+    out = tmp_path / "slow.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "bench/slow_links.py", "bytes", "--model", "llama_tiny", "--k", "2", "--fragments", "1,2",
+        "--batch-size", "8", "--seq-len", "32", "--out", str(out), "data.max_documents=100",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())["mean"]
+    numels = [p.numel() for p in build_model(PRESETS["llama_tiny"], 257, seed=0).parameters()]
+    n = sum(numels)
+    # One shard per replica: the whole model. fp32 ring all-reduce over 2: 2 x 1/2 x 4 B x (n + flag).
+    assert res["diloco_f1_fp32"]["outer_cross_per_cycle"] == 4 * (n + 1)
+    assert res["diloco_f1_bf16_allreduce"]["outer_cross_per_cycle"] == 2 * (n + 1)
+    # int8: each tensor padded to 128-element blocks, a 4-byte scale per block, 1 byte a code,
+    # a flag byte, rounded up to 4; the all_gather sends the one other replica this message.
+    blocks = sum(-(-x // 128) for x in numels)
+    int8 = 4 * blocks + 128 * blocks + 1
+    assert res["diloco_f1_q_int8"]["outer_cross_per_cycle"] == -(-int8 // 4) * 4
+    int4 = 4 * blocks + 64 * blocks + 1
+    assert res["diloco_f1_q_int4"]["outer_cross_per_cycle"] == -(-int4 // 4) * 4
+    # Two fragments: two messages per cycle, the same elements give or take a flag and a rounding.
+    f2 = res["diloco_f2_q_int8"]["outer_cross_per_cycle"]
+    assert int8 < f2 <= int8 + 8
+    assert res["diloco_f2_fp32"]["outer_cross_per_cycle"] == 4 * (n + 2)
+    # HSDP AdamW all-reduces every gradient across replicas every step (K=2 steps per cycle);
+    # the trainer's logged loss scalar rides on top.
+    assert res["hsdp_adamw"]["cross_per_inner_step"] == pytest.approx(4 * n, rel=1e-3)
+    # Between syncs DiLoCo's replicas do not talk: all cross traffic is the outer sync.
+    for name, row in res.items():
+        if name != "hsdp_adamw":
+            assert row["cross_per_cycle"] == row["outer_cross_per_cycle"], name
+
+
+def _slow_link_worker(rank: int, world_size: int) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import slow_links
+
+    import snoo_train.optim.outer_quant as outer_quant
+
+    slow = dist.new_group(list(range(world_size)))
+    link = slow_links.SlowLink(slow)
+    link.latency = 1.0
+    x = torch.ones(4)
+    t0 = time.perf_counter()
+    dist.all_reduce(x, group=slow)  # synchronous: returns no earlier than issue + L
+    assert time.perf_counter() - t0 >= 1.0 and x.tolist() == [2.0] * 4
+    t0 = time.perf_counter()
+    work = dist.all_reduce(x, group=slow, async_op=True)
+    issued = time.perf_counter() - t0
+    work.wait()  # async: the wait, not the issue, takes the latency
+    assert issued < 1.0 <= time.perf_counter() - t0 and x.tolist() == [4.0] * 4
+    out = torch.empty(2 * world_size, dtype=torch.uint8)
+    t0 = time.perf_counter()
+    outer_quant._all_gather(out, torch.full((2,), rank, dtype=torch.uint8), group=slow, async_op=True).wait()
+    assert time.perf_counter() - t0 >= 1.0 and out.tolist() == [0, 0, 1, 1]
+    t0 = time.perf_counter()
+    dist.all_reduce(x)  # another group: as fast as ever
+    link.latency = 0.0
+    dist.all_reduce(x, group=slow)  # switched off
+    assert time.perf_counter() - t0 < 1.0 and link.calls == 3
+
+
+@pytest.mark.slow
+def test_slow_link_delays_only_the_replicate_group_s_collectives():
+    """bench/slow_links.py's latency wrapper on real gloo groups: a synchronous collective
+    returns, an asynchronous one's wait() returns, no earlier than issue + L; others untouched."""
+    from tests.dist_utils import run_distributed
+
+    run_distributed(_slow_link_worker, 2)
 
 
 # -- bench/init_memory.py in miniature ----------------------------------------------------------
