@@ -4,7 +4,7 @@ the evaluation weights, with the code of `python -m snoo_train.evaluate` (snoo_t
 Every rank runs the same lm-eval requests, in the same order and batches, through the sharded
 model: FSDP's all-gathers (and TP's, EP's collectives) line up because every rank takes the same
 forwards, and no rank ever holds the full model. The cost: the evaluation does not get faster
-with more data-parallel ranks (each rank scores every request; docs/training.md). Rank 0 writes
+with more data-parallel ranks (each rank scores every request; docs/checkpoints.md). Rank 0 writes
 the results. Everything that can fail alike (lm-eval missing, an unknown task, a dataset that
 cannot be read) fails before training starts; any error during an evaluation is raised on every
 rank (dist.together). lm-eval is imported only when trainer.downstream_eval.tasks is set.
