@@ -231,6 +231,17 @@ def agree(info: DistInfo, decide: Callable[[], Any], errors: tuple[type[Exceptio
     return value
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (a picklable host object), in rank order, on every rank: one object
+    gather on the control group (a control message, never on the training group); [value]
+    outside a process group."""
+    if not in_process_group():
+        return [value]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value, group=control_group())
+    return everyone
+
+
 class RankFailed(RuntimeError):
     """A step every rank takes together raised on some rank (named in the message): the other
     ranks raise this instead of going on alone."""
@@ -248,12 +259,7 @@ def together(run: Callable[[], Any], keep: tuple[type[Exception], ...] = ()) -> 
         value = run()
     except Exception as e:  # noqa: BLE001 - exchanged below, raised again on every rank
         mine, value = e, None
-    outcome = None if mine is None else (type(mine), str(mine))
-    if in_process_group():
-        everyone: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, outcome, group=control_group())
-    else:
-        everyone = [outcome]
+    everyone = gather_objects(None if mine is None else (type(mine), str(mine)))
     failed = [(rank, o) for rank, o in enumerate(everyone) if o is not None]
     if not failed:
         return value
@@ -276,9 +282,7 @@ def agree_on_failure(error: BaseException | None) -> None:
         if error is not None:
             raise error
         return
-    mine = None if error is None else str(error)
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine, group=control_group())
+    everyone = gather_objects(None if error is None else str(error))
     failed = [rank for rank, message in enumerate(everyone) if message is not None]
     if failed:
         ranks = "rank " + str(failed[0]) if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
@@ -289,10 +293,7 @@ def check_same_on_every_rank(value: Any, what: str, advice: str) -> None:
     """Every rank holds the same `value` (a choice each rank made from what it sees, such as
     files on its own node), else every rank raises the same ConfigError naming the first rank
     that differs from rank 0. One gather on the control group; nothing outside a process group."""
-    if not in_process_group():
-        return
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, value, group=control_group())
+    everyone = gather_objects(value)
     other = next((r for r, v in enumerate(everyone) if v != everyone[0]), None)
     if other is not None:
         raise on_every_rank(

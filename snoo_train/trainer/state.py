@@ -30,7 +30,7 @@ from snoo_train.checkpoint import (
 )
 from snoo_train.config import is_diloco
 from snoo_train.dist import agree as agree_on
-from snoo_train.dist import control_group
+from snoo_train.dist import gather_objects
 from snoo_train.optim.snoo import MOMENTUM, RESIDUAL, SLOW
 from snoo_train.resume import apply_changes, config_changes, param_group_hyperparameters
 from snoo_train.rundir import check_free_space, check_writable, guard_fresh_start
@@ -126,12 +126,7 @@ class RunState:
         t = self.trainer
         if not t.loader.streaming:
             return {}
-        positions = [t.loader.rank_state()]
-        if self.dist.world_size > 1:
-            positions = [None] * self.dist.world_size
-            # Host values: a control message, never on the NCCL training group.
-            torch.distributed.all_gather_object(positions, t.loader.rank_state(), group=control_group())
-        return {f"rank{r}": p for r, p in enumerate(positions)}
+        return {f"rank{r}": p for r, p in enumerate(gather_objects(t.loader.rank_state()))}
 
     @property
     def _keys(self) -> Callable[[str], str] | None:
