@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -289,8 +290,8 @@ class Trainer:
         self._window.add(loss, ~skipped)
         self.metrics.advance(step)
 
-        evaluate = self.evaluator.should_run(step)
-        logs = evaluate or self.downstream.should_run(step) or self.metrics.should_log(step, first_step)
+        evaluate, downstream = self.evaluator.should_run(step), self.downstream.should_run(step)
+        logs = evaluate or downstream or self.metrics.should_log(step, first_step)
         if logs:
             self.policy.check(step)  # trainer.nonfinite: stop raises here, skip warns
         if step == self.cfg.trainer.max_steps:
@@ -298,15 +299,11 @@ class Trainer:
         if logs:
             record = self._step_record(step, lr, float(grad_norm))
             if evaluate:
-                t0 = time.perf_counter()
-                self._val_loss = self.evaluate()
-                dt = time.perf_counter() - t0
-                self._meter.pause(dt)
-                self._eval_time += dt
+                self._val_loss = self._timed_eval(self.evaluate)
                 record["val_loss"] = self._val_loss
                 record["val_weights"] = self.evaluator.eval_sequence
             self.metrics.log(record)
-            if self.downstream.should_run(step):
+            if downstream:
                 self._downstream_eval(step)
 
         self.checkpointer.poll()
@@ -322,14 +319,19 @@ class Trainer:
             self.checkpointer.wait()
             raise Preempted(step, preemption.signum, path)
 
-    def _downstream_eval(self, step: int) -> None:
-        """lm-eval's tasks at the evaluation weights: a record of their scores (the shape
-        `python -m snoo_train.evaluate` appends) after the step's own, to metrics.jsonl and wandb."""
+    def _timed_eval(self, run: Callable[[], Any]) -> Any:
+        """`run()`, its time counted as evaluation: out of the throughput, into eval_time_s."""
         t0 = time.perf_counter()
-        numbers = self.downstream.run(step, self.model, self.evaluator.weights, self.autocast)
+        value = run()
         dt = time.perf_counter() - t0
         self._meter.pause(dt)
         self._eval_time += dt
+        return value
+
+    def _downstream_eval(self, step: int) -> None:
+        """lm-eval's tasks at the evaluation weights: a record of their scores (the shape
+        `python -m snoo_train.evaluate` appends) after the step's own, to metrics.jsonl and wandb."""
+        numbers = self._timed_eval(lambda: self.downstream.run(step, self.model, self.evaluator.weights, self.autocast))
         if numbers:
             self.metrics.log({"step": step, **numbers})
 
