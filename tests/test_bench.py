@@ -228,23 +228,30 @@ def test_experiment_presets_compose_into_valid_sweeps(name, params, optim):
         assert cfg.optim.name == optim and cfg.model.name == "llama_small"
 
 
+def run_bench(args: list[str], *, nproc: int = 0, timeout: int = 240) -> subprocess.CompletedProcess:
+    """A bench script from the repository root, one torch thread, no wandb; under torchrun with
+    `nproc` ranks when given. Asserts it succeeded (its output tails in the message)."""
+    from tests.dist_utils import free_port
+
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"] if nproc else []
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
+    proc = subprocess.run([sys.executable, *launcher, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 # -- bench/comm.py in miniature -----------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_comm_bench_counts_fsdp_and_diloco_traffic(tmp_path):
-    from tests.dist_utils import free_port
-
     out = tmp_path / "comm.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=4", f"--master_port={free_port()}",
+    run_bench([
         "bench/comm.py", "--model", "llama_tiny", "--k", "2", "--batch-size", "8", "--seq-len", "32",
         "--out", str(out), "data.max_documents=100",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ], nproc=4)  # fmt: skip
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["adamw", "snoo", "diloco_r2", "diloco_r2_bf16"]
     adamw, snoo, diloco, bf16 = (results[k]["bytes_per_step_per_rank"] for k in results)
@@ -269,18 +276,12 @@ def test_slow_links_bench_records_the_wire_formats_bytes(tmp_path):
     """2 replicas x 1 shard, K=2: what the recorder counted crossing replicas against the wire
     formats written out here from the model's tensors (outer_quant.py's documented format)."""
     from snoo_train.models import build_model
-    from tests.dist_utils import free_port
 
     out = tmp_path / "slow.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+    run_bench([
         "bench/slow_links.py", "bytes", "--model", "llama_tiny", "--k", "2", "--fragments", "1,2",
         "--batch-size", "8", "--seq-len", "32", "--out", str(out), "data.max_documents=100",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ], nproc=2)  # fmt: skip
     res = json.loads(out.read_text())["mean"]
     numels = [p.numel() for p in build_model(PRESETS["llama_tiny"], 257, seed=0).parameters()]
     n = sum(numels)
@@ -533,12 +534,8 @@ def test_methods_bench_in_miniature(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_runs_on_cpu_and_writes_every_part(tmp_path):
     out = tmp_path / "gpu_check.json"
-    cmd = [sys.executable, "bench/gpu_check.py", "--device", "cpu", "--model", "llama_tiny", "--steps", "3",
-           "--out", str(out)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled",
-               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench(["bench/gpu_check.py", "--device", "cpu", "--model", "llama_tiny", "--steps", "3", "--out", str(out)],
+              timeout=300)  # fmt: skip
     report = json.loads(out.read_text())
     parts = report["parts"]
     assert set(parts) == {"llama", "moe", "checkpoint"}
@@ -568,14 +565,12 @@ def test_gpu_check_runs_on_cpu_and_writes_every_part(tmp_path):
 def test_repetition_runs_every_epoch_count_on_one_held_out_set(tmp_path):
     out, data = tmp_path / "rep", tmp_path / "data"
     cmd = [
-        sys.executable, "bench/repetition.py", "--model", "llama_tiny", "--epochs", "1,2", "--pairs", "adamw",
+        "bench/repetition.py", "--model", "llama_tiny", "--epochs", "1,2", "--pairs", "adamw",
         "--seeds", "0", "--steps", "8", "--batch-size", "4", "--seq-len", "32", "--eval-interval", "4",
         "--eval-batches", "1", "--adamw-lrs", "3e-3", "--snoo-adamw-lrs", "3e-3", "--outer", "4,0.7,0.5",
         "--out", str(out), "--data-dir", str(data), "trainer.warmup_steps=2",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_bench(cmd, timeout=400)
     report = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 10_000
 
