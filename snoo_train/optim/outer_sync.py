@@ -5,8 +5,8 @@ non-finite flag as one more element) into a flat buffer and issues ONE all-reduc
 replicate group, synchronous or with `async_op=True`; the returned `OuterSync` handle's `wait()`
 gives the replica-averaged local pseudo-gradients and the agreed flag. SNOO calls `start` at a
 (fragment's) outer step and `wait` either at once (sync_delay=0) or sync_delay inner steps later,
-so the collective runs while the inner steps go on. Another reduction (a quantized one) is
-another implementation of the same two calls.
+so the collective runs while the inner steps go on. The quantized reduction
+(outer_quant.start_average) is the other implementation of the same two calls, chosen here.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import functools
 
 import torch
 import torch.distributed as dist
+
+from snoo_train.optim.outer_quant import PendingAverage, start_average
 
 
 class OuterSync:
@@ -56,16 +58,25 @@ def start(
     reduce_dtype: torch.dtype | None,
     state_device: torch.device | None,
     async_op: bool = False,
-) -> OuterSync:
+    outer_quant: str | None = None,
+    residuals: list[torch.Tensor] | None = None,
+) -> OuterSync | PendingAverage:
     """s = w - p for local shards, on the state's device; with a replicate group of more than
     one rank, summed over the replicas in ONE all-reduce of a flat buffer holding every shard (in
     `reduce_dtype`, on the parameters' device, which the backend needs: NCCL's is the GPU). The
     flags travel as the buffer's last element, a count of non-finite replicas. `async_op`: the
-    collective is only issued here; the handle's wait() completes it."""
+    collective is only issued here; the handle's wait() completes it. With `outer_quant`, ONE
+    all_gather of the quantized shards instead (outer_quant.start_average), `residuals` (error
+    feedback) updated by the handle's wait(); both handles' wait() give the same pair."""
     fast_on_state = [f.to(state_device) for f in fast] if state_device is not None else fast  # device-to-host
     replicas = 1 if group is None else dist.get_world_size(group)
     if replicas == 1:  # one replica: plain SNOO, no collective
         return OuterSync(torch._foreach_sub(slow, fast_on_state), None, None, None, 1, False, finite)
+    if outer_quant is not None:
+        return start_average(
+            torch._foreach_sub(slow, fast_on_state), outer_quant, group,
+            finite=finite, residuals=residuals, device=fast[0].device, async_op=async_op,
+        )  # fmt: skip
 
     dtype = reduce_dtype or functools.reduce(torch.promote_types, (w.dtype for w in slow))
     numels = [w.numel() for w in slow]

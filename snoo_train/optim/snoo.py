@@ -63,7 +63,7 @@ from torch.optim import Optimizer
 from snoo_train.optim._dtensor import replication_factor as _replication_factor
 from snoo_train.optim._dtensor import world_size
 from snoo_train.optim._wrapper import InnerWrapper, _local
-from snoo_train.optim.outer_quant import CODECS, PendingAverage, start_average
+from snoo_train.optim.outer_quant import CODECS, PendingAverage
 from snoo_train.optim.outer_sync import OuterSync
 from snoo_train.optim.outer_sync import start as start_sync
 
@@ -508,21 +508,12 @@ class SNOO(InnerWrapper):
         async_op: bool = False,
         residuals: list[torch.Tensor] | None = None,
     ) -> OuterSync | PendingAverage:
-        """Start the reduction of s = w - p over the replicas; both kinds of handle's `wait()`
-        give (averaged local pseudo-gradients, the agreed flag). Full precision or bf16
-        (outer_sync.start): ONE all-reduce of a flat buffer of this rank's shards, with the
-        `finite` flag as its last element. With `outer_quant` (outer_quant.start_average): ONE
-        all_gather of the quantized shards, `residuals` (error feedback) updated by wait()."""
-        group = self.replicate_group
-        if self.outer_quant is None or group is None or dist.get_world_size(group) == 1:
-            return start_sync(
-                slow, fast, finite, group=group, reduce_dtype=self.reduce_dtype,
-                state_device=self.state_device, async_op=async_op,
-            )  # fmt: skip
-        fast_on_state = [f.to(self.state_device) for f in fast] if self.state_device is not None else fast
-        return start_average(
-            torch._foreach_sub(slow, fast_on_state), self.outer_quant, group,
-            finite=finite, residuals=residuals, device=fast[0].device, async_op=async_op,
+        """Start the reduction of s = w - p over the replicas (outer_sync.start): ONE all-reduce
+        of a flat buffer of this rank's shards with the `finite` flag as its last element, or with
+        `outer_quant` ONE all_gather of the quantized shards (`residuals` updated by wait())."""
+        return start_sync(
+            slow, fast, finite, group=self.replicate_group, reduce_dtype=self.reduce_dtype,
+            state_device=self.state_device, async_op=async_op, outer_quant=self.outer_quant, residuals=residuals,
         )  # fmt: skip
 
     def _pseudo_gradients(
