@@ -176,12 +176,18 @@ def _check_shape(name: str, theirs: Any, ours: torch.Size) -> None:
         )
 
 
+def _checkpoint_name(name: str, files: dict[str, str]) -> str:
+    """The checkpoint's name for parameter `name` (canonical): itself, or Mixtral's original
+    (`block_sparse_moe` for transformers' `mlp`) when the checkpoint does not hold it."""
+    if name in files or ".mlp." not in name:
+        return name
+    return name.replace(".mlp.", ".block_sparse_moe.")
+
+
 def _needed(name: str, shape: torch.Size, files: dict[str, str]) -> dict[str, torch.Size]:
     """The checkpoint tensors parameter `name` (canonical) is read from, with their shapes:
     itself, or under Mixtral's original names (per-expert w1/w3 fused into gate_up, w2 down)."""
-    if name in files or ".mlp." not in name:
-        return {name: shape}
-    original = name.replace(".mlp.", ".block_sparse_moe.")
+    original = _checkpoint_name(name, files)
     if ".block_sparse_moe.experts." not in original:
         return {original if original in files else name: shape}
     prefix = original.removesuffix("gate_up_proj").removesuffix("down_proj")
@@ -262,8 +268,7 @@ def _load_param(ckpt: _Checkpoint, name: str, param: torch.Tensor) -> None:
     if index is None or any(i.numel() == 0 for i in index):
         return
     local = param.to_local() if isinstance(param, DTensor) else param
-    if name not in ckpt.files and ".mlp." in name:  # Mixtral's original names
-        name = name.replace(".mlp.", ".block_sparse_moe.")
+    name = _checkpoint_name(name, ckpt.files)
     read = _read_experts if ".block_sparse_moe.experts." in name else _read
     values = read(ckpt, name, param.shape, index)
     local.copy_(values.reshape(local.shape).to(local.dtype))
