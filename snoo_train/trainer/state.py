@@ -157,8 +157,7 @@ class RunState:
         copies = {"adamw": 2, "muon": 1, "schedule_free_adamw": 2}.get(o.inner, 1)
         copies += {"snoo": 2, "gpa": 1, "ema_nesterov": 1}.get(o.outer, 0)
         copies += 1 if is_diloco(self.cfg) and o.error_feedback else 0  # SNOO's residuals
-        per_replica = self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
-        check_free_space(self.dir, 4 * self.trainer.num_params * (1 + copies) * per_replica, "checkpoint.dir")
+        check_free_space(self.dir, 4 * self.trainer.num_params * (1 + copies) * self._replicas, "checkpoint.dir")
 
     # -- load --
 
@@ -205,6 +204,7 @@ class RunState:
 
     @property
     def _replicas(self) -> int:
+        """Replicas whose state is saved apart (DiLoCo's); 1 otherwise (HSDP's are one copy)."""
         return self.cfg.parallel.replicas if is_diloco(self.cfg) else 1
 
     def _source_replica(self, saved: dict[str, Any]) -> None:
