@@ -230,7 +230,7 @@ class DownstreamEvalConfig:
     include: Optional[str] = None  # a directory of task YAMLs (local tasks), as evaluate's include=
     limit: Optional[int] = None  # at most this many documents per task; None: all
     num_fewshot: Optional[int] = None  # None: each task's own default
-    batch_size: int = 8  # sequences per forward (every rank runs the same ones: docs/training.md)
+    batch_size: int = 8  # sequences per forward (every rank runs the same ones: docs/checkpoints.md)
 
 
 @dataclass
