@@ -908,19 +908,23 @@ class Checkpointer:
             local = local_shard(tensors[key])
             if local.is_floating_point() and local.numel():
                 by_device.setdefault(local.device, []).append((i, torch.isfinite(local).all()))
-        bad = torch.zeros(len(keys), dtype=torch.int64)
+        bad: list[str] = []
         for flags in by_device.values():
             finite = torch.stack([f for _, f in flags]).cpu()
-            for (i, _), ok in zip(flags, finite.tolist()):
-                bad[i] = int(not ok)
-        if self._distributed:  # a flag per key: a control message
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=control_group())
-        count = int(bad.sum())
-        if count:
+            bad += [keys[i] for (i, _), ok in zip(flags, finite.tolist()) if not ok]
+        if self._distributed:
+            # Ranks may hold different keys (pipeline stages): agree on "any" first, one scalar on
+            # the control group, and gather the names only when some rank found one.
+            flag = torch.tensor([len(bad)], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control_group())
+            if flag.item():
+                gathered: list[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, bad, group=control_group())
+                bad = sorted(set().union(*gathered))
+        if bad:
             latest = latest_checkpoint(self.dir)
-            first = keys[int(bad.nonzero()[0])]
             raise NonFiniteState(
-                f"not saving step {step}: {count} of {len(keys)} tensors hold NaN or inf (first: {first}); "
+                f"not saving step {step}: {len(bad)} tensor(s) hold NaN or inf (first: {bad[0]}); "
                 "the weights or optimizer state diverged. "
                 + (f"The newest checkpoint is still {latest.name}." if latest else "No checkpoint was written.")
             )

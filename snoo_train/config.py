@@ -327,6 +327,14 @@ class ParallelConfig:
     # the shards (no [batch, seq, vocab] gather); false gathers the logits first.
     loss_parallel: bool = True
     ep: int = 1
+    # Pipeline parallelism (docs/parallelism.md#pipeline-parallelism): pp=P stages of contiguous
+    # decoder layers (the embedding on the first, the norm and head on the last), the outermost
+    # dimension within a replica; torch.distributed.pipelining's schedule runs the micro-batches.
+    pp: int = 1
+    pp_schedule: str = "1F1B"  # 1F1B, GPipe, Interleaved1F1B, InterleavedZeroBubble, ZBVZeroBubble
+    pp_microbatches: Optional[int] = None  # per data-parallel rank and step; null: one per stage (P x stages per rank)
+    # Decoder layers of each stage, first to last (P x stages per rank entries); null: an even split.
+    pp_layers_per_stage: Optional[list[int]] = None
 
 
 @dataclass
@@ -410,23 +418,31 @@ def validate_config(cfg: Any, world_size: int = 1) -> None:
     if d.seq_len > m.max_seq_len:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check_trainer(t)
-    # Ranks of one tensor-parallel group share a batch: the batch splits over the others.
-    dp_size = world_size // cfg.parallel.tp
+    # Ranks of one tensor-parallel group (and of one pipeline) share a batch: it splits over the others.
+    dp_size = world_size // (cfg.parallel.tp * cfg.parallel.pp)
     per_step = dp_size * t.grad_accum
     if t.batch_size % per_step:
         raise ConfigError(
             f"trainer.batch_size={t.batch_size} must be divisible by data-parallel ranks x trainer.grad_accum "
-            f"= {dp_size} x {t.grad_accum} = {per_step} (data-parallel ranks = world size / parallel.tp)"
+            f"= {dp_size} x {t.grad_accum} = {per_step} (data-parallel ranks = world size / (parallel.tp x parallel.pp))"
         )
+    if cfg.parallel.pp > 1:
+        microbatches = pipeline_microbatches(cfg.parallel)
+        if (t.batch_size // dp_size) % microbatches:
+            raise ConfigError(
+                f"parallel.pp_microbatches={microbatches} must divide the batch of one pipeline, trainer.batch_size / "
+                f"data-parallel ranks = {t.batch_size} / {dp_size} = {t.batch_size // dp_size}"
+            )
     _choice("logging.wandb.mode", cfg.logging.wandb.mode, ("disabled", "offline", "online"))
     _positive("checkpoint.interval", cfg.checkpoint.interval, strict=False)
     _positive("checkpoint.keep_latest", cfg.checkpoint.keep_latest, strict=False)
 
 
-def mesh_dims(world_size: int, replicas: int = 1, tp: int = 1, ep: int = 1) -> dict[str, int]:
-    """The root mesh's named dimensions and sizes; ConfigError naming the key when a size does
-    not divide. `shard` is always present (FSDP over one rank is a no-op layout)."""
-    for key, size in (("parallel.replicas", replicas), ("parallel.tp", tp), ("parallel.ep", ep)):
+def mesh_dims(world_size: int, replicas: int = 1, tp: int = 1, ep: int = 1, pp: int = 1) -> dict[str, int]:
+    """The root mesh's named dimensions and sizes, outermost first: (replicate,) (pp,) shard (, tp);
+    ConfigError naming the key when a size does not divide. `shard` is always present (FSDP over
+    one rank is a no-op layout)."""
+    for key, size in (("parallel.replicas", replicas), ("parallel.tp", tp), ("parallel.ep", ep), ("parallel.pp", pp)):
         if size < 1:
             raise ConfigError(f"{key}={size} must be >= 1")
     if world_size % replicas:
@@ -439,13 +455,20 @@ def mesh_dims(world_size: int, replicas: int = 1, tp: int = 1, ep: int = 1) -> d
             f"parallel.tp={tp} must divide the ranks of one replica, world / replicas = "
             f"{world_size} / {replicas} = {world_size // replicas}"
         )
-    shard = world_size // (replicas * tp)
+    if (world_size // (replicas * tp)) % pp:
+        raise ConfigError(
+            f"parallel.pp={pp} must divide world / (replicas x tp) = {world_size} / ({replicas} x {tp}) = "
+            f"{world_size // (replicas * tp)}: each pipeline stage is a group of FSDP x tp ranks"
+        )
+    shard = world_size // (replicas * tp * pp)
     if shard % ep:
         raise ConfigError(
             f"parallel.ep={ep} must divide the FSDP dimension world / (replicas x tp) = "
-            f"{world_size} / ({replicas} x {tp}) = {shard}: expert parallelism borrows its ranks from it"
+            f"{world_size} / (replicas x tp x pp) = {shard}: expert parallelism borrows its ranks from it"
         )
     dims = {"replicate": replicas} if replicas > 1 else {}
+    if pp > 1:
+        dims["pp"] = pp
     dims["shard"] = shard
     if tp > 1 or ep > 1:
         # Expert parallelism reads "tp" as the ranks sharing a batch, so it needs the dimension
@@ -457,7 +480,8 @@ def mesh_dims(world_size: int, replicas: int = 1, tp: int = 1, ep: int = 1) -> d
 def _check_parallel(cfg: Any, world_size: int) -> None:
     """Every size the mesh and the sharded model need, before any process group starts."""
     p, m, o = cfg.parallel, cfg.model, cfg.optim
-    mesh_dims(world_size, p.replicas, p.tp, p.ep)
+    mesh_dims(world_size, p.replicas, p.tp, p.ep, p.pp)
+    _check_pipeline(cfg, world_size)
     if p.replicas > 1 and o.outer not in ("snoo", "none"):
         raise ConfigError(
             f"parallel.replicas={p.replicas} needs optim.outer=snoo (DiLoCo) or none (HSDP), got {o.outer!r}"
@@ -505,6 +529,83 @@ def _check_parallel(cfg: Any, world_size: int) -> None:
                 f"parallel.ep={p.ep} must divide model.num_experts={m.num_experts}: each rank holds an equal "
                 "number of whole experts"
             )
+
+
+# parallel.pp_schedule -> stages per rank by default (the interleaved and V schedules need two or more).
+PP_SCHEDULES = {"1F1B": 1, "GPipe": 1, "Interleaved1F1B": 2, "InterleavedZeroBubble": 2, "ZBVZeroBubble": 2}
+
+
+def pipeline_stages_per_rank(p: Any) -> int:
+    """Stages each pipeline rank holds: from parallel.pp_layers_per_stage's length, else the schedule's default."""
+    if p.pp_layers_per_stage:
+        return max(1, len(p.pp_layers_per_stage) // p.pp)
+    return PP_SCHEDULES.get(p.pp_schedule, 1)
+
+
+def pipeline_microbatches(p: Any) -> int:
+    """Micro-batches per step of one pipeline: parallel.pp_microbatches, else one per stage."""
+    return p.pp_microbatches if p.pp_microbatches else p.pp * pipeline_stages_per_rank(p)
+
+
+def _check_pipeline(cfg: Any, world_size: int) -> None:
+    p, m, t = cfg.parallel, cfg.model, cfg.trainer
+    _choice("parallel.pp_schedule", p.pp_schedule, tuple(PP_SCHEDULES))
+    if p.pp_microbatches is not None:
+        _positive("parallel.pp_microbatches", p.pp_microbatches)
+    if p.pp == 1:
+        if p.pp_microbatches is not None or p.pp_layers_per_stage:
+            raise ConfigError("parallel.pp_microbatches and parallel.pp_layers_per_stage need parallel.pp > 1")
+        return
+    v = pipeline_stages_per_rank(p)
+    stages = p.pp * v
+    if p.pp_layers_per_stage:
+        sizes = list(p.pp_layers_per_stage)
+        if len(sizes) % p.pp or any(n < 0 for n in sizes) or sum(sizes) != m.num_layers:
+            raise ConfigError(
+                f"parallel.pp_layers_per_stage={sizes} must list a non-negative layer count per stage, "
+                f"parallel.pp={p.pp} x stages per rank entries, summing to model.num_layers={m.num_layers}"
+            )
+    elif m.num_layers % stages:
+        raise ConfigError(
+            f"parallel.pp={p.pp} x {v} stage(s) per rank = {stages} stages must divide model.num_layers="
+            f"{m.num_layers} for an even split; or list the layers with parallel.pp_layers_per_stage"
+        )
+    default_v = PP_SCHEDULES[p.pp_schedule]
+    if (default_v == 1 and v != 1) or (p.pp_schedule == "ZBVZeroBubble" and v != 2) or v < default_v:
+        need = "one stage" if default_v == 1 else ("two stages" if p.pp_schedule == "ZBVZeroBubble" else "two or more stages")
+        raise ConfigError(
+            f"parallel.pp_schedule={p.pp_schedule} runs {need} per rank; parallel.pp_layers_per_stage lists "
+            f"{len(p.pp_layers_per_stage or [])} stages for parallel.pp={p.pp}"
+        )
+    if pipeline_microbatches(p) < p.pp:
+        raise ConfigError(
+            f"parallel.pp_microbatches={p.pp_microbatches} must be at least parallel.pp={p.pp}: fewer leaves stages idle"
+        )
+    if m.tie_embeddings:
+        raise ConfigError(
+            f"parallel.pp={p.pp} needs model.tie_embeddings=false: the embedding (first stage) and the head "
+            "(last stage) live on different ranks"
+        )
+    if t.grad_accum != 1:
+        raise ConfigError(
+            f"trainer.grad_accum={t.grad_accum} with parallel.pp={p.pp}: the pipeline splits the batch into "
+            "parallel.pp_microbatches itself; use trainer.grad_accum=1"
+        )
+    if p.tp > 1 and cfg.data.seq_len % p.tp:
+        raise ConfigError(
+            f"parallel.tp={p.tp} must divide data.seq_len={cfg.data.seq_len} with parallel.pp: stages pass "
+            "sequence shards"
+        )
+    if t.compile and "ZeroBubble" in p.pp_schedule:
+        raise ConfigError(
+            f"trainer.compile with parallel.pp_schedule={p.pp_schedule}: zero-bubble schedules split the "
+            "backward, which torch.compile does not support; use 1F1B or Interleaved1F1B"
+        )
+    if t.downstream_eval.tasks:
+        raise ConfigError(
+            "trainer.downstream_eval with parallel.pp is not supported yet: lm-eval runs whole-model forwards; "
+            "evaluate an exported checkpoint (python -m snoo_train.evaluate)"
+        )
 
 
 def _check_model(m: Any) -> None:

@@ -52,6 +52,7 @@ class DistInfo:
     replicas: int = 1
     tp: int = 1
     ep: int = 1
+    pp: int = 1
     # ep > 1: the `shard` dimension unflattened into (efsdp, ep). Kept here because a dimension
     # made by (un)flattening must be book-kept by its owner, not sliced again from the root.
     expert_mesh: DeviceMesh | None = None
@@ -63,12 +64,35 @@ class DistInfo:
     @property
     def dp_size(self) -> int:
         """Data-parallel ranks (replicate x shard): how many different batches a step sees."""
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's batch: the ranks of one tensor-parallel group share it."""
-        return self.rank // self.tp
+        """This rank's batch: the ranks of one tensor-parallel group, and of one pipeline, share it.
+        Rank = ((replica x pp + pp_rank) x shard + shard_rank) x tp + tp_rank (the mesh's order)."""
+        per_replica = self.world_size // self.replicas
+        shard = per_replica // (self.pp * self.tp)
+        return self.replica * shard + (self.rank % (shard * self.tp)) // self.tp
+
+    @property
+    def pp_rank(self) -> int:
+        """This rank's place in its pipeline (0 without pipeline parallelism)."""
+        per_replica = self.world_size // self.replicas
+        return (self.rank % per_replica) // (per_replica // self.pp)
+
+    @property
+    def pp_mesh(self) -> DeviceMesh | None:
+        return self._dim("pp")
+
+    def group_over(self, *names: str) -> ProcessGroup | None:
+        """The process group over the named mesh dimensions present in the mesh (flattened when
+        several), None when none of them is: e.g. ("pp", "shard") is one DiLoCo replica."""
+        present = tuple(n for n in names if self.mesh is not None and n in (self.mesh.mesh_dim_names or ()))
+        if not present:
+            return None
+        if len(present) == 1:
+            return self.mesh[present[0]].get_group()
+        return self.mesh[present]._flatten("_".join(present)).get_group()
 
     def _dim(self, name: str) -> DeviceMesh | None:
         if self.mesh is None or name not in (self.mesh.mesh_dim_names or ()):
@@ -134,11 +158,11 @@ def pick_device(requested: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: int = 1) -> DistInfo:
+def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: int = 1, pp: int = 1) -> DistInfo:
     """Join the torchrun process group (if any), pick this rank's device and build the mesh
     (see the module docstring); sizes that do not divide the world raise ConfigError."""
     rank, world_size = env_rank(), env_world_size()
-    dims = mesh_dims(world_size, replicas, tp, ep)
+    dims = mesh_dims(world_size, replicas, tp, ep, pp)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if dev.type == "cuda":
@@ -157,7 +181,7 @@ def init_distributed(device: str = "auto", replicas: int = 1, tp: int = 1, ep: i
         _make_error_group()
     return DistInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
-        replicas=replicas, tp=tp, ep=ep, expert_mesh=expert_mesh,
+        replicas=replicas, tp=tp, ep=ep, pp=pp, expert_mesh=expert_mesh,
     )  # fmt: skip
 
 

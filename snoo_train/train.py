@@ -60,7 +60,7 @@ def run(cfg: Config, run_dir: str) -> dict[str, Any]:
     with raised_alike(ConfigError):  # a check of the config every rank holds
         apply_pretrained(cfg, env_world_size())  # validate_config, with the checkpoint's shape
     p = cfg.parallel
-    info = init_distributed(cfg.trainer.device, replicas=p.replicas, tp=p.tp, ep=p.ep)
+    info = init_distributed(cfg.trainer.device, replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp)
     clean = False
     try:
         if not info.is_main:

@@ -88,7 +88,7 @@ def fit_layout(run_dir: str, overrides: list[str]):
 
     cfg = make_config(Path(run_dir), overrides, world_size=dist.get_world_size())
     p = cfg.parallel
-    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep))
+    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp))
     trainer.fit()
     return trainer
 

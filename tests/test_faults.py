@@ -241,7 +241,7 @@ def test_a_non_finite_state_is_never_published(tmp_path):
     ckpt.save(1, good, {})
     before = snapshot(tmp_path)
     bad = {"model": {"w": torch.tensor([1.0, float("nan"), 2.0]), "b": torch.ones(2)}, "trainer": {"step": 2}}
-    with pytest.raises(NonFiniteState, match=r"not saving step 2: 1 of 2 tensors hold NaN or inf \(first: model/w\).*step_00000001"):
+    with pytest.raises(NonFiniteState, match=r"not saving step 2: 1 tensor\(s\) hold NaN or inf \(first: model/w\).*step_00000001"):
         ckpt.save(2, bad, {})
     assert snapshot(tmp_path) == before and latest_checkpoint(tmp_path).name == "step_00000001"
 

@@ -89,6 +89,14 @@ def _moe_block_plan() -> dict:
     }
 
 
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
 def apply_tensor_parallel(
     model: nn.Module, tp_mesh: DeviceMesh, *, moe: bool = False, loss_parallel: bool = False
 ) -> None:
@@ -99,21 +107,22 @@ def apply_tensor_parallel(
         if loss_parallel
         else ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
     )
-    tied = model.lm_head.weight is model.model.embed_tokens.weight
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            # input_ids are the same on every tp rank; the output is sequence-sharded for the
-            # first layer's sequence-parallel norm, and stays a DTensor so that the HF model
-            # reads the full sequence length from it (positions, rotary, causal mask).
-            "model.embed_tokens": RowwiseParallel(
-                input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
-            ),
-            "model.norm": SequenceParallel(),
-            "lm_head": head,
-        },
+    # A pipeline stage (models/pipeline.py) holds the embedding, the norm and the head only
+    # where it is the first or the last stage.
+    tied = hasattr(model, "lm_head") and hasattr(model.model, "embed_tokens") and (
+        model.lm_head.weight is model.model.embed_tokens.weight
     )
+    root_plan = {
+        # input_ids are the same on every tp rank; the output is sequence-sharded for the
+        # first layer's sequence-parallel norm, and stays a DTensor so that the HF model
+        # reads the full sequence length from it (positions, rotary, causal mask).
+        "model.embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
+        "model.norm": SequenceParallel(),
+        "lm_head": head,
+    }
+    root_plan = {name: style for name, style in root_plan.items() if _has_module(model, name)}
+    if root_plan:
+        parallelize_module(model, tp_mesh, root_plan)
     layer_plan = {**_attention_plan(), **(_moe_block_plan() if moe else _dense_mlp_plan())}
     for layer in model.model.layers:
         parallelize_module(layer, tp_mesh, layer_plan)

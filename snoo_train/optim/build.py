@@ -103,20 +103,22 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def layer_fragments(model: nn.Module, n: int) -> list[list[torch.Tensor]]:
     """The trainable parameters in `n` fragments of contiguous layers (`layers.<i>.` in the
     parameter's name; layer j of L goes to fragment j * n // L, so sizes differ by one at most).
-    Parameters outside the layers join the nearest end: those registered before the first
-    layer's (the embedding, and with it a tied head) fragment 0, the others (final norm, head)
-    fragment n - 1."""
+    Parameters outside the layers join the nearest end: the token embedding (and with it a tied
+    head) fragment 0, the others (final norm, head) fragment n - 1. With a `config` naming
+    `num_hidden_layers`, L is the whole model's: a pipeline stage cuts the same fragments."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     layer_of = [int(m.group(1)) if (m := _LAYER.search(name)) else None for name, _ in named]
-    layers = sorted({layer for layer in layer_of if layer is not None})
+    # The whole model's layer count: a pipeline stage holds some of them and must cut the same
+    # fragments as every other stage (and as one process).
+    total = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    layers = range(total) if total else sorted({layer for layer in layer_of if layer is not None})
     if len(layers) < n:
         raise ValueError(f"fragments={n} needs at least as many layers; the model has {len(layers)}")
     index = {layer: j * n // len(layers) for j, layer in enumerate(layers)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     fragments: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    seen_layer = False
     for (_, p), layer in zip(named, layer_of):
-        seen_layer = seen_layer or layer is not None
-        fragments[index[layer] if layer is not None else (n - 1 if seen_layer else 0)].append(p)
+        fragments[index[layer] if layer is not None else (0 if id(p) in embeddings else n - 1)].append(p)
     return fragments
 
 

@@ -13,6 +13,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from snoo_train.data import eval_batches
 from snoo_train.dist import DistInfo, all_reduce_sum
+from snoo_train.models.pipeline import all_modules
 from snoo_train.optim._dtensor import local, replication_factor
 from snoo_train.trainer.step import causal_lm_loss
 
@@ -28,8 +29,10 @@ class Evaluator:
         *,
         autocast: AbstractContextManager,
         to_device: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+        pipeline: Any = None,
     ):
         self.model, self.optimizer, self.val_set = model, optimizer, val_set
+        self.pipeline = pipeline  # trainer/pipeline.py: evaluation runs through its schedule
         self.t, self.dist = trainer_cfg, dist
         self.autocast, self.to_device = autocast, to_device
 
@@ -61,7 +64,7 @@ class Evaluator:
                 self.reshard()
 
     def reshard(self) -> None:
-        for module in self.model.modules():
+        for module in all_modules(self.model):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
@@ -101,8 +104,11 @@ class Evaluator:
         with self.weights():
             for batch in batches:
                 batch = self.to_device(batch)
-                with self.autocast:
-                    loss_sum += causal_lm_loss(self.model, batch, reduction="sum")
+                if self.pipeline is not None:  # a forward-only schedule; each stage holds the sum
+                    loss_sum += self.pipeline.evaluate(batch)
+                else:
+                    with self.autocast:
+                        loss_sum += causal_lm_loss(self.model, batch, reduction="sum")
                 tokens += batch["labels"].numel()
         total, count = all_reduce_sum([loss_sum.item(), float(tokens)], self.dist.device)
         return total / count if count else float("nan")  # nan: no held-out data (val_fraction=0)

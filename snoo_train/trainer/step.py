@@ -24,6 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from snoo_train.dist import all_reduce_max, in_process_group
 from snoo_train.models import RouterStats, clip_grads_with_norm, grad_norm
+from snoo_train.models.pipeline import all_modules
 from snoo_train.trainer.nonfinite import NonFinitePolicy, SkipMask
 
 
@@ -84,7 +85,7 @@ def causal_attention_without_mask(model: nn.Module) -> Iterator[None]:
         config._attn_implementation = "sdpa"
 
 
-def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params, max_norm: float, combine: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Global L2 norm of all gradients, then clip to max_norm (0 disables clipping); returns the
     norm as a device scalar, never read on the host here.
 
@@ -92,10 +93,13 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     a partial sum; full_tensor() reduces it over ranks (a collective, not a host sync), so every
     rank clips with the same global norm. The clip factor min(1, max_norm / norm) is computed on
     the device: a non-finite norm makes the gradients non-finite, and the step's finite check
-    (NonFinitePolicy.record) catches it."""
+    (NonFinitePolicy.record) catches it. `combine` turns this rank's norm into the whole model's
+    (pipeline parallelism: each stage holds its own parameters, trainer/pipeline.py)."""
     params = [p for p in params if p.grad is not None]
     # Under expert parallelism the gradients live on two meshes: grad_norm reduces each first.
     norm = grad_norm(params)
+    if combine is not None:
+        norm = combine(norm)
     if max_norm > 0:
         clip_grads_with_norm(params, max_norm, norm)
     return norm
@@ -129,6 +133,7 @@ class StepRunner:
         after_update: Callable[[], None] | None = None,
         sharded_logits: bool = False,
         replica_group: dist.ProcessGroup | None = None,
+        pipeline: Any = None,
     ):
         """`replica_group` (DiLoCo): the ranks of this replica, over which the loss is averaged
         every step; replicas meet only at outer steps (SNOO's all-reduce carries the non-finite
@@ -143,10 +148,12 @@ class StepRunner:
         # stop applies every step (a bad one is caught at the next check, before any save).
         self.mask = SkipMask(optimizer) if policy.t.nonfinite == "skip" else None
         self.replica_group = replica_group
+        # Pipeline parallelism (trainer/pipeline.py): the schedule runs forward and backward.
+        self.pipeline = pipeline
         # DiLoCo: every replica takes an outer step or none does (SNOO.guard_outer_step).
         self.guard_outer = replica_group is not None and hasattr(optimizer, "guard_outer_step")
         # Every FSDP module, expert groups on their own meshes included (accumulate_across_replicas).
-        self.fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.fsdp_modules = [m for m in all_modules(model) if isinstance(m, FSDPModule)]
         self.defer_all_reduce = True  # False: all-reduce on every micro-batch (the tests' reference)
 
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -160,6 +167,9 @@ class StepRunner:
         skipped as non-finite)."""
         self.model.train()
         loss_sum = torch.zeros((), device=self.device)
+        if self.pipeline is not None:  # one batch (grad_accum=1): the schedule cuts its micro-batches
+            loss_sum = self.pipeline.train(self.to_device(micro_batches[0]))
+            micro_batches = []
         for i, batch in enumerate(micro_batches):
             if len(micro_batches) > 1 and self.defer_all_reduce:
                 self.accumulate_across_replicas(last=i == len(micro_batches) - 1)
@@ -172,7 +182,8 @@ class StepRunner:
             loss_sum += loss.detach()
 
         loss = mean_over_ranks(loss_sum, self.replica_group)
-        grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip)
+        combine = None if self.pipeline is None else self.pipeline.grad_norm
+        grad_norm = clip_grad_norm(self.model.parameters(), self.grad_clip, combine)
         # Both are global over the ranks that train together (the loss is averaged over them,
         # the norm is their global norm: every rank, or one replica under DiLoCo), so those
         # ranks hold the same flag and mask the same steps.

@@ -34,8 +34,16 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
 
-from snoo_train.config import Config, ConfigError, ignored_optim_keys, is_diloco
+from snoo_train.config import (
+    Config,
+    ConfigError,
+    ignored_optim_keys,
+    is_diloco,
+    pipeline_microbatches,
+    pipeline_stages_per_rank,
+)
 from snoo_train.data import (
     BatchLoader,
     PrefetchLoader,
@@ -55,6 +63,7 @@ from snoo_train.models import (
     parallelize,
     update_router_bias,
 )
+from snoo_train.models.pipeline import rank_model, split_model
 from snoo_train.models.pretrained import apply_pretrained, choose_tokenizer
 from snoo_train.optim import SNOO
 from snoo_train.optim.build import build_optimizer
@@ -64,6 +73,7 @@ from snoo_train.schedule import build_scheduler
 from snoo_train.trainer.downstream import DownstreamEval
 from snoo_train.trainer.evaluator import Evaluator
 from snoo_train.trainer.nonfinite import NonFinitePolicy
+from snoo_train.trainer.pipeline import Pipeline
 from snoo_train.trainer.profiler import StepProfiler
 from snoo_train.trainer.state import RunState
 from snoo_train.trainer.step import StepRunner
@@ -155,8 +165,7 @@ class Trainer:
         model = build_model(cfg.model, self.tokenizer.vocab_size, seed=t.seed, device="meta")
         self.num_params = count_parameters(model)
         self.vocab_size = model.config.vocab_size
-        self.model = parallelize(
-            model,
+        layout = dict(
             mesh=self.dist.dp_mesh,
             param_dtype=dtype if self.dist.mesh is not None else None,
             activation_checkpointing=t.activation_checkpointing,
@@ -168,13 +177,36 @@ class Trainer:
             ep_mesh=self.dist.ep_mesh,
             efsdp_mesh=self.dist.efsdp_mesh,
         )
+        self.pipeline_stages: list[nn.Module] = []
+        if cfg.parallel.pp > 1:
+            p = cfg.parallel
+            self.pipeline_stages, self.stage_indices = split_model(
+                model, pp_rank=self.dist.pp_rank, pp=p.pp, stages_per_rank=pipeline_stages_per_rank(p),
+                schedule=p.pp_schedule, layers_per_stage=p.pp_layers_per_stage,
+            )  # fmt: skip
+            for stage in self.pipeline_stages:
+                parallelize(stage, **layout)
+                stage.tp_mesh = self.dist.tp_mesh if self.dist.tp > 1 else None
+            self.model = rank_model(self.pipeline_stages)
+        else:
+            self.model = parallelize(model, **layout)
         materialize(self.model, device=device, seed=t.seed, pretrained=cfg.model.from_pretrained)
         # FSDP2 casts parameters itself; a single process gets bf16 compute from autocast.
         self.autocast = (
             torch.autocast(device.type, dtype=dtype) if dtype is not None and self.dist.mesh is None else nullcontext()
         )
+        self.pipeline = self._build_pipeline() if self.pipeline_stages else None
         self.flops_per_token = flops_per_token(cfg.model, self.vocab_size, cfg.data.seq_len)
         self.peak_flops = peak_flops(device, t.peak_flops)
+
+    def _build_pipeline(self) -> Pipeline:
+        p = self.cfg.parallel
+        return Pipeline(
+            self.pipeline_stages, self.stage_indices,
+            num_stages=p.pp * pipeline_stages_per_rank(p), schedule=p.pp_schedule,
+            microbatches=pipeline_microbatches(p), group=self.dist.pp_mesh.get_group(), device=self.dist.device,
+            sharded_logits=self.dist.tp > 1 and p.loss_parallel,
+        )  # fmt: skip
 
     def _build_optimizer(self) -> None:
         cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
@@ -198,11 +230,12 @@ class Trainer:
             device=self.dist.device, autocast=self.autocast, router=self.router,
             grad_clip=t.grad_clip, policy=self.policy, after_update=self._router_bias_update(),
             sharded_logits=self.dist.tp > 1 and cfg.parallel.loss_parallel,
-            replica_group=self.dist.shard_mesh.get_group() if diloco else None,
+            replica_group=self.dist.shard_mesh.get_group() if diloco else None, pipeline=self.pipeline,
         )  # fmt: skip
         self.evaluator = Evaluator(
-            self.model, self.optimizer, self.val_set, t, self.dist, autocast=self.autocast, to_device=self.runner.to_device
-        )
+            self.model, self.optimizer, self.val_set, t, self.dist, autocast=self.autocast,
+            to_device=self.runner.to_device, pipeline=self.pipeline,
+        )  # fmt: skip
 
     def _router_bias_update(self):
         """Auxiliary-loss-free balancing (model.router_bias_update_rate > 0): the routing bias

@@ -1,0 +1,105 @@
+"""The pipeline-parallel forward and backward: this rank's stages (models/pipeline.py) under a
+schedule of torch.distributed.pipelining, and the reductions a step needs across stages.
+
+Every rank of a pipeline calls `train(batch)` with the same batch (the pipeline shares one
+data-parallel rank's batch); the first stage feeds the token ids, the last computes the loss
+of each micro-batch. The schedule averages the micro-batches' gradients (scale_grads) and
+defers FSDP's reduce-scatter to the last micro-batch. What a step decides from the whole model
+is made the same on every stage here: the loss (held by the last stage) is summed over the pp
+group with zeros elsewhere, and the gradient norm's square is summed over it.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, ExitStack, nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti, get_schedule_class
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from snoo_train.config import ConfigError
+from snoo_train.trainer.step import causal_attention_without_mask
+
+
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of one micro-batch (the labels are already shifted), as causal_lm_loss."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+    return loss.to_local() if isinstance(loss, DTensor) else loss
+
+
+class Pipeline:
+    def __init__(
+        self,
+        stages: list[nn.Module],
+        stage_indices: list[int],
+        *,
+        num_stages: int,
+        schedule: str,
+        microbatches: int,
+        group: dist.ProcessGroup,
+        device: torch.device,
+        sharded_logits: bool = False,
+    ):
+        self.modules = stages
+        self.has_first, self.has_last = 0 in stage_indices, num_stages - 1 in stage_indices
+        self.sharded_logits = sharded_logits
+        self.group, self.device = group, device
+        self.pp = dist.get_world_size(group)
+        self.stages = [
+            PipelineStage(module, index, num_stages, device, group=group)
+            for module, index in zip(stages, stage_indices)
+        ]
+        cls = get_schedule_class(schedule)
+        try:
+            if issubclass(cls, PipelineScheduleMulti):
+                self.schedule = cls(self.stages, n_microbatches=microbatches, loss_fn=_next_token_loss)
+            else:
+                self.schedule = cls(self.stages[0], n_microbatches=microbatches, loss_fn=_next_token_loss)
+        except (ValueError, AssertionError) as e:  # torch's own size checks (e.g. micro-batches per rank)
+            raise ConfigError(f"parallel.pp_schedule={schedule} with parallel.pp_microbatches={microbatches}: {e}") from None
+
+    def _context(self) -> AbstractContextManager:
+        stack = ExitStack()
+        for module in self.modules:
+            stack.enter_context(causal_attention_without_mask(module))
+        # Logits sharded over the vocabulary: the loss and its backward run under torch's context.
+        stack.enter_context(loss_parallel() if self.sharded_logits else nullcontext())
+        return stack
+
+    def _run(self, batch: dict[str, torch.Tensor], *, backward: bool) -> torch.Tensor:
+        """The mean of the micro-batches' losses on the last stage, 0 elsewhere (a device scalar)."""
+        losses: list[torch.Tensor] = []
+        args = (batch["input_ids"],) if self.has_first else ()
+        target = batch["labels"] if self.has_last else None
+        with self._context():
+            run = self.schedule.step if backward else self.schedule.eval
+            run(*args, target=target, losses=losses if self.has_last else None, return_outputs=False)
+        if not self.has_last:
+            return torch.zeros((), device=self.device)
+        return torch.stack([loss.detach().float() for loss in losses]).mean()
+
+    def train(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one step's batch; the mean loss on every stage (device scalar)."""
+        return self.over_stages(self._run(batch, backward=True))
+
+    @torch.no_grad()
+    def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward only: the summed loss over the batch's tokens on every stage (device scalar)."""
+        return self.over_stages(self._run(batch, backward=False) * batch["labels"].numel())
+
+    def over_stages(self, value: torch.Tensor) -> torch.Tensor:
+        """The last stage's value on every stage: a sum over the pp group, zeros elsewhere."""
+        value = value.detach().to(torch.float64)
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.group)
+        return value
+
+    def grad_norm(self, norm: torch.Tensor) -> torch.Tensor:
+        """The whole model's gradient norm from this stage's (each stage holds its own parameters)."""
+        sq = norm.detach().to(self.device, torch.float32).square()
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
+        return sq.sqrt()
