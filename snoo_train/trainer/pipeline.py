@@ -26,9 +26,9 @@ from snoo_train.config import ConfigError
 from snoo_train.trainer.step import causal_attention_without_mask
 
 
-def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of one micro-batch (the labels are already shifted), as causal_lm_loss."""
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1))
+def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of one micro-batch (the labels are already shifted), as causal_lm_loss."""
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1), reduction=reduction)
     return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
@@ -43,9 +43,17 @@ class Pipeline:
         microbatches: int,
         group: dist.ProcessGroup,
         device: torch.device,
+        hidden: tuple[int, int, torch.dtype],
         sharded_logits: bool = False,
     ):
+        """`hidden`: (sequence length on this rank, hidden size, dtype) of what stages pass on."""
         self.modules = stages
+        self.indices, self.num_stages, self.microbatches = stage_indices, num_stages, microbatches
+        self.hidden = hidden
+        # Which pp rank holds each stage: gathered once, for the forward-only pass.
+        owners: list[list[int]] = [[] for _ in range(dist.get_world_size(group))]
+        dist.all_gather_object(owners, list(stage_indices), group=group)
+        self.owner = {stage: rank for rank, held in enumerate(owners) for stage in held}
         self.has_first, self.has_last = 0 in stage_indices, num_stages - 1 in stage_indices
         self.sharded_logits = sharded_logits
         self.group, self.device = group, device
@@ -71,26 +79,54 @@ class Pipeline:
         stack.enter_context(loss_parallel() if self.sharded_logits else nullcontext())
         return stack
 
-    def _run(self, batch: dict[str, torch.Tensor], *, backward: bool) -> torch.Tensor:
-        """The mean of the micro-batches' losses on the last stage, 0 elsewhere (a device scalar)."""
+    def train(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Forward and backward of one step's batch through the schedule; the mean loss over its
+        micro-batches on every stage (a device scalar, no host read)."""
         losses: list[torch.Tensor] = []
         args = (batch["input_ids"],) if self.has_first else ()
         target = batch["labels"] if self.has_last else None
         with self._context():
-            run = self.schedule.step if backward else self.schedule.eval
-            run(*args, target=target, losses=losses if self.has_last else None, return_outputs=False)
-        if not self.has_last:
-            return torch.zeros((), device=self.device)
-        return torch.stack([loss.detach().float() for loss in losses]).mean()
-
-    def train(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward and backward of one step's batch; the mean loss on every stage (device scalar)."""
-        return self.over_stages(self._run(batch, backward=True))
+            self.schedule.step(*args, target=target, losses=losses if self.has_last else None, return_outputs=False)
+        mean = torch.stack([x.detach().float() for x in losses]).mean() if self.has_last else None
+        return self.over_stages(mean if mean is not None else torch.zeros((), device=self.device))
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Forward only: the summed loss over the batch's tokens on every stage (device scalar)."""
-        return self.over_stages(self._run(batch, backward=False) * batch["labels"].numel())
+        """Forward only, stage after stage (each stage runs every micro-batch, sending each on as
+        it is done, so the next stage starts on the first): the loss summed over the batch's
+        tokens, on every stage. Not the training schedule: torch 2.13's eval() of the V-shaped
+        schedule asks for a backward that evaluation does not have."""
+        ids, labels = batch["input_ids"].chunk(self.microbatches), batch["labels"].chunk(self.microbatches)
+        me = dist.get_rank(self.group)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        local: list[torch.Tensor] = []  # outputs of the previous stage when it is this rank's too
+        sends = []
+        with self._context():
+            for stage in range(self.num_stages):
+                if self.owner[stage] != me:
+                    continue
+                module = self.modules[self.indices.index(stage)]
+                prev = self.owner.get(stage - 1)
+                produced: list[torch.Tensor] = []
+                for m in range(self.microbatches):
+                    if stage == 0:
+                        x = ids[m]
+                    elif prev == me:
+                        x = local[m]
+                    else:
+                        x = torch.empty(len(ids[m]), *self.hidden[:2], dtype=self.hidden[2], device=self.device)
+                        dist.recv(x, group=self.group, group_src=prev)
+                    out = module(x)
+                    if stage == self.num_stages - 1:
+                        total += _next_token_loss(out, labels[m], reduction="sum").double()
+                    elif self.owner[stage + 1] == me:
+                        produced.append(out)
+                    else:
+                        sends.append(dist.isend(out.contiguous(), group=self.group, group_dst=self.owner[stage + 1]))
+                local = produced
+        for work in sends:
+            work.wait()
+        return self.over_stages(total)
 
     def over_stages(self, value: torch.Tensor) -> torch.Tensor:
         """The last stage's value on every stage: a sum over the pp group, zeros elsewhere."""

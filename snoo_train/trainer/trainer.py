@@ -205,6 +205,9 @@ class Trainer:
             self.pipeline_stages, self.stage_indices,
             num_stages=p.pp * pipeline_stages_per_rank(p), schedule=p.pp_schedule,
             microbatches=pipeline_microbatches(p), group=self.dist.pp_mesh.get_group(), device=self.dist.device,
+            # What stages pass on: this rank's sequence shard of the hidden states, in the compute dtype.
+            hidden=(self.cfg.data.seq_len // self.dist.tp, self.cfg.model.hidden_size,
+                    resolve_dtype(self.cfg, self.dist.device) or torch.float32),
             sharded_logits=self.dist.tp > 1 and p.loss_parallel,
         )  # fmt: skip
 
