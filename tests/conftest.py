@@ -171,7 +171,7 @@ def poison_gradients(monkeypatch, steps: set[int]) -> None:
 
     original, calls = step_module.clip_grad_norm, {"n": 0}
 
-    def clip(params, max_norm):
+    def clip(params, max_norm, combine=None):
         params = list(params)
         calls["n"] += 1
         if calls["n"] in steps:
@@ -180,6 +180,6 @@ def poison_gradients(monkeypatch, steps: set[int]) -> None:
                 if grad is not None and grad.numel():
                     grad.view(-1)[0] = float("nan")
                     break
-        return original(params, max_norm)
+        return original(params, max_norm, combine)
 
     monkeypatch.setattr(step_module, "clip_grad_norm", clip)
