@@ -80,9 +80,9 @@ def build_mixtral(cfg: ModelConfig, vocab_size: int) -> MixtralForCausalLM:
     `cfg.router_bias_update_rate` > 0. `vocab_size` is already padded."""
     model = MixtralForCausalLM(mixtral_config(cfg, vocab_size))
     if cfg.router_bias_update_rate > 0:
-        for layer in model.model.layers:
+        for i, layer in enumerate(model.model.layers):
             # Same parameter name (`mlp.gate.weight`), so the seeded init is unchanged.
-            layer.mlp.gate = BiasedTopKRouter(model.config, cfg.router_bias_update_rate)
+            layer.mlp.gate = BiasedTopKRouter(model.config, cfg.router_bias_update_rate, layer_index=i)
     return model
 
 
@@ -102,9 +102,10 @@ class BiasedTopKRouter(MixtralTopKRouter):
     and so leaves the update (a sign) unchanged.
     """
 
-    def __init__(self, config: MixtralConfig, update_rate: float):
+    def __init__(self, config: MixtralConfig, update_rate: float, layer_index: int = 0):
         super().__init__(config)
         self.update_rate = update_rate
+        self.layer_index = layer_index  # in the whole model (a pipeline stage holds some layers)
         self.register_buffer("expert_bias", torch.zeros(self.num_experts), persistent=True)
         self.register_buffer("expert_load", torch.zeros(self.num_experts), persistent=False)
 
@@ -121,6 +122,10 @@ class BiasedTopKRouter(MixtralTopKRouter):
                 ones = torch.ones(indices.numel(), dtype=self.expert_load.dtype, device=indices.device)
                 self.expert_load.index_add_(0, indices.flatten(), ones)
         return router_logits, weights, indices
+
+
+def _layer_index(router: BiasedTopKRouter) -> int:
+    return router.layer_index
 
 
 def biased_routers(model: nn.Module) -> list[BiasedTopKRouter]:
@@ -165,29 +170,38 @@ class RouterStats:
     """
 
     def __init__(
-        self, num_experts: int, top_k: int, coef: float, routers: list[BiasedTopKRouter] | None = None
-    ):
+        self, num_experts: int, top_k: int, coef: float, routers: list[BiasedTopKRouter] | None = None,
+        *, num_layers: int | None = None,
+    ):  # fmt: skip
+        """`num_layers` (pipeline parallelism): the whole model's, so that every stage's counts
+        have one shape for the all-reduce; each stage fills its own layers' rows (`record`)."""
         self.num_experts, self.top_k, self.coef = num_experts, top_k, coef
-        self.routers = routers or []
+        # By whole-model layer index: a pipeline stage holds some layers.
+        self.routers = {_layer_index(r): r for r in routers} if routers else {}
+        self.num_layers = num_layers
         self._counts: torch.Tensor | None = None  # [layers, experts] token assignments
         self._aux_sum: torch.Tensor | float = 0.0
-        self._aux_n = 0
+        self._aux_n: float = 0
 
     def loss(self, outputs) -> torch.Tensor:
         """coef x balancing loss (a differentiable scalar); records the unscaled loss and load."""
-        aux = outputs.aux_loss
-        with torch.no_grad():
-            counts = torch.stack(
-                [
-                    _expert_counts(self._chosen(i, logits).flatten(), self.num_experts)
-                    for i, logits in enumerate(outputs.router_logits)
-                ]
-            )
-            # Kept as tensors: a float() here would sync the GPU on every micro-batch.
-            self._counts = counts if self._counts is None else self._counts + counts
-            self._aux_sum = self._aux_sum + aux.detach().double()
-            self._aux_n += 1
-        return self.coef * aux
+        self.record(outputs.aux_loss, outputs.router_logits, list(range(len(outputs.router_logits))))
+        return self.coef * outputs.aux_loss
+
+    @torch.no_grad()
+    def record(self, aux: torch.Tensor, router_logits, layers: list[int], weight: float = 1.0) -> None:
+        """Adds one forward's balancing loss (x `weight`, a pipeline stage's share of the layers)
+        and the experts chosen in `layers` (whole-model indices) to the tallies."""
+        chosen = [_expert_counts(self._chosen(i, x).flatten(), self.num_experts) for i, x in zip(layers, router_logits)]
+        counts = torch.stack(chosen)
+        if self.num_layers is not None and layers != list(range(self.num_layers)):
+            full = counts.new_zeros(self.num_layers, self.num_experts)
+            full[layers] = counts
+            counts = full
+        # Kept as tensors: a float() here would sync the GPU on every micro-batch.
+        self._counts = counts if self._counts is None else self._counts + counts
+        self._aux_sum = self._aux_sum + weight * aux.detach().double()
+        self._aux_n += weight
 
     def _chosen(self, layer: int, logits: torch.Tensor) -> torch.Tensor:
         if not self.routers:
@@ -210,7 +224,7 @@ class RouterStats:
         )
         self._counts, self._aux_sum, self._aux_n = None, 0.0, 0
         fractions = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        record: dict[str, object] = {"moe/aux_loss": aux_sum / max(aux_n, 1.0)}
+        record: dict[str, object] = {"moe/aux_loss": aux_sum / aux_n if aux_n else 0.0}
         ratios = []
         for i, f in enumerate(fractions):
             ratio = float(f.max() / f.mean())

@@ -71,6 +71,20 @@ class StageLayers(nn.ModuleList):
         return [int(k) for k in self._modules]
 
 
+class _AuxiliaryLoss(torch.autograd.Function):
+    """Identity on `hidden` whose backward also sends a gradient of 1 into `aux`: the auxiliary
+    loss is trained as if added to the final loss (the schedule then scales both by 1 / M)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, torch.ones(ctx.aux_shape, dtype=ctx.aux_dtype, device=grad.device)
+
+
 class StageModel(nn.Module):
     """One pipeline stage of a transformers causal LM (Llama or Mixtral), built from the whole
     model's modules (on the meta device), under their original names.
@@ -95,7 +109,15 @@ class StageModel(nn.Module):
         self.model = body
         if last:
             self.lm_head = whole.lm_head
-        self.tp_mesh: DeviceMesh | None = None  # set by parallelize_stage under tensor parallelism
+        self.tp_mesh: DeviceMesh | None = None  # set by the trainer under tensor parallelism
+        # MoE: the trainer's RouterStats; the stage adds its layers' balancing loss (see _balance).
+        self.router_stats = None
+        self._router_logits: list[torch.Tensor] = []
+        self.aux_loss = None  # coef x weighted balancing loss summed over this step's micro-batches
+        for layer in self.model.layers:
+            gate = getattr(getattr(layer, "mlp", None), "gate", None)
+            if gate is not None and hasattr(whole.config, "num_local_experts"):
+                gate.register_forward_hook(self._keep_router_logits)
         # A stage's parameters all sit on it; the trainer's list of stages on this rank (one
         # object unless the schedule interleaves), a plain attribute: not a submodule.
         self.pipeline_stages: list[StageModel] = [self]
@@ -117,9 +139,32 @@ class StageModel(nn.Module):
         cos_sin = self.model.rotary_emb(local, positions)
         for layer in self.model.layers:
             hidden = layer(hidden, attention_mask=None, position_embeddings=cos_sin, position_ids=positions)
+        hidden = self._balance(hidden)
         if self.last:
             return self.lm_head(self.model.norm(hidden))
         return hidden.to_local() if isinstance(hidden, DTensor) else hidden
+
+    def _keep_router_logits(self, module: nn.Module, args, output) -> None:
+        if self.router_stats is not None and torch.is_grad_enabled():
+            self._router_logits.append(output[0])
+
+    def _balance(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MoE training: the balancing loss of this stage's layers (transformers' Mixtral formula
+        over them), weighted by their share of all layers, so that a balanced router costs the
+        same as in one process. It cannot reach the loss on the last stage, so its gradient
+        enters here, on the hidden states (`_AuxiliaryLoss`)."""
+        logits, self._router_logits = self._router_logits, []
+        if not logits:
+            return hidden
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+        c = self.config
+        aux = load_balancing_loss_func(tuple(logits), c.num_local_experts, c.num_experts_per_tok)
+        weight = len(self.model.layers) / c.num_hidden_layers
+        self.router_stats.record(aux, logits, self.model.layers.indices(), weight)
+        scaled = self.router_stats.coef * weight * aux
+        self.aux_loss = scaled.detach() if self.aux_loss is None else self.aux_loss + scaled.detach()
+        return _AuxiliaryLoss.apply(hidden, scaled)
 
 
 class PipelineRank(nn.Module):

@@ -32,6 +32,24 @@ def _next_token_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str 
     return loss.to_local() if isinstance(loss, DTensor) else loss
 
 
+class _Stage(PipelineStage):
+    """torch's stage, minus the side effects of its shape inference: at the first step torch
+    2.13 runs each stage once on placeholder data to learn what it sends. That forward must not
+    reach the MoE tallies (balancing loss, expert loads), so they are held aside around it.
+    (The override is of a private method: on a torch without it, nothing changes.)"""
+
+    def _forward_metadata_inference(self, *args, **kwargs):
+        module = self.submod
+        loads = [(m, m.expert_load.clone()) for m in module.modules() if isinstance(getattr(m, "expert_load", None), torch.Tensor)]
+        stats, module.router_stats = getattr(module, "router_stats", None), None
+        try:
+            return super()._forward_metadata_inference(*args, **kwargs)
+        finally:
+            module.router_stats, module.aux_loss = stats, None
+            for m, load in loads:
+                m.expert_load.copy_(load)
+
+
 class Pipeline:
     def __init__(
         self,
@@ -59,7 +77,7 @@ class Pipeline:
         self.group, self.device = group, device
         self.pp = dist.get_world_size(group)
         self.stages = [
-            PipelineStage(module, index, num_stages, device, group=group)
+            _Stage(module, index, num_stages, device, group=group)
             for module, index in zip(stages, stage_indices)
         ]
         cls = get_schedule_class(schedule)
@@ -87,8 +105,13 @@ class Pipeline:
         target = batch["labels"] if self.has_last else None
         with self._context():
             self.schedule.step(*args, target=target, losses=losses if self.has_last else None, return_outputs=False)
-        mean = torch.stack([x.detach().float() for x in losses]).mean() if self.has_last else None
-        return self.over_stages(mean if mean is not None else torch.zeros((), device=self.device))
+        value = torch.stack([x.detach().float() for x in losses]).mean() if self.has_last else None
+        value = torch.zeros((), device=self.device) if value is None else value
+        for module in self.modules:  # MoE: each stage's balancing loss, logged with the loss as in one process
+            if getattr(module, "aux_loss", None) is not None:
+                value = value + module.aux_loss.float() / self.microbatches
+                module.aux_loss = None
+        return self.over_stages(value)
 
     @torch.no_grad()
     def evaluate(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

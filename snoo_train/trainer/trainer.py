@@ -220,10 +220,13 @@ class Trainer:
         self.is_snoo = isinstance(self.optimizer, SNOO)
         self.router = (
             # With auxiliary-loss-free balancing the load metrics count the biased choice.
-            RouterStats(m.num_experts, m.num_experts_per_tok, m.router_aux_loss_coef, routers=biased_routers(self.model))
+            RouterStats(m.num_experts, m.num_experts_per_tok, m.router_aux_loss_coef,
+                        routers=biased_routers(self.model), num_layers=m.num_layers)  # fmt: skip
             if m.family == "moe"
             else None
         )
+        for stage in self.pipeline_stages:  # each stage adds its own layers' balancing loss
+            stage.router_stats = self.router
         self.scheduler = build_scheduler(self.optimizer, t)
         diloco = is_diloco(cfg)
         # DiLoCo: each replica decides its inner steps alone; the policy merges replicas at checks.
@@ -246,7 +249,11 @@ class Trainer:
         (one replica under DiLoCo: replicas meet only at the outer step)."""
         if not biased_routers(self.model):
             return None
-        group = self.dist.shard_mesh.get_group() if is_diloco(self.cfg) else None
+        # Pipeline stages hold different layers: the loads are summed over one stage's ranks.
+        dims = ("shard", "tp") if is_diloco(self.cfg) else ("replicate", "shard", "tp")
+        group = self.dist.group_over(*dims) if self.dist.pp > 1 else (
+            self.dist.shard_mesh.get_group() if is_diloco(self.cfg) else None
+        )
         return lambda: update_router_bias(self.model, group)
 
     # -- the parts a benchmark or a test drives by hand --
