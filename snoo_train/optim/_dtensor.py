@@ -27,11 +27,20 @@ def world_size() -> int:
 def replication_factor(t: torch.Tensor) -> int:
     """How many ranks hold an identical copy of this rank's piece, so that summing every rank's
     squared norm counts each element once. Plain tensors in a process group are replicas, and so
-    are DTensors on a sub-mesh (DiLoCo's replicas hold equal slow weights after an outer step)."""
+    are DTensors on a sub-mesh (DiLoCo's replicas hold equal slow weights after an outer step),
+    except the ranks of other pipeline stages."""
     if DTensor is not None and isinstance(t, DTensor):
         factor = 1
         for dim, placement in enumerate(t.placements):
             if isinstance(placement, Replicate):
                 factor *= t.device_mesh.size(dim)
-        return factor * (world_size() // t.device_mesh.size())
+        return factor * (world_size() // (t.device_mesh.size() * _stages_apart(t.device_mesh)))
     return world_size()
+
+
+def _stages_apart(mesh) -> int:
+    """Pipeline parallelism: the ranks outside this tensor's mesh include other stages, which hold
+    other tensors, not copies; their number (the root mesh's "pp" size) is divided out."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    names, own = root.mesh_dim_names or (), mesh.mesh_dim_names or ()
+    return root.size(names.index("pp")) if "pp" in names and "pp" not in own else 1
