@@ -84,6 +84,7 @@ def apply_fsdp(
     *,
     param_dtype: torch.dtype | None = None,
     efsdp_mesh: DeviceMesh | None = None,
+    reshard_after_forward: bool = True,
 ) -> None:
     """Shard parameters, gradients and optimizer state over `mesh` with FSDP2 (`fully_shard`).
 
@@ -96,19 +97,22 @@ def apply_fsdp(
     sharded master weights, the optimizer and the gradient reduction stay fp32.
     MoE expert weights follow `expert_shard_placement`; under expert parallelism they are their
     own group per layer over `efsdp_mesh` (the ranks holding the same experts) instead.
+    `reshard_after_forward=False` (pipeline stages) keeps every layer gathered from its first
+    micro-batch's forward to the step's last backward: see docs/parallelism.md#pipeline-parallelism.
     """
     mp_policy = MixedPrecisionPolicy()
     if param_dtype is not None and param_dtype != torch.float32:
         mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     layers = decoder_layers(model)
     for i, layer in enumerate(layers):
+        reshard = reshard_after_forward and i < len(layers) - 1
         if efsdp_mesh is not None:
-            fully_shard_experts(layer, efsdp_mesh, mp_policy=mp_policy, reshard_after_forward=i < len(layers) - 1)
+            fully_shard_experts(layer, efsdp_mesh, mp_policy=mp_policy, reshard_after_forward=reshard)
         fully_shard(
             layer,
             mesh=mesh,
             mp_policy=mp_policy,
-            reshard_after_forward=i < len(layers) - 1,
+            reshard_after_forward=reshard,
             shard_placement_fn=expert_shard_placement(mesh),
         )
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
@@ -127,6 +131,7 @@ def parallelize(
     ep_mesh: DeviceMesh | None = None,
     efsdp_mesh: DeviceMesh | None = None,
     compile_backend: str = "inductor",
+    pipeline_stage: bool = False,
 ) -> nn.Module:
     """TP or EP -> checkpointing -> compile -> FSDP, each optional; `mesh=None` means one
     process, no FSDP. `mesh` is the data-parallel mesh only (`DistInfo.dp_mesh`); `tp_mesh` (a
@@ -139,6 +144,9 @@ def parallelize(
 
     Mixed precision is applied by FSDP, so a bf16 `param_dtype` needs a mesh (a one-rank mesh
     is fine); without one, use `torch.autocast` in the training loop instead.
+
+    `pipeline_stage=True`: FSDP keeps the stage's layers gathered across the step's micro-batches
+    (one all-gather per step, not one per micro-batch; the zero-bubble schedules need it).
     """
     if mesh is None and param_dtype not in (None, torch.float32):
         raise ValueError(
@@ -168,5 +176,8 @@ def parallelize(
     if mesh is not None:
         if diloco and mesh.ndim == 2:
             mesh = mesh["shard"]
-        apply_fsdp(model, mesh, param_dtype=param_dtype, efsdp_mesh=efsdp_mesh if ep else None)
+        apply_fsdp(
+            model, mesh, param_dtype=param_dtype, efsdp_mesh=efsdp_mesh if ep else None,
+            reshard_after_forward=not pipeline_stage,
+        )  # fmt: skip
     return model

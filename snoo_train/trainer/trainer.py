@@ -185,7 +185,7 @@ class Trainer:
                 schedule=p.pp_schedule, layers_per_stage=p.pp_layers_per_stage,
             )  # fmt: skip
             for stage in self.pipeline_stages:
-                parallelize(stage, **layout)
+                parallelize(stage, **layout, pipeline_stage=True)
                 stage.tp_mesh = self.dist.tp_mesh if self.dist.tp > 1 else None
             self.model = rank_model(self.pipeline_stages)
         else:
