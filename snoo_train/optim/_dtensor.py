@@ -24,23 +24,17 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def replication_factor(t: torch.Tensor) -> int:
+def replication_factor(t: torch.Tensor, pp: int = 1) -> int:
     """How many ranks hold an identical copy of this rank's piece, so that summing every rank's
     squared norm counts each element once. Plain tensors in a process group are replicas, and so
     are DTensors on a sub-mesh (DiLoCo's replicas hold equal slow weights after an outer step),
-    except the ranks of other pipeline stages."""
+    except the ranks of the other pipeline stages (`pp`: the pipeline-parallel size), which hold
+    other tensors. (Passed in, not read from the mesh's root: torch reuses a sliced sub-mesh
+    across roots of the same shape.)"""
     if DTensor is not None and isinstance(t, DTensor):
         factor = 1
         for dim, placement in enumerate(t.placements):
             if isinstance(placement, Replicate):
                 factor *= t.device_mesh.size(dim)
-        return factor * (world_size() // (t.device_mesh.size() * _stages_apart(t.device_mesh)))
-    return world_size()
-
-
-def _stages_apart(mesh) -> int:
-    """Pipeline parallelism: the ranks outside this tensor's mesh include other stages, which hold
-    other tensors, not copies; their number (the root mesh's "pp" size) is divided out."""
-    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
-    names, own = root.mesh_dim_names or (), mesh.mesh_dim_names or ()
-    return root.size(names.index("pp")) if "pp" in names and "pp" not in own else 1
+        return factor * (world_size() // (t.device_mesh.size() * pp))
+    return world_size() // pp

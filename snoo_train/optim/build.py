@@ -122,7 +122,9 @@ def layer_fragments(model: nn.Module, n: int) -> list[list[torch.Tensor]]:
     return fragments
 
 
-def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None, model: nn.Module | None = None) -> torch.optim.Optimizer:
+def build_snoo(
+    inner: torch.optim.Optimizer, cfg, replicate_group=None, model: nn.Module | None = None, pp: int = 1
+) -> torch.optim.Optimizer:
     # replicate_group (DiLoCo, parallel.replicas > 1): SNOO averages the pseudo-gradient over
     # the replicas at each outer step. optim.fragments > 1 splits the model by layer (streaming).
     fragments = None
@@ -137,15 +139,15 @@ def build_snoo(inner: torch.optim.Optimizer, cfg, replicate_group=None, model: n
         state_device="cpu" if cfg.outer_state_device == "cpu" else None,
         outer_quant=None if cfg.outer_quant == "none" or replicate_group is None else cfg.outer_quant,
         error_feedback=cfg.error_feedback and cfg.outer_quant != "none" and replicate_group is not None,
-        fragments=fragments, sync_delay=cfg.sync_delay,
+        fragments=fragments, sync_delay=cfg.sync_delay, pp=pp,
     )  # fmt: skip
 
 
-def build_gpa(inner: torch.optim.Optimizer, cfg, replicate_group=None, model=None) -> torch.optim.Optimizer:
+def build_gpa(inner: torch.optim.Optimizer, cfg, replicate_group=None, model=None, pp=1) -> torch.optim.Optimizer:
     return GPA(inner, mu_x=cfg.gpa_mu_x, mu_y=cfg.gpa_mu_y)
 
 
-def build_ema_nesterov(inner: torch.optim.Optimizer, cfg, replicate_group=None, model=None) -> torch.optim.Optimizer:
+def build_ema_nesterov(inner: torch.optim.Optimizer, cfg, replicate_group=None, model=None, pp=1) -> torch.optim.Optimizer:
     return EMANesterov(inner, gamma=cfg.ema_gamma, beta=cfg.ema_beta, beta_follows_lr=cfg.ema_beta_follows_lr)
 
 
@@ -157,8 +159,9 @@ OUTER: dict[str, Callable[..., torch.optim.Optimizer] | None] = {
 }
 
 
-def build_optimizer(model: nn.Module, cfg, *, replicate_group=None) -> torch.optim.Optimizer:
-    """The inner optimizer `optim.inner` on the fast weights, wrapped by `optim.outer`."""
+def build_optimizer(model: nn.Module, cfg, *, replicate_group=None, pp: int = 1) -> torch.optim.Optimizer:
+    """The inner optimizer `optim.inner` on the fast weights, wrapped by `optim.outer` (`pp`:
+    the pipeline-parallel size, for SNOO's norms)."""
     inner = INNER[cfg.inner](model, cfg)
     outer = OUTER[cfg.outer]
-    return inner if outer is None else outer(inner, cfg, replicate_group, model)
+    return inner if outer is None else outer(inner, cfg, replicate_group, model, pp)

@@ -195,6 +195,7 @@ class SNOO(InnerWrapper):
         error_feedback: bool = False,
         fragments: list[list[torch.Tensor]] | None = None,
         sync_delay: int = 0,
+        pp: int = 1,
     ) -> None:
         _check_outer_args(k, lr, momentum, reduce_dtype, state_device)
         _check_quant(outer_quant, error_feedback, replicate_group, reduce_dtype)
@@ -216,6 +217,7 @@ class SNOO(InnerWrapper):
         # Squared global-norm shares (pseudo-gradient, slow weights) of the last applied outer step.
         self._last_outer_sq: torch.Tensor | None = None
         self.replicate_group = replicate_group
+        self.pp = pp  # pipeline stages on other ranks hold other parameters: for the metrics' norms
         self.reduce_dtype = reduce_dtype
         self.outer_quant = outer_quant
         self.error_feedback = bool(error_feedback)
@@ -471,7 +473,7 @@ class SNOO(InnerWrapper):
         # outer_metrics() makes when the training loop asks, never the step itself. After the
         # replica average every replica holds the same s and w, which the replication factor
         # counts once.
-        factors = [float(_replication_factor(p)) for p in params]
+        factors = [float(_replication_factor(p, self.pp)) for p in params]
         sq_pseudo = [n.square() / f for n, f in zip(torch._foreach_norm(pseudo_grad), factors)]
 
         if keep is None:

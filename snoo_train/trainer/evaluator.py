@@ -80,7 +80,7 @@ class Evaluator:
         backup = None if exact else [local(p).detach().clone() for p in params]
         with self.weights():
             norms = torch._foreach_norm([local(p).detach().float() for p in params])
-            sq = torch.stack([n.double().square() / replication_factor(p) for n, p in zip(norms, params)]).sum()
+            sq = torch.stack([n.double().square() / replication_factor(p, self.dist.pp) for n, p in zip(norms, params)]).sum()
         if backup is not None:
             torch._foreach_copy_([local(p).detach() for p in params], backup)
         (total,) = all_reduce_sum([sq.item()], self.dist.device)

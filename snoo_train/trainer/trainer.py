@@ -214,7 +214,7 @@ class Trainer:
     def _build_optimizer(self) -> None:
         cfg, t, m = self.cfg, self.cfg.trainer, self.cfg.model
         try:
-            self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=self.dist.replicate_group)
+            self.optimizer = build_optimizer(self.model, cfg.optim, replicate_group=self.dist.replicate_group, pp=self.dist.pp)
         except KernelUnavailable as e:  # optim.implementation=fused where torch cannot fuse
             raise ConfigError(str(e)) from None
         self.is_snoo = isinstance(self.optimizer, SNOO)
