@@ -4,10 +4,10 @@ to the time of the schedule's whole step. Their ratio is the rank's measured bub
 (bench/comm.py --layouts --pp).
 
 Every schedule of torch.distributed.pipelining (1F1B, GPipe, the looped ones) waits on its
-sends and receives through one module function, `_wait_batch_p2p`; it is wrapped once, and
-counts into the clock of the schedule whose step is running. On CUDA the device queue is
-drained before and after each wait, so the host time is the device's idle time (the host
-would otherwise only queue the wait); on CPU (gloo) a wait blocks the host already.
+sends and receives through one module function, `_wait_batch_p2p`; the first `attach` wraps it
+to count into the clock of the schedule whose step is running. On CUDA the device queue is
+drained before and after each wait, so the host time is the device's idle time (the host would
+otherwise only queue the wait); on CPU (gloo) a wait blocks the host already.
 """
 
 from __future__ import annotations
@@ -34,10 +34,14 @@ def _timed_wait(works) -> None:
     _active[-1].wait_s += time.perf_counter() - t0
 
 
-if not hasattr(schedules, "_wait_batch_p2p"):
-    raise ImportError("torch.distributed.pipelining.schedules has no _wait_batch_p2p to time: this torch is not supported")
-_original_wait = schedules._wait_batch_p2p
-schedules._wait_batch_p2p = _timed_wait
+_original_wait = getattr(schedules, "_wait_batch_p2p", None)
+
+
+def _install() -> None:
+    """Route the schedules' waits through the clocks (once; waits outside a timed step pass through)."""
+    if _original_wait is None:
+        raise RuntimeError("torch.distributed.pipelining.schedules has no _wait_batch_p2p to time: this torch is not supported")
+    schedules._wait_batch_p2p = _timed_wait
 
 
 class WaitClock:
@@ -49,6 +53,7 @@ class WaitClock:
 
     def attach(self, schedule) -> None:
         """Time every later `schedule.step` (and the waits inside it) on this clock."""
+        _install()
         step = schedule.step
 
         def timed_step(*args, **kwargs):
