@@ -32,6 +32,17 @@ Each layout trains through the real trainer in the same job: K recorded steps (b
 collective: all-gather, reduce-scatter, all-reduce, all-to-all), then timed steps interleaved
 ABBA across the layouts, so the step-time ratios come from one run. Writes
 bench/results/comm_layouts_<model>.json.
+
+`--pp P` compares pipeline layouts with FSDP over every rank instead, all on the untied model
+(model.tie_embeddings=false; the stage count must divide model.num_layers):
+    torchrun --nproc_per_node=4 bench/comm.py --layouts --pp 2 --pp-microbatches 4 model.num_layers=8
+PP 2 x FSDP 2 under 1F1B, GPipe and Interleaved1F1B (2 stages per rank), and PP 2 x TP 2 under
+1F1B. The stages' point-to-point sends (c10d send/recv, which the recorder sees as it sees the
+collectives) are counted apart from the collectives. Over the timed steps each pipeline rank
+also clocks its time blocked in the schedule's point-to-point waits (bench/pipeline_waits.py):
+that share of the schedule's step is its measured bubble, printed beside the theoretical
+(p-1)/(v m + p-1) of p ranks, v stages per rank and m micro-batches. Writes
+bench/results/comm_layouts_pp_<model>.json.
 """
 
 from __future__ import annotations
@@ -49,10 +60,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from common import REPO, compose_config, time_interleaved
+from pipeline_waits import WaitClock
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from snoo_train.config import Config, validate_config
+from snoo_train.config import (
+    Config,
+    pipeline_microbatches,
+    pipeline_stages_per_rank,
+    validate_config,
+)
 from snoo_train.dist import destroy_distributed, exit_process, init_distributed
 from snoo_train.trainer import Trainer
 
@@ -105,6 +122,11 @@ def payload_and_sent(name: str, args, n: int, me: int = 0) -> tuple[int, float, 
         if splits and inp.shape[0]:
             kept = payload * splits[me] / inp.shape[0]
         return payload, payload - kept, "all_to_all"
+    if name == "send":  # point-to-point (pipeline stages): all of it leaves this rank
+        payload = _nbytes(args[0])
+        return payload, float(payload), "send"
+    if name in ("recv_", "recv_any_source_"):  # its bytes are the sender's
+        return _nbytes(args[0]), 0.0, "recv"
     if name in ("broadcast_", "broadcast"):
         payload = _nbytes(args[0])
         return payload, float(payload), "broadcast"
@@ -180,6 +202,7 @@ def measure(trainer: Trainer, k: int, block: tuple[int, ...]) -> dict:
                 counts[key] += 1
             sums["payload_total"] += op["payload"]
             sums[f"payload_{phase}"] += op["payload"]
+            sums[f"payload_{op['kind']}"] += op["payload"]
     per_step = {key: value / k for key, value in sums.items()}
     return {
         "steps": k,
@@ -200,6 +223,9 @@ def main() -> None:
     parser.add_argument("--layouts", action="store_true", help="compare FSDP / TP / EP layouts of --model")
     parser.add_argument("--optim", default="snoo_adamw", help="--layouts: the optimizer of every layout")
     parser.add_argument("--timed-steps", type=int, default=0, help="--layouts: timed steps per layout (default 2K)")
+    parser.add_argument("--pp", type=int, default=1,
+                        help="--layouts: pipeline layouts of this many stages (each schedule) against FSDP over all ranks")
+    parser.add_argument("--pp-microbatches", type=int, default=4, help="--pp: micro-batches per step")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every side")
     args = parser.parse_intermixed_args()
     torch.set_num_threads(1)
@@ -208,6 +234,8 @@ def main() -> None:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.layouts:
         args.timed_steps = args.timed_steps or 2 * args.k
+        # Pipelines refuse tied embeddings: every layout, FSDP's too, then trains the same untied model.
+        args.common = ["model.tie_embeddings=false"] if args.pp > 1 else []
         compare_layouts(args, world_size, t_start)
         return
     if world_size < 2 or world_size % args.replicas:
@@ -304,35 +332,46 @@ LAYOUTS = {
     "moe": {"fsdp": [], "ep2_x_fsdp": ["parallel.ep=2"], "ep4": ["parallel.ep=4"]},
 }
 KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all")
+# The schedules --pp compares. InterleavedZeroBubble and ZBVZeroBubble stay out while their
+# gradients with more than one FSDP layer per stage are being repaired (issue 24).
+PP_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B")
+
+
+def pipeline_layouts(pp: int, microbatches: int, world_size: int) -> dict[str, list[str]]:
+    """--pp: FSDP over every rank (the baseline), PP x FSDP under each schedule, PP x TP 2 (1F1B)."""
+    common = [f"parallel.pp={pp}", f"parallel.pp_microbatches={microbatches}"]
+    shard = world_size // pp
+    layouts: dict[str, list[str]] = {"fsdp": []}
+    for schedule in PP_SCHEDULES:
+        layouts[f"pp{pp}_x_fsdp{shard}_{schedule.lower()}"] = [*common, f"parallel.pp_schedule={schedule}"]
+    if shard % 2 == 0:
+        name = f"pp{pp}_x_tp2_1f1b" if shard == 2 else f"pp{pp}_x_fsdp{shard // 2}_x_tp2_1f1b"
+        layouts[name] = [*common, "parallel.tp=2", "parallel.pp_schedule=1F1B"]
+    return layouts
 
 
 def compare_layouts(args: argparse.Namespace, world_size: int, t_start: float) -> None:
-    """Bytes per rank per step by kind of collective, and step time, for each layout of --model."""
+    """Bytes per rank per step by kind of communication, and step time, for each layout of --model;
+    with --pp, the pipeline layouts and each pipeline rank's measured bubble."""
     tmp = tempfile.mkdtemp(prefix="snoo_layouts_")
     family = compose_config([f"model={args.model}"], tmp).model.family
-    layouts = {name: extra for name, extra in LAYOUTS[family].items()}
+    layouts = pipeline_layouts(args.pp, args.pp_microbatches, world_size) if args.pp > 1 else LAYOUTS[family]
     trainers, results = {}, {}
     for name, extra in layouts.items():
-        cfg = make_config(args, args.optim, 1, "fp32", os.path.join(tmp, name), world_size, extra)
-        info = init_distributed(cfg.trainer.device, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+        cfg = make_config(args, args.optim, 1, "fp32", os.path.join(tmp, name), world_size, [*args.common, *extra])
+        p = cfg.parallel
+        info = init_distributed(cfg.trainer.device, tp=p.tp, ep=p.ep, pp=p.pp)
         trainers[name] = Trainer(cfg, info)
         dist.barrier()
         results[name] = measure(trainers[name], args.k, tuple(range(world_size)))
         results[name]["param_bytes_this_rank"] = sum(
-            (p.to_local() if isinstance(p, DTensor) else p).numel() * 4 for p in trainers[name].model.parameters()
+            (t.to_local() if isinstance(t, DTensor) else t).numel() * 4 for t in trainers[name].model.parameters()
         )
-    # Timed after the recorded steps, which the recorder slows; ABBA order over the layouts.
-    for trainer in trainers.values():
-        trainer.train_step = _continuing(trainer, args.k + 1)
-    def sync() -> None:  # every rank's queued work done, then all ranks together
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        dist.barrier()
-
-    _, elapsed, timed = time_interleaved(trainers, warmup=1, steps=args.timed_steps, block=max(1, args.k // 2),
-                                         sync=sync)  # fmt: skip
-    for name in layouts:
-        results[name]["step_s"] = elapsed[name] / timed
+        if trainers[name].pipeline is not None:
+            results[name]["pipeline"] = {"pp": p.pp, "schedule": p.pp_schedule,
+                                         "stages_per_rank": pipeline_stages_per_rank(p),
+                                         "microbatches": pipeline_microbatches(p)}  # fmt: skip
+    _time_layouts(trainers, results, args)
     gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
     dist.all_gather_object(gathered, results)
     num_params, rank = next(iter(trainers.values())).num_params, dist.get_rank()
@@ -342,10 +381,33 @@ def compare_layouts(args: argparse.Namespace, world_size: int, t_start: float) -
         return
     report = _layouts_report(args, world_size, layouts, gathered, num_params, t_start)
     print_layouts(report)
-    out = Path(args.out or REPO / "bench" / "results" / f"comm_layouts_{args.model}.json")
+    pp = "pp_" if args.pp > 1 else ""
+    out = Path(args.out or REPO / "bench" / "results" / f"comm_layouts_{pp}{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
+
+
+def _time_layouts(trainers: dict[str, Trainer], results: dict[str, dict], args: argparse.Namespace) -> None:
+    """Step time of each layout (and a pipeline's time in its point-to-point waits): timed after
+    the recorded steps, which the recorder slows, in ABBA order over the layouts."""
+    clocks = {name: WaitClock() for name, trainer in trainers.items() if trainer.pipeline is not None}
+    for name, clock in clocks.items():
+        clock.attach(trainers[name].pipeline.schedule)
+    for trainer in trainers.values():
+        trainer.train_step = _continuing(trainer, args.k + 1)
+
+    def sync() -> None:  # every rank's queued work done, then all ranks together
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    _, elapsed, timed = time_interleaved(trainers, warmup=1, steps=args.timed_steps, block=max(1, args.k // 2),
+                                         sync=sync)  # fmt: skip
+    for name in trainers:
+        results[name]["step_s"] = elapsed[name] / timed
+    for name, clock in clocks.items():  # over the timed steps and the warm-up step before them
+        results[name]["pipeline"].update(wait_s=clock.wait_s, schedule_s=clock.step_s, schedule_steps=clock.steps)
 
 
 def _continuing(trainer: Trainer, done: int):
@@ -360,13 +422,18 @@ def _layouts_report(args, world_size: int, layouts: dict, gathered: list[dict], 
     results = {}
     for name, extra in layouts.items():
         sent = {kind: mean(name, lambda r, k=kind: r["bytes_per_step"].get(f"sent_{k}_intra", 0.0)) for kind in KINDS}
+        p2p = mean(name, lambda r: r["bytes_per_step"].get("sent_send_intra", 0.0))
         results[name] = {
             "overrides": extra,
-            "sent_bytes_per_step_per_rank": {"total": sum(sent.values()), **sent},
+            "sent_bytes_per_step_per_rank": {"total": sum(sent.values()) + p2p, "collectives": sum(sent.values()),
+                                             **sent, "p2p": p2p},
+            "p2p_received_bytes_per_step_per_rank": mean(name, lambda r: r["bytes_per_step"].get("payload_recv", 0.0)),
             "param_bytes_per_rank": mean(name, lambda r: r["param_bytes_this_rank"]),
             # The slowest rank sets the pace of a synchronous step.
             "step_s": max(g[name]["step_s"] for g in gathered),
-        }
+        }  # fmt: skip
+        if "pipeline" in gathered[0][name]:
+            results[name]["pipeline"] = _bubble([g[name]["pipeline"] for g in gathered])
     for name in layouts:
         r, base = results[name], results[first]
         r["sent_vs_" + first] = r["sent_bytes_per_step_per_rank"]["total"] / base["sent_bytes_per_step_per_rank"]["total"]
@@ -379,12 +446,40 @@ def _layouts_report(args, world_size: int, layouts: dict, gathered: list[dict], 
                     "cpu": platform.processor() or platform.machine(), "torch": torch.__version__},
         "model": args.model, "params": num_params, "optim": args.optim,
         "settings": {"k": args.k, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                     "recorded_steps": args.k, "timed_steps": args.timed_steps},
-        "definitions": {"sent": "bytes a ring algorithm makes each rank send (all-to-all: its input minus "
-                                "the rows it keeps), mean over ranks, per training step"},
+                     "recorded_steps": args.k, "timed_steps": args.timed_steps, "pp": args.pp,
+                     "pp_microbatches": args.pp_microbatches if args.pp > 1 else None,
+                     "overrides_of_every_layout": [*args.common, *args.overrides]},
+        "definitions": _LAYOUT_DEFINITIONS,
         "results": results,
         "wall_time_s": time.perf_counter() - t_start,
     }  # fmt: skip
+
+
+_LAYOUT_DEFINITIONS = {
+    "sent": "bytes a ring algorithm makes each rank send (all-to-all: its input minus the rows it keeps), "
+            "mean over ranks, per training step; total = collectives + p2p",
+    "p2p": "point-to-point sends between pipeline stages (activations forward, their gradients backward), "
+           "bytes as sent",
+    "bubble_measured": "per rank: seconds blocked in the schedule's point-to-point waits / seconds of the "
+                       "schedule's step (forward and backward of every micro-batch), over the timed steps; "
+                       "mean over ranks",
+    "bubble_theory": "(p-1)/(v m + p-1): p pipeline ranks, v stages per rank, m micro-batches",
+}  # fmt: skip
+
+
+def _bubble(ranks: list[dict]) -> dict:
+    """The schedule's shape, each rank's measured bubble and the theoretical one."""
+    shape = {key: ranks[0][key] for key in ("pp", "schedule", "stages_per_rank", "microbatches")}
+    p, v, m = shape["pp"], shape["stages_per_rank"], shape["microbatches"]
+    per_rank = [r["wait_s"] / r["schedule_s"] for r in ranks]
+    return {
+        **shape,
+        "bubble_measured": sum(per_rank) / len(per_rank),
+        "bubble_theory": (p - 1) / (v * m + p - 1),
+        "bubble_measured_per_rank": per_rank,
+        "p2p_wait_s_per_step": sum(r["wait_s"] / r["schedule_steps"] for r in ranks) / len(ranks),
+        "schedule_s_per_step": sum(r["schedule_s"] / r["schedule_steps"] for r in ranks) / len(ranks),
+    }
 
 
 def print_layouts(report: dict) -> None:
@@ -392,15 +487,23 @@ def print_layouts(report: dict) -> None:
     first = next(iter(report["results"]))
     print(f"\n{report['model']} ({report['params'] / 1e6:.2f}M params), {report['optim']}, world size "
           f"{report['machine']['world_size']}, batch {s['batch_size']} x {s['seq_len']}: MiB sent per rank per step")
-    head = (f"{'layout':<13}{'total':>9}" + "".join(f"{k:>16}" for k in KINDS)
+    width = max(13, *(len(name) + 2 for name in report["results"]))
+    head = (f"{'layout':<{width}}{'total':>9}" + "".join(f"{k:>16}" for k in (*KINDS, "p2p"))
             + f"{'param MiB/rank':>16}{'step s':>9}{'sent vs ' + first:>15}{'time vs ' + first:>15}")  # fmt: skip
     print(head)
     print("-" * len(head))
     for name, r in report["results"].items():
         b = r["sent_bytes_per_step_per_rank"]
-        print(f"{name:<13}{b['total'] / mib:>9.3f}" + "".join(f"{b[k] / mib:>16.3f}" for k in KINDS)
+        print(f"{name:<{width}}{b['total'] / mib:>9.3f}" + "".join(f"{b[k] / mib:>16.3f}" for k in (*KINDS, "p2p"))
               + f"{r['param_bytes_per_rank'] / mib:>16.3f}{r['step_s']:>9.3f}"
               + f"{r['sent_vs_' + first]:>15.3f}{r['step_time_vs_' + first]:>15.3f}")  # fmt: skip
+    pipelines = {name: r["pipeline"] for name, r in report["results"].items() if "pipeline" in r}
+    if pipelines:
+        print(f"\n{'pipeline':<{width}}{'schedule':>17}{'v':>3}{'m':>3}{'bubble':>9}{'theory':>9}  per rank")
+        for name, b in pipelines.items():
+            print(f"{name:<{width}}{b['schedule']:>17}{b['stages_per_rank']:>3}{b['microbatches']:>3}"
+                  f"{b['bubble_measured']:>9.3f}{b['bubble_theory']:>9.3f}  "
+                  + " ".join(f"{x:.3f}" for x in b["bubble_measured_per_rank"]))  # fmt: skip
 
 
 def print_table(report: dict) -> None:

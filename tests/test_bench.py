@@ -268,6 +268,46 @@ def test_comm_bench_counts_fsdp_and_diloco_traffic(tmp_path):
     assert diloco.get("sent_inner_cross", 0) == 0
 
 
+@pytest.mark.slow
+def test_comm_layouts_bench_counts_pipeline_sends_and_bubbles(tmp_path):
+    out = tmp_path / "comm_pp.json"
+    batch, seq, hidden, m = 8, 32, 64, 4  # llama_tiny's hidden size; fp32 on CPU
+    run_bench([
+        "bench/comm.py", "--layouts", "--pp", "2", "--pp-microbatches", str(m), "--model", "llama_tiny",
+        "--k", "2", "--timed-steps", "2", "--batch-size", str(batch), "--seq-len", str(seq), "--out", str(out),
+        "model.num_layers=4", "data.max_documents=100",
+    ], nproc=4)  # fmt: skip
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert list(results) == ["fsdp", "pp2_x_fsdp2_1f1b", "pp2_x_fsdp2_gpipe", "pp2_x_fsdp2_interleaved1f1b",
+                             "pp2_x_tp2_1f1b"]  # fmt: skip
+    assert "model.tie_embeddings=false" in report["settings"]["overrides_of_every_layout"]
+    # (stage boundaries, sequences per pipeline, positions per rank) of each pipeline layout:
+    # 4 ranks = 2 stages x 2 (FSDP shards, each its own batch half, or TP ranks, each a sequence half).
+    shapes = {"pp2_x_fsdp2_1f1b": (1, batch // 2, seq), "pp2_x_fsdp2_gpipe": (1, batch // 2, seq),
+              "pp2_x_fsdp2_interleaved1f1b": (3, batch // 2, seq), "pp2_x_tp2_1f1b": (1, batch, seq // 2)}  # fmt: skip
+    for name, r in results.items():
+        sent = r["sent_bytes_per_step_per_rank"]
+        assert sent["collectives"] > 0 and r["step_s"] > 0
+        assert sent["total"] == sent["collectives"] + sent["p2p"]
+        assert r["sent_vs_fsdp"] == pytest.approx(sent["total"] / results["fsdp"]["sent_bytes_per_step_per_rank"]["total"])
+        if name == "fsdp":
+            assert sent["p2p"] == 0 and "pipeline" not in r
+            continue
+        # Each micro-batch's activations cross every boundary forward and their gradients backward,
+        # spread over the 2 ranks of a pipeline; what one rank sends, its neighbour receives.
+        boundaries, sequences, positions = shapes[name]
+        activation = sequences // m * positions * hidden * 4
+        assert sent["p2p"] == boundaries * 2 * m * activation / 2
+        assert r["p2p_received_bytes_per_step_per_rank"] == sent["p2p"]
+        pipe = r["pipeline"]
+        assert all(0 <= b <= 1 for b in pipe["bubble_measured_per_rank"]) and len(pipe["bubble_measured_per_rank"]) == 4
+        assert 0 < pipe["bubble_measured"] < 1
+        v = 2 if name.endswith("interleaved1f1b") else 1
+        assert (pipe["stages_per_rank"], pipe["microbatches"]) == (v, m)
+        assert pipe["bubble_theory"] == pytest.approx(1 / (v * m + 1))  # (p-1)/(v m + p-1), p = 2
+
+
 # -- bench/slow_links.py bytes in miniature ----------------------------------------------------
 
 
