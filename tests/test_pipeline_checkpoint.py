@@ -2,9 +2,10 @@
 against one process.
 
 One spawn of 4 ranks trains a chain of layouts, each resuming the previous one's checkpoint:
-PP 2 x FSDP 2 -> FSDP 4 -> PP 2 x TP 2 -> PP 2 x FSDP 2; its metrics must continue the
-uninterrupted one-process run, and a pipelined checkpoint must export the same model as the
-one-process checkpoint of that step. A second spawn makes the loss non-finite on the last stage
+PP 2 x FSDP 2 (the first stage holding only the embedding) -> FSDP 4 -> PP 2 x TP 2 -> PP 2 x
+FSDP 2; its metrics (loss, LR, gradient and weight norms, SNOO's outer norms) must continue the
+uninterrupted one-process run, its checkpoints must list every parameter in its param group, and
+a pipelined checkpoint must export the same model as the one-process checkpoint of that step. A second spawn makes the loss non-finite on the last stage
 only: every rank must stop with the same error, or skip the same steps, as one process does.
 """
 
