@@ -182,13 +182,21 @@ def split_state(tree: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[lis
 
 
 def _set_path(tree: Any, path: list, value: Any) -> None:
+    """Put a saved plain value into `tree`. A list the checkpoint holds longer than the tree's
+    grows: the param groups of a pipelined run name every stage's (trainer/state.py), and one
+    stage may have fewer groups than the checkpoint."""
     node = tree
-    for part in path[:-1]:
+    for part, after in zip(path[:-1], path[1:]):
         if isinstance(node, dict):
             node = node.setdefault(part, {})
         else:
+            if part == len(node):
+                node.append({} if isinstance(after, str) else [])
             node = node[part]
     last = path[-1]
+    if isinstance(node, list) and last == len(node):
+        node.append(value)
+        return
     old = node.get(last) if isinstance(node, dict) else node[last]
     node[last] = tuple(value) if isinstance(old, tuple) and isinstance(value, list) else value
 

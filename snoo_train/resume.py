@@ -41,12 +41,13 @@ STRUCTURAL_PREFIXES = {"data.": "other data or another data order"}
 STRUCTURAL_EXEMPT = {"data.cache_dir"}  # where tokens are cached, not what they are
 # Not compared: the model (checked against the checkpoint itself), where things are written,
 # how a run is resumed or displayed, how batches reach the device, and the layout within a
-# replica (tensor and expert parallelism: DCP reshards every DTensor, optimizer state
-# included, onto the new layout).
+# replica (tensor, expert and pipeline parallelism: DCP reshards every DTensor, optimizer state
+# included, onto the new layout; pipeline stages keep the whole model's names).
 IGNORED_PREFIXES = ("model.", "logging.", "checkpoint.", "trainer.profile.")
 IGNORED = {
     "run_dir", "trainer.resume", "trainer.archive_previous_run", "trainer.progress", "trainer.preemption_check_interval",
     "parallel.tp", "parallel.ep",
+    "parallel.pp", "parallel.pp_schedule", "parallel.pp_microbatches", "parallel.pp_layers_per_stage",
     # How batches reach the device, not which: the same batches in the same order either way.
     "data.prefetch", "data.pin_memory",
 }  # fmt: skip

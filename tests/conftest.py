@@ -146,10 +146,16 @@ def run_copy(finished_run, tmp_path) -> Path:
 
 def poison_losses(monkeypatch, steps: set[int]) -> None:
     """Make the training loss of the given optimizer steps NaN (as a bad batch or an overflow
-    would), counting one training forward per step (one micro-batch per step in these runs)."""
+    would), counting one training forward per step (one micro-batch per step in these runs) or,
+    under a pipeline, one `Pipeline.train` per step, whose micro-batch losses the last stage
+    computes (trainer/pipeline.py; torch's shape inference calls that loss once more, at step 1)."""
+    import torch
+
+    import snoo_train.trainer.pipeline as pipeline_module
     import snoo_train.trainer.step as step_module
 
     original, calls = step_module.causal_lm_loss, {"n": 0}
+    original_train, original_microbatch = pipeline_module.Pipeline.train, pipeline_module._next_token_loss
 
     def loss(model, batch, reduction="mean", router=None):
         out = original(model, batch, reduction=reduction, router=router)
@@ -159,7 +165,19 @@ def poison_losses(monkeypatch, steps: set[int]) -> None:
                 return out * float("nan")
         return out
 
+    def train(self, batch):
+        calls["n"] += 1
+        return original_train(self, batch)
+
+    def microbatch_loss(logits, labels, reduction="mean"):
+        out = original_microbatch(logits, labels, reduction)
+        # Not the forward-only evaluation (no grad there).
+        return out * float("nan") if torch.is_grad_enabled() and calls["n"] in steps else out
+
     monkeypatch.setattr(step_module, "causal_lm_loss", loss)
+    monkeypatch.setattr(pipeline_module.Pipeline, "train", train)
+    # Read when the Pipeline is built: patched before the Trainer is.
+    monkeypatch.setattr(pipeline_module, "_next_token_loss", microbatch_loss)
 
 
 def poison_gradients(monkeypatch, steps: set[int]) -> None:

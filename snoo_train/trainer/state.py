@@ -53,6 +53,29 @@ def agree(dist, decide: Callable[[], Any]) -> Any:
     return agree_on(dist, decide, _AGREED_ERRORS)
 
 
+def merge_param_groups(per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Every rank's optimizer param groups (as get_state_dict gives them: parameter names under
+    "params") as one list naming each parameter once. Groups are matched by their
+    hyper-parameters (every other key) and, among a rank's groups with equal ones, by order, not
+    by position alone: a stage without matrices (only the embedding) has fewer groups, and its
+    first must join the others' group of the same weight decay. Groups keep the order in which
+    they first appear (rank 0's first); names their first rank's order."""
+    merged: dict[tuple[str, int], dict[str, Any]] = {}
+    names: dict[tuple[str, int], set[str]] = {}
+    for groups in per_rank:
+        seen: dict[str, int] = {}
+        for group in groups:
+            hyper = {k: v for k, v in group.items() if k != "params"}
+            values = repr(sorted(hyper.items()))
+            key = (values, seen.get(values, 0))
+            seen[values] = key[1] + 1
+            target = merged.setdefault(key, {**hyper, "params": []})
+            have = names.setdefault(key, set())
+            target["params"] += [n for n in group["params"] if n not in have]
+            have.update(group["params"])
+    return list(merged.values())
+
+
 class RunState:
     """Owns the trainer's checkpoints: `checkpoint.interval`, the tree, saving, resuming."""
 
@@ -145,7 +168,12 @@ class RunState:
         steps since the last log were not read yet, and nothing non-finite may be published
         (trainer.nonfinite=stop raises here; skip makes the skip counters exact)."""
         self.trainer.policy.check(step)
-        self.checkpointer.save(step, self.tree(), self.meta(), blocking=blocking, rename=self._keys)
+        tree = self.tree()
+        if self.dist.pp > 1:
+            # Plain values are written from rank 0 alone, whose param groups name only its own
+            # stage's parameters: the saved groups name every stage's (one gather of names).
+            tree["optim"]["param_groups"] = merge_param_groups(gather_objects(tree["optim"]["param_groups"]))
+        self.checkpointer.save(step, tree, self.meta(), blocking=blocking, rename=self._keys)
         return os.path.join(self.dir, checkpoint_name(step))
 
     def _check_space(self) -> None:
@@ -240,6 +268,10 @@ class RunState:
         if self._restore_rng and t.loader.streaming:
             t.loader.load_rank_state(tree["data"][f"rank{self.dist.rank}"])
         t.scheduler.load_state_dict(state["scheduler"])
+        # Its per-group lists are the saving rank 0's, whose groups another pipeline stage or
+        # layout may not share: this rank's are those of its groups as loaded (by parameter name).
+        t.scheduler.base_lrs = [g["initial_lr"] for g in t.optimizer.param_groups]
+        t.scheduler._last_lr = [g["lr"] for g in t.optimizer.param_groups]
         t.step = int(state["step"])
         t.step_base, t.tokens_base = t.step, int(state.get("tokens", t.step * t.loader.tokens_per_step))
         t.policy.skipped_steps = int(state["skipped_steps"])
