@@ -10,6 +10,7 @@ wrote with single-process runs of the same configs made here (llama_tiny, untied
 * every other optimizer of the family on PP 2 x FSDP 2 (GPipe under one of them);
 * Mixtral: each stage adds its own layers' balancing loss, so the loss follows one process
   closely rather than exactly (the loss of a product over all layers is not a sum of stages);
+  expert parallelism inside the stages (EP 2) equals FSDP inside them;
 * DiLoCo's replicas around pipelines: 2 replicas x PP 2 equal 2 replicas x FSDP 2;
 * on every rank, the optimizer state keeps each parameter's mesh and placements, and step()
   issues no collective (DiLoCo: only its all-reduce over the replicas, at outer steps).
@@ -53,7 +54,8 @@ CASES = {
 }
 # DiLoCo, k=3: outer steps 3 and 6; the reference is the same replicas without the pipeline.
 DILOCO = ["parallel.replicas=2", "optim.k=3"] + SHORT
-DILOCO_CASES = {"diloco_fsdp": DILOCO, "diloco_pp": DILOCO + PP}
+# Layouts compared with another layout of the same run (not with one process).
+PAIRED = {"diloco_fsdp": DILOCO, "diloco_pp": DILOCO + PP, "moe_ep": CASES["moe"] + ["parallel.ep=2"]}
 EXACT = ["loss", "grad_norm", "weight_norm", "val_loss", "snoo/pseudo_grad_norm"]
 
 
@@ -85,7 +87,7 @@ def _recorded_fit(run_dir: str, overrides: list[str]) -> dict:
 
 def _all_cases(rank: int, world_size: int, out: str) -> None:
     held = {name: _recorded_fit(f"{out}/{name}", overrides) for name, overrides in CASES.items()}
-    for name, overrides in DILOCO_CASES.items():
+    for name, overrides in PAIRED.items():
         fit_layout(f"{out}/{name}", UNTIED + overrides)
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(held, f)
@@ -141,6 +143,12 @@ def test_moe_pipeline_follows_one_process(pp_runs, one_process):
             assert sum(a[key]) == pytest.approx(1.0, abs=1e-5), (a["step"], key)
             if a["step"] == 1:
                 assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_expert_parallel_stages_equal_fsdp_stages(pp_runs):
+    got, want = read_records(pp_runs / "moe_ep"), read_records(pp_runs / "moe")
+    assert_records_match(got, want, ["loss", "grad_norm", "weight_norm", "val_loss", "moe/aux_loss"], rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.slow
