@@ -50,6 +50,7 @@ CASES = {
     "ema_nesterov": PP + SHORT + ["optim=ema_nesterov_adamw"],
     "schedule_free": PP + SHORT + ["optim=schedule_free_adamw"],
     "muon": PP + SHORT + ["optim=muon"],
+    "checkpointed": PP + SHORT + ["trainer.activation_checkpointing=true"],
     "moe": PP + SHORT + ["model=moe_tiny"],
 }
 # DiLoCo, k=3: outer steps 3 and 6; the reference is the same replicas without the pipeline.

@@ -143,10 +143,8 @@ def parallelize(
     (on `mesh["shard"]`); `diloco` changes nothing on a 1-D mesh.
 
     Mixed precision is applied by FSDP, so a bf16 `param_dtype` needs a mesh (a one-rank mesh
-    is fine); without one, use `torch.autocast` in the training loop instead.
-
-    `pipeline_stage=True`: FSDP keeps the stage's layers gathered across the step's micro-batches
-    (one all-gather per step, not one per micro-batch; the zero-bubble schedules need it).
+    is fine); without one, use `torch.autocast` in the training loop instead. A
+    `pipeline_stage` keeps its layers gathered across micro-batches (see `apply_fsdp`).
     """
     if mesh is None and param_dtype not in (None, torch.float32):
         raise ValueError(
@@ -176,8 +174,6 @@ def parallelize(
     if mesh is not None:
         if diloco and mesh.ndim == 2:
             mesh = mesh["shard"]
-        apply_fsdp(
-            model, mesh, param_dtype=param_dtype, efsdp_mesh=efsdp_mesh if ep else None,
-            reshard_after_forward=not pipeline_stage,
-        )  # fmt: skip
+        efsdp = efsdp_mesh if ep else None
+        apply_fsdp(model, mesh, param_dtype=param_dtype, efsdp_mesh=efsdp, reshard_after_forward=not pipeline_stage)
     return model
