@@ -42,6 +42,7 @@ import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 from common import REPO, compose_config, repo_path
@@ -154,6 +155,40 @@ def summarise(runs: list[tuple[int, Spec]], pairs: list[str], epochs: list[int])
     return out
 
 
+def _norm_at(curve: dict, fraction: float) -> float | None:
+    """The logged weight norm at the first logged step >= fraction x the last one."""
+    steps, norms = curve.get("norm_step") or [], curve.get("weight_norm") or []
+    if not steps:
+        return None
+    at = fraction * steps[-1]
+    return next(n for s, n in zip(steps, norms) if s >= at)
+
+
+def weight_norms(runs: list[tuple[int, Spec]], pairs: list[str], epochs: list[int]) -> dict:
+    """The paper's observation 1, per pair and E: each side's final weight norm (SNOO: its slow
+    weights) and its change over the last 20% of steps (< 0: still falling late), over seeds,
+    and the paired difference SNOO - inner of the final norm."""
+    out = {}
+    for pair in pairs:
+        inner, snoo, _ = PAIRS[pair]
+        rows = {}
+        for e in epochs:
+            curves = {side: {s.seed: s.curve for E, s in runs if s.optim == side and E == e and s.curve}
+                      for side in (inner, snoo)}  # fmt: skip
+            seeds = sorted(set(curves[inner]) & set(curves[snoo]))
+            row: dict[str, Any] = {}
+            for side in (inner, snoo):
+                final = [_norm_at(curves[side][s], 1.0) for s in seeds]
+                late = [_norm_at(curves[side][s], 1.0) - _norm_at(curves[side][s], 0.8) for s in seeds]
+                row[side] = {"final": seed_spread(final), "late_change": seed_spread(late)}
+            row["snoo_minus_inner"] = seed_spread([
+                _norm_at(curves[snoo][s], 1.0) - _norm_at(curves[inner][s], 1.0) for s in seeds
+            ])  # fmt: skip
+            rows[str(e)] = row
+        out[pair] = rows
+    return out
+
+
 def draw(report: dict, runs: list[tuple[int, Spec]], out: Path) -> None:
     pairs, epochs = report["settings"]["pairs"], report["settings"]["epochs"]
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(17, 4.6))
@@ -201,6 +236,12 @@ def print_table(report: dict) -> None:
         for e, row in rows.items():
             cells = [f"{_number(row[k]['mean']):.4f} +- {_number(row[k]['std']):.4f}" for k in (inner, snoo, "gap")]
             print(f"{e:>3} {cells[0]:>20} {cells[1]:>24} {cells[2]:>22}  {row['verdict'].get('verdict')}")
+        print(f"\n{'E':>3} {'weight norm: ' + inner:>24} {snoo:>16} {'SNOO - inner':>16}   last 20% of steps: {inner}, {snoo}")
+        for e, row in report.get("weight_norms", {}).get(pair, {}).items():
+            cells = [f"{_number(row[k]['final']['mean']):.2f} +- {_number(row[k]['final']['std']):.2f}" for k in (inner, snoo)]
+            diff = row["snoo_minus_inner"]
+            late = [f"{_number(row[k]['late_change']['mean']):+.2f}" for k in (inner, snoo)]
+            print(f"{e:>3} {cells[0]:>24} {cells[1]:>16} {_number(diff['mean']):>+9.2f} +- {_number(diff['std']):.2f}   {late[0]}, {late[1]}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -271,8 +312,11 @@ def main(argv: list[str] | None = None) -> dict:
         "winners": {side: {"lr": s.lr, "lr_key": s.lr_key, "k": s.k, "eta": s.eta, "mu": s.mu,
                            "final_val_loss": s.final_val_loss} for side, s in winners.items()},  # fmt: skip
         "table": summarise(runs, pairs, epochs),
+        "weight_norms": weight_norms(runs, pairs, epochs),
         "runs": [{**asdict(s), "run_dir": repo_path(s.run_dir), "epochs": e} for e, s in runs],
         "wall_time_s": time.time() - t0,
+        # What the runs took, reused ones included (their own wall times, over the parallel jobs).
+        "runs_wall_time_s": sum(s.wall_time_s or 0.0 for _, s in runs) / args.jobs,
     }
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(finite_or_null(report), indent=2) + "\n")

@@ -78,7 +78,8 @@ class _AuxiliaryLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
         ctx.aux_shape, ctx.aux_dtype = aux.shape, aux.dtype
-        return hidden.view_as(hidden)
+        # A copy, not a view: FSDP cannot keep its pre-backward hook on a returned view.
+        return hidden.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
