@@ -143,7 +143,8 @@ class StageModel(nn.Module):
         hidden = self._balance(hidden)
         if self.last:
             return self.lm_head(self.model.norm(hidden))
-        return hidden.to_local() if isinstance(hidden, DTensor) else hidden
+        # Sent to the next stage as a plain tensor; a copy, not the DTensor's view (see _AuxiliaryLoss).
+        return hidden.to_local().clone() if isinstance(hidden, DTensor) else hidden
 
     def _keep_router_logits(self, module: nn.Module, args, output) -> None:
         if self.router_stats is not None and torch.is_grad_enabled():
