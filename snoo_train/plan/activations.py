@@ -88,3 +88,21 @@ def loss_bytes(b: int, s: int, vocab: int) -> int:
     """Cross-entropy over fp32 logits: log_softmax's output, its gradient and its input's
     gradient alive together at the start of backward."""
     return 12 * b * s * vocab
+
+
+def pipeline_chunk_bytes(
+    m: Any, layers: int, b: int, s: int, dt: int, tp: int = 1, *, checkpointing: bool, first: bool, last: bool
+) -> int:
+    """What one micro-batch keeps on a pipeline stage of `layers` decoder layers from its forward
+    to its backward, the logits aside (plan/pipeline.py): the layers' saved tensors (their inputs
+    under checkpointing) and what torch's stage holds for the backward: its output (dt s b h / T),
+    or on the last stage the final norm's tensors; and its received input, unless autograd keeps
+    it already (a checkpointed layer's input; in fp32 the first norm's saved x)."""
+    sbh = s * b * m.hidden_size
+    if checkpointing:
+        kept = layers * dt * sbh // tp
+    else:
+        kept = layers * layer_bytes(m, b, s, dt, tp)
+        if not first and layers and dt != 4:
+            kept += dt * sbh // tp
+    return kept + (_norm_bytes(sbh, dt, tp) if last else dt * sbh // tp)
