@@ -242,6 +242,8 @@ def test_pipeline_rank_holds_its_stage_share(tmp_path):
         # The whole stage gathered (fp32 here) and its fp32 accumulated gradient, one layer's fresh gradient.
         assert plan.fsdp_buffer_bytes == 4 * numel[stage] + 4 * numel[stage] + 4 * LAYER
         assert plan.micro_batch == 8 // 2 // 2  # batch / data-parallel ranks / micro-batches (one per stage)
+        # torch's receive buffers, one per micro-batch: gradients into stage 0, activations into stage 1
+        assert plan.pipeline_buffer_bytes == 2 * 4 * (2 * 64 * H)
 
 
 def test_pipeline_activations_follow_the_schedule(tmp_path):

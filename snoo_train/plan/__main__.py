@@ -127,6 +127,7 @@ def format_plan(plan, cfg: Config, memory: int | None, last=None, stages=None) -
         ("logits + cross-entropy (fp32)", plan.loss_bytes),
         ("FSDP stage gathered + fp32 grads (pp)" if plan.stages else "FSDP unsharded params/grads in flight",
          plan.fsdp_buffer_bytes),
+        *([("pipeline receive buffers (pp)", plan.pipeline_buffer_bytes)] if plan.stages else []),
         ("optimizer step temporaries", plan.optimizer_temp_bytes),
     ]
     lines = [

@@ -72,6 +72,7 @@ class MemoryPlan:
     activation_bytes_without_ac: int
     loss_bytes: int
     fsdp_buffer_bytes: int  # unsharded parameters and gradients in flight (the backward moment)
+    pipeline_buffer_bytes: int  # parallel.pp: torch's receive buffers, one per micro-batch and input
     optimizer_temp_bytes: int
     loss_moment_bytes: int
     backward_moment_bytes: int
@@ -239,12 +240,12 @@ def _step(cfg: Config, model: Any, params: list[LocalParam], share: RankShare | 
         step = pipeline_step(cfg, share, params, world_size=world_size, vocab=vocab, dt=dt, checkpointing=checkpointing)
         step["loss_moment"] += static if share.last else 0  # only the last stage computes a loss
         step["backward_moment"] += static
-        return step | {"optimizer_moment": optimizer}
+        return step | {"optimizer_moment": optimizer + step["buffers"]}
     acts = _activations(cfg, model, world_size, dt)
     fsdp = _fsdp_bytes(cfg, params, world_size, dt)
     loss, backward = _moments(cfg, states, acts, fsdp, dt, checkpointing)
     return {
-        "micro_batch": acts["micro_batch"], "chunks_in_flight": 0,
+        "micro_batch": acts["micro_batch"], "chunks_in_flight": 0, "buffers": 0,
         "activations": acts["stored_ac"] + acts["layer"] if checkpointing else acts["stored_no_ac"],
         "loss": acts["loss"], "fsdp": fsdp[2] if fsdp[3] else 0,
         "loss_moment": loss, "backward_moment": backward, "optimizer_moment": optimizer,
@@ -271,7 +272,7 @@ def _plan(cfg: Config, model: Any, world_size: int, rank: int) -> MemoryPlan:
         world_size=world_size, rank=rank, micro_batch=step["micro_batch"], compute_bytes=dt, **public,
         activation_bytes=step["activations"],
         activation_bytes_with_ac=on["activations"], activation_bytes_without_ac=off["activations"],
-        loss_bytes=step["loss"], fsdp_buffer_bytes=step["fsdp"],
+        loss_bytes=step["loss"], fsdp_buffer_bytes=step["fsdp"], pipeline_buffer_bytes=step["buffers"],
         optimizer_temp_bytes=_optimizer_temp_bytes(cfg, states["_local"]),
         loss_moment_bytes=step["loss_moment"], backward_moment_bytes=step["backward_moment"],
         optimizer_moment_bytes=step["optimizer_moment"],

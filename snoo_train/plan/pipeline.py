@@ -18,7 +18,10 @@ under torch.distributed.pipelining 2.13), per pipeline rank of N unsharded (tp-l
   sequences (data-parallel ranks = world / (tp x pp); config.pipeline_microbatches). One a stage
   has run forward on but not yet backward keeps its saved tensors and what torch's stage holds
   for it (activations.pipeline_chunk_bytes); on the last stage also the logits (dt) and
-  log_softmax's fp32 output, (4 + dt) b s V (V / tp with parallel.loss_parallel).
+  log_softmax's fp32 output, (4 + dt) b s V (V / tp with parallel.loss_parallel);
+* torch's stages keep a receive buffer per micro-batch for each input they receive (activations
+  on a later stage, gradients on an earlier one; activations.pipeline_buffer_bytes), at every
+  moment from the first step on.
 
 Micro-batches in flight on pipeline rank r of P, M micro-batches, v stages per rank (`in_flight`,
 read off torch's schedules; a chunk is one stage's micro-batch):
@@ -57,7 +60,12 @@ from typing import Any
 
 from snoo_train.config import ConfigError, pipeline_microbatches, pipeline_stages_per_rank
 from snoo_train.models.pipeline import split_layers, stages_of_rank
-from snoo_train.plan.activations import backward_transient_bytes, layer_bytes, pipeline_chunk_bytes
+from snoo_train.plan.activations import (
+    backward_transient_bytes,
+    layer_bytes,
+    pipeline_buffer_bytes,
+    pipeline_chunk_bytes,
+)
 from snoo_train.plan.layout import LocalParam, unsharded_numel
 
 FP32 = 4
@@ -185,12 +193,16 @@ def pipeline_step(cfg: Any, share: RankShare, params: list[LocalParam], *, world
     transient = backward_transient_bytes(m, b, s, dt, p.tp) + dt * group + recompute
     first, later = held(k.first, k.last_first), grads + held(k.later, k.last_later)
     ce = 2 * FP32 * b * s * vocab  # the current micro-batch's log_softmax gradient and its input's
+    total = p.pp * pipeline_stages_per_rank(p)
+    receives = sum(stage > 0 for stage in share.stages) + sum(stage < total - 1 for stage in share.stages)
+    buffers = pipeline_buffer_bytes(m, b, s, dt, p.tp, microbatches=micro, receives=receives)
     return {
         "micro_batch": b,
         "chunks_in_flight": k.first,
         "activations": max(held(k.first, k.last_first, False), held(k.later, k.last_later, False)) + recompute,
         "loss": (logits * k.last_first + ce) if share.last else 0,
         "fsdp": gathered + grads + dt * group,
-        "loss_moment": gathered + max(first, later) + ce if share.last else 0,
-        "backward_moment": gathered + max(first + transient, later + transient, grads + FP32 * group),
+        "buffers": buffers,  # every moment's, the optimizer's too
+        "loss_moment": buffers + gathered + max(first, later) + ce if share.last else 0,
+        "backward_moment": buffers + gathered + max(first + transient, later + transient, grads + FP32 * group),
     }
