@@ -2,7 +2,7 @@
 
     python bench/plan_check.py                       # 12 runs: adamw, snoo_adamw x AC off/on x ws 1, 2, 4
     python bench/plan_check.py --world-sizes 1 --optims adamw --checkpointing off model=llama_tiny
-    python bench/plan_check.py --world-sizes 4 --schedules 1F1B GPipe Interleaved1F1B --out bench/results/plan_check_cpu_pp.json parallel.pp=2 parallel.pp_microbatches=4 model.tie_embeddings=false
+    python bench/plan_check.py --world-sizes 2 4 --schedules 1F1B GPipe Interleaved1F1B --out bench/results/plan_check_cpu_pp.json parallel.pp=2 parallel.pp_microbatches=4 model.tie_embeddings=false
 
 Trailing key=value overrides replace the defaults below (the test suite runs it on llama_tiny).
 
