@@ -36,9 +36,9 @@ read off torch's schedules; a chunk is one stage's micro-batch):
 
 The last stage keeps 1 micro-batch in flight under 1F1B and Interleaved1F1B, all under GPipe.
 The zero-bubble schedules are refused (`check_plannable`): between a micro-batch's input pass and
-its weight pass torch keeps its whole graph (under checkpointing the recomputed activations
-too) and the gradients at the weights' inputs, for up to P micro-batches (2P - 1 under ZBV);
-this planner does not count that.
+its weight pass torch keeps its whole graph (retain_graph; what checkpointing then keeps of the
+recomputed layers was not measured) and the gradients at the weights' inputs, for up to P
+micro-batches (2P - 1 under ZBV; counted off torch's orders): this planner does not count that.
 
 Moments (memory.py takes the largest, with its optimizer moment: sharded gradients and the
 step's temporaries once the reduce has freed what was gathered):
