@@ -2,6 +2,7 @@
 
     python bench/plan_check.py                       # 12 runs: adamw, snoo_adamw x AC off/on x ws 1, 2, 4
     python bench/plan_check.py --world-sizes 1 --optims adamw --checkpointing off model=llama_tiny
+    python bench/plan_check.py --world-sizes 2 4 --schedules 1F1B GPipe Interleaved1F1B --out bench/results/plan_check_cpu_pp.json parallel.pp=2 parallel.pp_microbatches=4 model.tie_embeddings=false
 
 Trailing key=value overrides replace the defaults below (the test suite runs it on llama_tiny).
 
@@ -74,7 +75,8 @@ def worker(out_dir: str, overrides: list[str], steps: int) -> None:
 
     cfg = compose_config(overrides, tempfile.mkdtemp(prefix="plan_check_"))
     validate_config(cfg, world_size=env_world_size())
-    info = init_distributed("cpu")
+    p = cfg.parallel
+    info = init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp)
     trainer = MeasuredTrainer(cfg, info)
     for step in range(1, steps + 1):
         trainer.train_step(step)
@@ -101,7 +103,8 @@ def measure(overrides: list[str], world_size: int, steps: int) -> list[dict]:
 
 def check(optim: str, ac: bool, world_size: int, steps: int, extra: list[str]) -> dict:
     overrides = [*BASE, f"optim={optim}", f"trainer.activation_checkpointing={str(ac).lower()}", *extra]
-    plan = estimate(compose_config(overrides, "."), world_size)
+    cfg = compose_config(overrides, ".")
+    plan = estimate(cfg, world_size)
     ranks = measure(overrides, world_size, steps)
     measured = max(r["peak_rise_bytes"] for r in ranks)
     return {
@@ -109,6 +112,8 @@ def check(optim: str, ac: bool, world_size: int, steps: int, extra: list[str]) -
         "planned_peak_bytes": plan.peak_bytes, "measured_peak_bytes": measured,
         "ratio_measured_over_planned": measured / plan.peak_bytes,
         "measured_per_rank_bytes": [r["peak_rise_bytes"] for r in ranks], "plan": plan.as_dict(),
+        # Each rank's own plan: under parallel.pp the stages differ (plan/pipeline.py).
+        "planned_per_rank_bytes": [estimate(cfg, world_size, rank=r).peak_bytes for r in range(world_size)],
     }  # fmt: skip
 
 
@@ -117,6 +122,8 @@ def main() -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--optims", nargs="+", default=["adamw", "snoo_adamw"])
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
+    parser.add_argument("--schedules", nargs="+", default=[None],
+                        help="parallel.pp_schedule of each run (with parallel.pp > 1 among the overrides)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "plan_check_cpu.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -126,14 +133,14 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, overrides, args.steps)
     rows = []
-    print(f"{'optim':<12}{'AC':>4}{'ws':>4}{'planned MiB':>13}{'measured MiB':>14}{'ratio':>8}")
-    for optim in args.optims:
-        for ac in [c == "on" for c in args.checkpointing]:
-            for ws in args.world_sizes:
-                r = check(optim, ac, ws, args.steps, overrides)
-                rows.append(r)
-                print(f"{optim:<12}{'on' if ac else 'off':>4}{ws:>4}{r['planned_peak_bytes'] / 2**20:>13.1f}"
-                      f"{r['measured_peak_bytes'] / 2**20:>14.1f}{r['ratio_measured_over_planned']:>8.3f}", flush=True)  # fmt: skip
+    print(f"{'schedule':<16}{'optim':<12}{'AC':>4}{'ws':>4}{'planned MiB':>13}{'measured MiB':>14}{'ratio':>8}")
+    runs = [(s, o, c == "on", ws) for s in args.schedules for o in args.optims for c in args.checkpointing for ws in args.world_sizes]
+    for schedule, optim, ac, ws in runs:
+        extra = overrides + ([f"parallel.pp_schedule={schedule}"] if schedule else [])
+        r = check(optim, ac, ws, args.steps, extra) | ({"pp_schedule": schedule} if schedule else {})
+        rows.append(r)
+        print(f"{schedule or '-':<16}{optim:<12}{'on' if ac else 'off':>4}{ws:>4}{r['planned_peak_bytes'] / 2**20:>13.1f}"
+              f"{r['measured_peak_bytes'] / 2**20:>14.1f}{r['ratio_measured_over_planned']:>8.3f}", flush=True)  # fmt: skip
     ratios = [r["ratio_measured_over_planned"] for r in rows]
     report = {
         "benchmark": "plan_check",
@@ -142,7 +149,8 @@ def main() -> None:
         "overrides": BASE + overrides,
         "steps": args.steps,
         "measurement": "per rank: VmHWM during the steps minus VmRSS before the model is built (clear_refs 5), "
-        "MALLOC_MMAP_THRESHOLD_=65536; the max over ranks; planned: rank 0's peak_bytes",
+        "MALLOC_MMAP_THRESHOLD_=65536; the max over ranks; planned: estimate's peak_bytes (rank 0's, or under "
+        "parallel.pp the pipeline rank's with the largest peak); planned_per_rank_bytes: each rank's own plan",
         "ratio_min": min(ratios), "ratio_max": max(ratios),
         "rows": rows,
     }  # fmt: skip

@@ -9,11 +9,14 @@ parameters, gradients, inner and outer optimizer state, SkipMask's snapshot, act
 and without checkpointing, FSDP2's in-flight buffers, the loss's logits, and the peak
 (snoo_train/plan/memory.py, plan/layout.py, plan/activations.py say how).
 
-From Python: `estimate(cfg, world_size)` returns a `MemoryPlan` of integer byte counts.
+From Python: `estimate(cfg, world_size)` returns a `MemoryPlan` of integer byte counts, for the
+rank with the largest peak; under parallel.pp `estimate_stages` gives every pipeline rank's
+(plan/pipeline.py: a stage's share of the states, its whole stage gathered, the micro-batches
+its schedule keeps in flight).
 """
 
 from __future__ import annotations
 
-from snoo_train.plan.memory import MemoryPlan, estimate
+from snoo_train.plan.memory import MemoryPlan, estimate, estimate_stages
 
-__all__ = ["MemoryPlan", "estimate"]
+__all__ = ["MemoryPlan", "estimate", "estimate_stages"]

@@ -5,6 +5,7 @@ on N ranks (world_size=1 by default). Exit status: 0 when it fits `--device-memo
 given), 1 when its peak does not fit, 2 for bad input (a bad override or value, one line).
 The plan is for an accelerator (bf16 compute, as trainer.mixed_precision=auto picks there)
 unless trainer.device=cpu or trainer.mixed_precision=fp32; --json prints the MemoryPlan's fields.
+Under parallel.pp the table is for the pipeline rank with the largest peak, each rank's peak above it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import re
 import sys
 
-from snoo_train.config import Config, ConfigError
+from snoo_train.config import Config, ConfigError, pipeline_microbatches
 
 # What the planner takes besides the trainer's overrides (tests/test_docs.py reads these too).
 CLI_OPTIONS = ("--device-memory", "--json", "--help", "-h")
@@ -78,8 +79,41 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:10.3f} GiB"
 
 
-def format_plan(plan, cfg: Config, memory: int | None, last=None) -> str:
-    """The plan as the table the CLI prints; `last`: the last rank's plan (the smallest shards)."""
+def _held(plan, cfg: Config) -> str:
+    """What a pipeline rank holds, e.g. 'stage 0: decoder layers 0-3, embedding'."""
+    from snoo_train.config import pipeline_stages_per_rank
+
+    runs: list[list[int]] = []  # consecutive layers as first-last
+    for i in plan.layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    spans = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+    parts = [f"decoder layers {spans}" if runs else "no decoder layer"]
+    if 0 in plan.stages:
+        parts.append("embedding")
+    if cfg.parallel.pp * pipeline_stages_per_rank(cfg.parallel) - 1 in plan.stages:
+        parts.append("final norm + head")
+    return f"stage{'s' if len(plan.stages) > 1 else ''} {', '.join(map(str, plan.stages))}: {', '.join(parts)}"
+
+
+def _whose(plan, cfg: Config, stages) -> list[str]:
+    """Which rank the table is for; under pp, every pipeline rank's peak besides."""
+    if not stages:
+        return [f"per rank (rank {plan.rank}: its shards are the largest); device memory:"]
+    p = cfg.parallel
+    lines = [f"pipeline: pp {p.pp}, {p.pp_schedule}, {pipeline_microbatches(p)} micro-batches per step; each pipeline "
+             f"rank's peak (the first rank of its stage, whose shards are the largest):"]  # fmt: skip
+    lines += [f"  pp rank {q.pp_rank} (rank {q.rank}, {_held(q, cfg)}; {q.chunks_in_flight} micro-batch(es) in "
+              f"flight): {q.peak_bytes / 2**30:.3f} GiB" for q in stages]  # fmt: skip
+    lines.append(f"rank {plan.rank} (pp rank {plan.pp_rank}, {_held(plan, cfg)}: the largest peak); device memory:")
+    return lines
+
+
+def format_plan(plan, cfg: Config, memory: int | None, last=None, stages=None) -> str:
+    """The plan as the table the CLI prints; `last`: the last rank's plan (the smallest shards);
+    `stages`: under pipeline parallelism, every pipeline rank's plan."""
     ac = cfg.trainer.activation_checkpointing
     moment = max(("loss", plan.loss_moment_bytes), ("backward", plan.backward_moment_bytes),
                  ("optimizer", plan.optimizer_moment_bytes), key=lambda kv: kv[1])[0]  # fmt: skip
@@ -91,14 +125,16 @@ def format_plan(plan, cfg: Config, memory: int | None, last=None) -> str:
         ("SkipMask snapshot (nonfinite=skip)", plan.snapshot_bytes),
         (f"activations (checkpointing {'on' if ac else 'off'})", plan.activation_bytes),
         ("logits + cross-entropy (fp32)", plan.loss_bytes),
-        ("FSDP unsharded params/grads in flight", plan.fsdp_buffer_bytes),
+        ("FSDP stage gathered + fp32 grads (pp)" if plan.stages else "FSDP unsharded params/grads in flight",
+         plan.fsdp_buffer_bytes),
+        *([("pipeline receive buffers (pp)", plan.pipeline_buffer_bytes)] if plan.stages else []),
         ("optimizer step temporaries", plan.optimizer_temp_bytes),
     ]
     lines = [
         f"memory plan: model {cfg.model.name}, optim {cfg.optim.name}, world size {plan.world_size} "
-        f"(replicas {cfg.parallel.replicas}, tp {cfg.parallel.tp}, ep {cfg.parallel.ep}), micro-batch "
+        f"(replicas {cfg.parallel.replicas}, tp {cfg.parallel.tp}, ep {cfg.parallel.ep}, pp {cfg.parallel.pp}), micro-batch "
         f"{plan.micro_batch} x {cfg.data.seq_len} tokens, compute {'bf16' if plan.compute_bytes == 2 else 'fp32'}",
-        f"per rank (rank {plan.rank}: its shards are the largest); device memory:",
+        *_whose(plan, cfg, stages),
     ]
     lines += [f"  {name:<42}{_gib(n)}" for name, n in rows]
     lines.append(f"  {'peak (at the ' + moment + ' moment)':<42}{_gib(plan.peak_bytes)}")
@@ -121,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.strip())
         return 0
-    from snoo_train.plan.memory import estimate
+    from snoo_train.plan.memory import estimate, estimate_stages
 
     try:
         overrides, world_size, memory, as_json = parse_args(argv)
         cfg = compose_training_config(overrides)
-        plan = estimate(cfg, world_size)
-        last = estimate(cfg, world_size, rank=world_size - 1) if world_size > 1 else None
+        stages = estimate_stages(cfg, world_size) if cfg.parallel.pp > 1 else None
+        # Under pp the table is the pipeline rank's with the largest peak (estimate's default).
+        plan = max(stages, key=lambda q: q.peak_bytes) if stages else estimate(cfg, world_size)
+        last = estimate(cfg, world_size, rank=world_size - 1) if world_size > 1 and not stages else None
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -135,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         out = plan.as_dict() | ({"device_memory_bytes": memory, "fits": plan.peak_bytes <= memory} if memory else {})
         print(json.dumps(out, indent=2))
     else:
-        print(format_plan(plan, cfg, memory, last))
+        print(format_plan(plan, cfg, memory, last, stages))
     return 0 if memory is None or plan.peak_bytes <= memory else 1
 
 

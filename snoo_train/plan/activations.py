@@ -88,3 +88,26 @@ def loss_bytes(b: int, s: int, vocab: int) -> int:
     """Cross-entropy over fp32 logits: log_softmax's output, its gradient and its input's
     gradient alive together at the start of backward."""
     return 12 * b * s * vocab
+
+
+def pipeline_chunk_bytes(
+    m: Any, layers: int, b: int, s: int, dt: int, tp: int = 1, *, checkpointing: bool, first: bool, last: bool
+) -> int:
+    """What one micro-batch keeps on a pipeline stage of `layers` decoder layers from its forward
+    to its backward, the logits aside (plan/pipeline.py): the layers' saved tensors (their inputs
+    under checkpointing) and what torch's stage holds for the backward: its output (dt s b h / T),
+    or on the last stage the final norm's tensors. A later stage's input is torch's receive
+    buffer, counted apart (pipeline_buffer_bytes): what autograd saves of it is not counted again
+    (a checkpointed first layer's input; in fp32 the first norm's x, which is the input itself)."""
+    sbh = s * b * m.hidden_size
+    received = 0 if first or not layers else (dt * sbh if checkpointing else (4 * sbh if dt == 4 else 0))
+    each = dt * sbh // tp if checkpointing else layer_bytes(m, b, s, dt, tp)
+    kept = layers * each - received // tp
+    return kept + (_norm_bytes(sbh, dt, tp) if last else dt * sbh // tp)
+
+
+def pipeline_buffer_bytes(m: Any, b: int, s: int, dt: int, tp: int, *, microbatches: int, receives: int) -> int:
+    """torch's PipelineStage allocates a receive buffer per micro-batch, once, for every stage
+    input it receives (activations on a later stage, gradients on an earlier one), each one
+    sequence shard of hidden states in the compute dtype: kept for the whole run."""
+    return receives * microbatches * dt * s * b * m.hidden_size // tp

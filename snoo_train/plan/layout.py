@@ -18,6 +18,8 @@ cuts it, in the trainer's order (models/parallelize.py):
 Rank r is tp rank r % T of data-parallel rank r // T, whose shard index is (r // T) % S
 (snoo_train/dist.py); under EP that index is efsdp * E + ep. Rank 0 holds the first chunk of
 every parameter, which is never smaller than another rank's: its figures are the maximum.
+Under pipeline parallelism (`pp` > 1) S = world / (replicas x pp x T), the ranks of one stage, and
+each rank holds its stage's parameters only (plan/pipeline.py: `RankShare.holds`).
 """
 
 from __future__ import annotations
@@ -87,18 +89,21 @@ def _layer_index(name: str) -> int | None:
     return None
 
 
-def rank_coordinates(rank: int, world_size: int, replicas: int, tp: int, ep: int) -> tuple[int, int]:
+def rank_coordinates(rank: int, world_size: int, replicas: int, tp: int, ep: int, pp: int = 1) -> tuple[int, int]:
     """(FSDP shard index, efsdp index) of `rank` on the trainer's mesh."""
-    shard = mesh_dims(world_size, replicas, tp, ep)["shard"]
+    shard = mesh_dims(world_size, replicas, tp, ep, pp)["shard"]
     s = (rank // tp) % shard
     return s, s // ep
 
 
-def local_params(model: nn.Module, *, world_size: int, rank: int, replicas: int, tp: int, ep: int) -> list[LocalParam]:
+def local_params(
+    model: nn.Module, *, world_size: int, rank: int, replicas: int, tp: int, ep: int, pp: int = 1
+) -> list[LocalParam]:
     """Every trainable parameter of `model` (built on the meta device, not parallelized; a tied
-    weight once) as rank `rank` holds it under the trainer's layout for this world size."""
-    shard = mesh_dims(world_size, replicas, tp, ep)["shard"]
-    s, efsdp_index = rank_coordinates(rank, world_size, replicas, tp, ep)
+    weight once) as rank `rank` holds it under the trainer's layout for this world size (under
+    pipeline parallelism: as the ranks of one stage would shard it, whichever stage holds it)."""
+    shard = mesh_dims(world_size, replicas, tp, ep, pp)["shard"]
+    s, efsdp_index = rank_coordinates(rank, world_size, replicas, tp, ep, pp)
     moe = model.config.model_type == "mixtral"
     out = []
     for name, p in model.named_parameters():  # named_parameters yields a tied weight once

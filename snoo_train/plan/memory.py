@@ -20,6 +20,9 @@ Always present: parameters (fp32 master weights, FSDP2's padded shard), inner an
 state and, with trainer.nonfinite=skip, SkipMask's snapshot of parameters and state. With
 trainer.grad_accum > 1 the gradients are also held through the later micro-batches.
 Outer state with optim.outer_state_device=cpu (and its snapshot) is host memory, reported apart.
+Under pipeline parallelism (parallel.pp > 1) the states are the rank's stage share and the loss
+and backward moments are plan/pipeline.py's (the stage stays gathered, gradients accumulate
+unsharded, several micro-batches are in flight); the optimizer moment is the same.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from snoo_train.plan.activations import (
     stored_activation_bytes,
 )
 from snoo_train.plan.layout import LocalParam, local_params, unsharded_numel
+from snoo_train.plan.pipeline import (
+    RankShare,
+    check_plannable,
+    pipeline_ranks,
+    pipeline_step,
+    rank_share,
+)
 
 FP32 = 4
 STEP_SCALAR = 4  # AdamW's and Muon's per-parameter `step`, a 0-d fp32 tensor
@@ -62,6 +72,7 @@ class MemoryPlan:
     activation_bytes_without_ac: int
     loss_bytes: int
     fsdp_buffer_bytes: int  # unsharded parameters and gradients in flight (the backward moment)
+    pipeline_buffer_bytes: int  # parallel.pp: torch's receive buffers, one per micro-batch and input
     optimizer_temp_bytes: int
     loss_moment_bytes: int
     backward_moment_bytes: int
@@ -69,8 +80,14 @@ class MemoryPlan:
     peak_bytes: int
     peak_bytes_with_ac: int
     peak_bytes_without_ac: int
+    # Pipeline parallelism (plan/pipeline.py; 0 and empty without): this rank's pipeline rank, the
+    # stages and decoder layers it holds, its micro-batches in flight at the first backward.
+    pp_rank: int = 0
+    stages: list[int] = dataclasses.field(default_factory=list)
+    layers: list[int] = dataclasses.field(default_factory=list)
+    chunks_in_flight: int = 0
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
@@ -192,8 +209,8 @@ def _activations(cfg: Config, model: Any, world_size: int, dt: int) -> dict[str,
     }
 
 
-def _moments(cfg, states, acts, fsdp, dt, checkpointing: bool) -> tuple[int, int, int]:
-    """(loss, backward, optimizer) moments of a step with or without checkpointing."""
+def _moments(cfg, states, acts, fsdp, dt, checkpointing: bool) -> tuple[int, int]:
+    """(loss, backward) moments of an unpipelined step with or without checkpointing."""
     root, layer, backward_buffers, sharded = fsdp
     static = sum(v for k, v in states.items() if k in _DEVICE_STATE)
     held_grads = states["grad_bytes"] if cfg.trainer.grad_accum > 1 else 0
@@ -205,41 +222,100 @@ def _moments(cfg, states, acts, fsdp, dt, checkpointing: bool) -> tuple[int, int
     # checkpointing) or the first layer's (every gradient made, one layer's activations left).
     first = static + held_grads + stored + (acts["layer"] if checkpointing else 0) + in_flight
     last = static + states["grad_bytes"] + acts["layer"] + in_flight
-    backward = max(first, last)
-    optimizer = static + states["grad_bytes"] + _optimizer_temp_bytes(cfg, states["_local"])
-    return loss, backward, optimizer
+    return loss, max(first, last)
 
 
 _DEVICE_STATE = ("param_bytes", "inner_state_bytes", "outer_state_bytes", "snapshot_bytes")
 
 
-def estimate(cfg: Config, world_size: int, rank: int = 0) -> MemoryPlan:
-    """The memory plan of `rank` (default 0, whose shards are the largest) when `cfg` trains on
-    `world_size` ranks. Validates the config as the trainer does (ConfigError naming the key)."""
+def _step(cfg: Config, model: Any, params: list[LocalParam], share: RankShare | None, states: dict[str, int],
+          world_size: int, dt: int, checkpointing: bool) -> dict[str, int]:  # fmt: skip
+    """The three moments of a step (states included) and what the plan reports of them, with or
+    without checkpointing; `share`: the pipeline rank's (plan/pipeline.py), None without pp."""
+    p = cfg.parallel
+    static = sum(v for k, v in states.items() if k in _DEVICE_STATE)
+    optimizer = static + states["grad_bytes"] + _optimizer_temp_bytes(cfg, states["_local"])
+    if share is not None:
+        vocab = model.config.vocab_size // (p.tp if p.tp > 1 and p.loss_parallel else 1)
+        step = pipeline_step(cfg, share, params, world_size=world_size, vocab=vocab, dt=dt, checkpointing=checkpointing)
+        step["loss_moment"] += static if share.last else 0  # only the last stage computes a loss
+        step["backward_moment"] += static
+        return step | {"optimizer_moment": optimizer + step["buffers"]}
+    acts = _activations(cfg, model, world_size, dt)
+    fsdp = _fsdp_bytes(cfg, params, world_size, dt)
+    loss, backward = _moments(cfg, states, acts, fsdp, dt, checkpointing)
+    return {
+        "micro_batch": acts["micro_batch"], "chunks_in_flight": 0, "buffers": 0,
+        "activations": acts["stored_ac"] + acts["layer"] if checkpointing else acts["stored_no_ac"],
+        "loss": acts["loss"], "fsdp": fsdp[2] if fsdp[3] else 0,
+        "loss_moment": loss, "backward_moment": backward, "optimizer_moment": optimizer,
+    }  # fmt: skip
+
+
+def _peak(step: dict[str, int]) -> int:
+    return max(step["loss_moment"], step["backward_moment"], step["optimizer_moment"])
+
+
+def _plan(cfg: Config, model: Any, world_size: int, rank: int) -> MemoryPlan:
+    """The memory plan of `rank` (the config validated, the meta model built)."""
+    p = cfg.parallel
+    params = local_params(model, world_size=world_size, rank=rank, replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp)
+    share = rank_share(cfg, world_size, rank) if p.pp > 1 else None
+    if share is not None:
+        params = [q for q in params if share.holds(q)]
+    dt = compute_bytes(cfg)
+    states = _states(cfg, model, params)
+    on, off = (_step(cfg, model, params, share, states, world_size, dt, c) for c in (True, False))
+    step = on if cfg.trainer.activation_checkpointing else off
+    public = {k: v for k, v in states.items() if not k.startswith("_")}
+    return MemoryPlan(
+        world_size=world_size, rank=rank, micro_batch=step["micro_batch"], compute_bytes=dt, **public,
+        activation_bytes=step["activations"],
+        activation_bytes_with_ac=on["activations"], activation_bytes_without_ac=off["activations"],
+        loss_bytes=step["loss"], fsdp_buffer_bytes=step["fsdp"], pipeline_buffer_bytes=step["buffers"],
+        optimizer_temp_bytes=_optimizer_temp_bytes(cfg, states["_local"]),
+        loss_moment_bytes=step["loss_moment"], backward_moment_bytes=step["backward_moment"],
+        optimizer_moment_bytes=step["optimizer_moment"],
+        peak_bytes=_peak(step), peak_bytes_with_ac=_peak(on), peak_bytes_without_ac=_peak(off),
+        pp_rank=share.pp_rank if share else 0, stages=list(share.stages) if share else [],
+        layers=sorted(i for held in share.layers for i in held) if share else [],
+        chunks_in_flight=step["chunks_in_flight"],
+    )  # fmt: skip
+
+
+def _prepare(cfg: Config, world_size: int) -> Any:
+    """Validate the config as the trainer does (ConfigError naming the key); the meta model."""
     from snoo_train.config import validate_config
 
     validate_config(cfg, world_size=world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank={rank} is outside the world of {world_size} ranks")
+    if cfg.parallel.pp > 1:
+        check_plannable(cfg)
+    return build_meta_model(cfg)
+
+
+def estimate(cfg: Config, world_size: int, rank: int | None = None) -> MemoryPlan:
+    """The memory plan of `rank` when `cfg` trains on `world_size` ranks; by default the rank with
+    the largest peak: rank 0 (whose shards are the largest) or, under parallel.pp, the largest of
+    `estimate_stages`. Validates the config as the trainer does (ConfigError naming the key)."""
+    model = _prepare(cfg, world_size)
+    if rank is not None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is outside the world of {world_size} ranks")
+        return _plan(cfg, model, world_size, rank)
+    if cfg.parallel.pp == 1:
+        return _plan(cfg, model, world_size, 0)
+    return max(_stage_plans(cfg, model, world_size), key=lambda plan: plan.peak_bytes)
+
+
+def _stage_plans(cfg: Config, model: Any, world_size: int) -> list[MemoryPlan]:
     p = cfg.parallel
-    model = build_meta_model(cfg)
-    params = local_params(model, world_size=world_size, rank=rank, replicas=p.replicas, tp=p.tp, ep=p.ep)
-    dt = compute_bytes(cfg)
-    states = _states(cfg, model, params)
-    acts = _activations(cfg, model, world_size, dt)
-    fsdp = _fsdp_bytes(cfg, params, world_size, dt)
-    ac = cfg.trainer.activation_checkpointing
-    with_ac, without_ac = (_moments(cfg, states, acts, fsdp, dt, c) for c in (True, False))
-    loss, backward, optimizer = with_ac if ac else without_ac
-    act_ac = acts["stored_ac"] + acts["layer"]
-    public = {k: v for k, v in states.items() if not k.startswith("_")}
-    return MemoryPlan(
-        world_size=world_size, rank=rank, micro_batch=acts["micro_batch"], compute_bytes=dt, **public,
-        activation_bytes=act_ac if ac else acts["stored_no_ac"],
-        activation_bytes_with_ac=act_ac, activation_bytes_without_ac=acts["stored_no_ac"],
-        loss_bytes=acts["loss"], fsdp_buffer_bytes=fsdp[2] if fsdp[3] else 0,
-        optimizer_temp_bytes=_optimizer_temp_bytes(cfg, states["_local"]),
-        loss_moment_bytes=loss, backward_moment_bytes=backward, optimizer_moment_bytes=optimizer,
-        peak_bytes=max(loss, backward, optimizer),
-        peak_bytes_with_ac=max(with_ac), peak_bytes_without_ac=max(without_ac),
-    )  # fmt: skip
+    return [_plan(cfg, model, world_size, r) for r in pipeline_ranks(world_size, p.replicas, p.pp)]
+
+
+def estimate_stages(cfg: Config, world_size: int) -> list[MemoryPlan]:
+    """Under parallel.pp: one plan per pipeline rank, pipeline rank 0 first, each for the first
+    rank of its stage (the largest shards). Without pp: rank 0's plan alone."""
+    model = _prepare(cfg, world_size)
+    if cfg.parallel.pp == 1:
+        return [_plan(cfg, model, world_size, 0)]
+    return _stage_plans(cfg, model, world_size)
