@@ -79,16 +79,21 @@ def run_distributed(fn: Callable[..., None], world_size: int, *args: Any) -> Non
         raise AssertionError("distributed test failed:\n" + "\n".join(details)) from exc
 
 
-def fit_layout(run_dir: str, overrides: list[str]):
-    """Inside a spawned rank: what the entry point does for TINY + overrides, validated at this
-    group's world size (the mesh from parallel.replicas / tp / ep), trained to the end. The Trainer."""
+def build_layout(run_dir: str, overrides: list[str]):
+    """Inside a spawned rank: the Trainer the entry point builds for TINY + overrides, validated at
+    this group's world size (the mesh from parallel.replicas / tp / ep / pp), not yet trained."""
     from snoo_train.dist import init_distributed
     from snoo_train.trainer import Trainer
     from tests.conftest import make_config
 
     cfg = make_config(Path(run_dir), overrides, world_size=dist.get_world_size())
     p = cfg.parallel
-    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp))
+    return Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp))
+
+
+def fit_layout(run_dir: str, overrides: list[str]):
+    """`build_layout`, trained to the end. The Trainer."""
+    trainer = build_layout(run_dir, overrides)
     trainer.fit()
     return trainer
 

@@ -24,12 +24,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from snoo_train.config import ConfigError
 from snoo_train.models.pipeline import split_layers, stages_of_rank
 from tests.conftest import make_config, read_records, run_trainer
-from tests.dist_utils import fit_layout, run_distributed, state_like_params
+from tests.dist_utils import build_layout, fit_layout, run_distributed, state_like_params
 from tests.records import assert_records_match
 from tests.test_diloco import CollectiveRecorder
 
@@ -62,12 +61,7 @@ EXACT = ["loss", "grad_norm", "weight_norm", "val_loss", "snoo/pseudo_grad_norm"
 
 def _recorded_fit(run_dir: str, overrides: list[str]) -> dict:
     """fit_layout, with every optimizer.step() under a collective recorder; what this rank held."""
-    from snoo_train.dist import init_distributed
-    from snoo_train.trainer import Trainer
-
-    cfg = make_config(Path(run_dir), UNTIED + overrides, world_size=dist.get_world_size())
-    p = cfg.parallel
-    trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp))
+    trainer = build_layout(run_dir, UNTIED + overrides)
     step, ops = trainer.optimizer.step, []
 
     def recorded(*args, **kwargs):

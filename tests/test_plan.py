@@ -17,7 +17,7 @@ from snoo_train.plan import estimate
 from snoo_train.plan.__main__ import main, parse_size
 from snoo_train.plan.activations import stored_activation_bytes
 from tests.conftest import REPO, entry_env, make_config, typed
-from tests.dist_utils import run_distributed
+from tests.dist_utils import build_layout, run_distributed
 
 # intermediate_size=171: odd, so FSDP's chunks are uneven (86 + 85 rows) and padded.
 LAYOUTS = {
@@ -79,13 +79,9 @@ def _measure(trainer) -> dict[str, int]:
 
 
 def _layouts_worker(rank: int, world_size: int, out_dir: str) -> None:
-    from snoo_train.dist import init_distributed
-    from snoo_train.trainer import Trainer
-
     for name, overrides in LAYOUTS.items():
-        cfg = make_config(Path(out_dir) / name, overrides, world_size=world_size)
-        p = cfg.parallel
-        trainer = Trainer(cfg, init_distributed("cpu", replicas=p.replicas, tp=p.tp, ep=p.ep, pp=p.pp))
+        trainer = build_layout(str(Path(out_dir) / name), overrides)
+        cfg = trainer.cfg
         measured = _measure(trainer)
         planned = estimate(cfg, world_size, rank=rank).as_dict()
         Path(out_dir, f"{name}.{rank}.json").write_text(json.dumps({"measured": measured, "planned": planned}))

@@ -124,10 +124,6 @@ class BiasedTopKRouter(MixtralTopKRouter):
         return router_logits, weights, indices
 
 
-def _layer_index(router: BiasedTopKRouter) -> int:
-    return router.layer_index
-
-
 def biased_routers(model: nn.Module) -> list[BiasedTopKRouter]:
     """The model's biased routers in layer order (empty without auxiliary-loss-free balancing)."""
     return [m for m in model.modules() if isinstance(m, BiasedTopKRouter)]
@@ -177,7 +173,7 @@ class RouterStats:
         have one shape for the all-reduce; each stage fills its own layers' rows (`record`)."""
         self.num_experts, self.top_k, self.coef = num_experts, top_k, coef
         # By whole-model layer index: a pipeline stage holds some layers.
-        self.routers = {_layer_index(r): r for r in routers} if routers else {}
+        self.routers = {r.layer_index: r for r in routers} if routers else {}
         self.num_layers = num_layers
         self._counts: torch.Tensor | None = None  # [layers, experts] token assignments
         self._aux_sum: torch.Tensor | float = 0.0
